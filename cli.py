@@ -1,0 +1,204 @@
+"""`lst`: the command line. Thin: parse options, build a config, call featcache / sidetrain."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Ladder Side-Tuning from a feature cache: `lst extract` runs the frozen backbone once, "
+                       "`lst train` trains side networks from the stored activations, many times.")
+console = Console(stderr=True)
+
+
+class StoreDtype(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class Quoting(str, Enum):
+    auto = "auto"
+    csv = "csv"
+    none = "none"
+
+
+def user_errors(fn):
+    """Turn the library's user-facing errors into one red line and exit code 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from featcache.errors import LstError
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        try:
+            return fn(*args, **kwargs)
+        except LstError as err:
+            console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            console.print("Interrupted. A store can be resumed by running the same command again.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def parse_layers(spec: str | None) -> list[int] | None:
+    """'all' or None -> None; '0,2,4-6' -> [0, 2, 4, 5, 6]."""
+    from featcache.errors import LstError
+
+    if spec is None or spec.strip().lower() == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            if "-" in part.strip()[1:]:
+                lo, hi = part.split("-")
+                out += range(int(lo), int(hi) + 1)
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise LstError(f"Expected --layers like 'all', '0,3,6' or '1-6'. Got '{spec}'.") from None
+    return out
+
+
+@app.command()
+@user_errors
+def extract(
+    model: Annotated[str, typer.Argument(help="Backbone: a local model directory or a hub id.")],
+    dataset: Annotated[str, typer.Argument(help="A csv/tsv/json/jsonl/parquet file, a folder of one file per "
+                                                "split (train.tsv, dev.tsv, ...), or a datasets.save_to_disk folder.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Where to write the Zarr store (path or fsspec URL).")],
+    split: Annotated[list[str] | None, typer.Option(help="Split to extract (repeatable). Default: all.")] = None,
+    text_column: Annotated[str | None, typer.Option(help="Default: text, sentence, sentence1, ...")] = None,
+    text_pair_column: Annotated[str | None, typer.Option(help="Second text of a pair (default: inferred).")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Default: label, score, ...")] = None,
+    task: Annotated[str, typer.Option(help="auto, classification or regression.")] = "auto",
+    max_length: Annotated[int, typer.Option(help="Tokens per example; longer texts are truncated and counted.")] = 128,
+    layers: Annotated[str, typer.Option(help="hidden_states indices to store: 'all', '0,3,6', '0-4' "
+                                             "(0 = embedding output).")] = "all",
+    store_dtype: Annotated[StoreDtype, typer.Option(help="Storage dtype of the activations.")] = StoreDtype.fp16,
+    precision: Annotated[Precision, typer.Option(help="Compute precision of the backbone.")] = Precision.fp32,
+    batch_size: Annotated[int, typer.Option(help="Examples per backbone forward.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quoting: Annotated[Quoting, typer.Option(help="Quote handling of csv/tsv files (auto picks per file).")]
+    = Quoting.auto,
+    header: Annotated[bool, typer.Option(help="Delimited files start with a header row.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store at --out.")] = False,
+) -> None:
+    """Run the frozen backbone once over DATASET and store its per-layer activations."""
+    from featcache import ExtractConfig
+    from featcache import extract as run_extract
+
+    cfg = ExtractConfig(model=model, dataset=dataset, out=out, splits=split or None, text_column=text_column,
+                        text_pair_column=text_pair_column, label_column=label_column, task=task,
+                        max_length=max_length, layers=parse_layers(layers), store_dtype=store_dtype.value,
+                        precision=precision.value, batch_size=batch_size, device=device, overwrite=overwrite,
+                        quoting=quoting.value, header=header)
+    manifest = run_extract(cfg)
+    rows = ", ".join(f"{n} {s['examples']:,}" for n, s in manifest["splits"].items())
+    console.print(f"Wrote {out}: {rows} examples, layers {manifest['layers']}, {manifest['store_dtype']}.")
+
+
+@app.command()
+@user_errors
+def train(
+    store: Annotated[str, typer.Argument(help="A store written by `lst extract`.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Run folder: config.json, metrics.json, weights.")],
+    reduction_factor: Annotated[int, typer.Option(help="Side width = backbone width / r.")] = 8,
+    layers: Annotated[str, typer.Option(help="Backbone layers that feed ladders (layer dropping), e.g. '2,4,6'.")]
+    = "all",
+    epochs: Annotated[int, typer.Option()] = 10,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (paper: 3e-3 for LST).")] = 3e-3,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    train_split: Annotated[str, typer.Option()] = "train",
+    eval_split: Annotated[str | None, typer.Option(help="Default: dev or validation.")] = None,
+    metric: Annotated[str | None, typer.Option(help="Model selection metric (default per task).")] = None,
+    online: Annotated[bool, typer.Option("--online", help="Recompute activations with the live backbone "
+                                                          "(classic LST; the baseline).")] = False,
+) -> None:
+    """Train an LST side network from the stored activations (no backbone needed)."""
+    from sidetrain import TrainConfig
+    from sidetrain import train as run_train
+
+    kept = parse_layers(layers)
+    cfg = TrainConfig(store=store, out=out, reduction_factor=reduction_factor, layers=kept, epochs=epochs, lr=lr,
+                      batch_size=batch_size, seed=seed, device=device, train_split=train_split,
+                      eval_split=eval_split, metric=metric, online=online)
+    summary = run_train(cfg)
+    _print_results(summary, title=f"lst train ({summary['mode']})")
+
+
+def _print_results(summary: dict, title: str, extra: dict[str, str] | None = None) -> None:
+    table = Table(title=title)
+    table.add_column("split")
+    table.add_column(summary["metric"], justify="right")
+    for name, scores in summary["splits"].items():
+        table.add_row(name, f"{scores[summary['metric']]:.4f}")
+    Console().print(table)
+    facts = {"train time": f"{summary['train_seconds']:.1f} s", "examples/s": f"{summary['examples_per_second']:,.0f}",
+             "peak memory": f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB"}
+    facts.update(extra or {})
+    Console().print("  ".join(f"{k}: {v}" for k, v in facts.items()))
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the store and the run.")] = Path("lst-demo"),
+    epochs: Annotated[int, typer.Option()] = 10,
+) -> None:
+    """Extract the bundled MiniLM over banking77, train a side network from the cache, print results."""
+    from featcache import ExtractConfig
+    from featcache import extract as run_extract
+    from featcache.bundled import bolt_dataset_path, minilm_path
+    from sidetrain import TrainConfig
+    from sidetrain import train as run_train
+
+    store = out / "banking77.zarr"
+    t0 = time.perf_counter()
+    if not _complete_store(store):
+        run_extract(ExtractConfig(model=str(minilm_path()), dataset=str(bolt_dataset_path("banking")),
+                                  out=str(store), max_length=64, store_dtype="fp16", overwrite=store.exists()))
+    extract_s = time.perf_counter() - t0
+    summary = run_train(TrainConfig(store=str(store), out=str(out / "run"), epochs=epochs))
+    size = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+    _print_results(summary, title="lst demo: MiniLM-L6 + banking77, LST from the cache",
+                   extra={"extract": f"{extract_s:.1f} s", "store": f"{size / 2**20:,.0f} MiB"})
+
+
+def _complete_store(path: Path) -> bool:
+    from featcache import LstError, open_store
+
+    try:
+        open_store(path)
+        return True
+    except LstError:
+        return False
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

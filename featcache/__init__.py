@@ -1,0 +1,10 @@
+"""Stage 1 of lst: run a frozen backbone once and cache its per-layer activations in a Zarr store.
+
+Public API: `extract(ExtractConfig(...))` writes a store; `open_store(path)` reads one back.
+"""
+
+from .errors import LstError
+from .reader import Batch, SplitReader, StoreReader, open_store
+from .writer import ExtractConfig, extract
+
+__all__ = ["Batch", "ExtractConfig", "LstError", "SplitReader", "StoreReader", "extract", "open_store"]

@@ -1,0 +1,9 @@
+"""Stage 2 of lst: train Ladder Side-Tuning side networks from a feature store, without the backbone.
+
+Public API: `train(TrainConfig(store=..., out=...))`.
+"""
+
+from .model import LadderSideNetwork
+from .train import TrainConfig, train
+
+__all__ = ["LadderSideNetwork", "TrainConfig", "train"]

