@@ -46,7 +46,11 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         from featcache.errors import LstError
 
-        logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+        from rich.logging import RichHandler
+
+        # the console looks up sys.stderr at each write, so test runners that swap streams stay safe
+        logging.basicConfig(level=logging.INFO, format="%(message)s", force=True,
+                            handlers=[RichHandler(console=console, show_time=False, show_path=False)])
         logging.getLogger("transformers").setLevel(logging.ERROR)
         try:
             return fn(*args, **kwargs)

@@ -72,6 +72,9 @@ def weights_hash(path: Path) -> str:
 def load_backbone(name_or_path: str, precision: str = "fp32", device: str = "auto") -> Backbone:
     """Load a frozen encoder in eval mode. A local directory or a hub id (offline hubs fail clearly)."""
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bar covers the long work; a weights bar is noise
 
     if precision not in PRECISIONS:
         raise BackboneError(expected(f"--precision one of {PRECISIONS}", precision))

@@ -20,7 +20,7 @@ def fresh_states(model_dir, texts: list[str], max_length: int) -> list[torch.Ten
         for text in texts:
             enc = tok(text, truncation=True, max_length=max_length, return_tensors="pt")
             hs = model(**enc, output_hidden_states=True).hidden_states
-            out.append(torch.stack(hs, dim=1)[0])
+            out.append(torch.stack(hs, dim=2)[0])
     return out
 
 
