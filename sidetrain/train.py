@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -109,11 +110,17 @@ def predict_split(model: LadderSideNetwork, source, split: SplitReader, batch_si
     return out
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, select the best epoch on the eval split, evaluate every labelled split, write RUN/."""
+def train(cfg: TrainConfig, store: StoreReader | None = None,
+          on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train, select the best epoch on the eval split, evaluate every labelled split, write RUN/.
+
+    `store`: an already opened store whose loaded splits are reused (a search opens it once).
+    `on_epoch(epoch, record)`: called after each epoch's evaluation (a search reports and prunes
+    there; raising stops the run).
+    """
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    store = open_store(cfg.store)
+    store = store or open_store(cfg.store)
     manifest = store.manifest
     task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
     metric = cfg.metric or M.default_metric(task)
@@ -162,6 +169,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 if scores[metric] > best:
                     best, best_state = scores[metric], {k: v.detach().clone() for k, v in model.state_dict().items()}
             history.append(record)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, record)
             log.info("epoch %d: %s", epoch + 1, record)
             if step >= total:
                 break
