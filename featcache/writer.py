@@ -52,6 +52,7 @@ class ExtractConfig:
     header: bool = True
     shard_tokens: int = 0  # 0: about 64 MiB per shard
     chunk_tokens: int = 64  # inner chunk: the unit of a random read
+    label_text: str | None = None  # encoder-decoder: JSON file mapping label -> target text
 
     def __post_init__(self) -> None:
         if self.store_dtype not in S.STORE_DTYPES:
@@ -193,6 +194,10 @@ def extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict[str, A
 
     tokenizer = backbone.tokenizer if backbone else AutoTokenizer.from_pretrained(cfg.model)
     model_config = backbone.config if backbone else AutoConfig.from_pretrained(cfg.model)
+    if getattr(model_config, "is_encoder_decoder", False):  # T5: encoder + teacher-forced decoder states
+        from .seq2seq import extract_seq2seq
+
+        return extract_seq2seq(cfg, backbone)
     n_blocks = int(model_config.num_hidden_layers)
     layers = list(range(n_blocks + 1)) if cfg.layers is None else sorted(set(cfg.layers))
     if layers[0] < 0 or layers[-1] > n_blocks:
