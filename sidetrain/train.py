@@ -122,6 +122,10 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
     torch.manual_seed(cfg.seed)
     store = store or open_store(cfg.store)
     manifest = store.manifest
+    if "seq2seq" in manifest:  # encoder-decoder store (T5): its own side network and loop
+        from .seq2seq_train import train_seq2seq
+
+        return train_seq2seq(cfg, store, on_epoch)
     task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
     metric = cfg.metric or M.default_metric(task)
     train_split = store.split(cfg.train_split)

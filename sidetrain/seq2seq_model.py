@@ -1,0 +1,184 @@
+"""The LST side network for encoder-decoder backbones (T5; DESIGN.md section 1).
+
+    side encoder (input x, backbone encoder states h_0..h_L):
+        s = W_e h_0 + b_e;  for j, i in K_enc: s = mu_j s + (1 - mu_j)(W_j h_i + b_j); s = T5Block_j(s)
+        enc = LN(s)                                              # (B, T, d/r)
+    side decoder (target y shifted right, backbone decoder states g_0..g_L teacher-forced on y):
+        t = W'_e g_0 + b'_e;  for j, i in K_dec: t = mu'_j t + (1 - mu'_j)(W'_j g_i + b'_j)
+                              t = T5Block'_j(t, causal, cross-attending to enc)
+        logits = LMHead(Up(LN(t)) * d^-0.5)                      # (N, U, vocab), LM head frozen
+
+Side blocks are transformers' T5Block built from the backbone config with d_model, d_ff and d_kv
+divided by r and the head count kept, so block 0's relative-position bias (buckets x heads) has the
+backbone's shape and starts as a copy of it. The LM head and both biases come from the store.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featcache.errors import TrainConfigError, expected
+
+GATE_TEMPERATURE = 0.1
+
+
+def side_t5_config(backbone_config, reduction_factor: int, n_enc: int, n_dec: int, dropout: float):
+    """The backbone T5 config at width d/r: d_model, d_ff and d_kv divided by r, same heads."""
+    d, d_kv, d_ff = int(backbone_config.d_model), int(backbone_config.d_kv), int(backbone_config.d_ff)
+    r = reduction_factor
+    if d % r or d_kv % r or d_ff % r:
+        good = [k for k in range(2, 65) if not (d % k or d_kv % k or d_ff % k)]
+        raise TrainConfigError(expected(f"--reduction-factor dividing d_model {d}, d_kv {d_kv} and d_ff {d_ff}", r,
+                                        f"Try one of {good}."))
+    cfg = copy.deepcopy(backbone_config)
+    cfg.d_model, cfg.d_kv, cfg.d_ff = d // r, d_kv // r, d_ff // r
+    cfg.num_layers, cfg.num_decoder_layers = n_enc, n_dec
+    cfg.dropout_rate = dropout
+    cfg.vocab_size = 2  # side blocks never embed tokens
+    cfg.use_cache = False
+    cfg._attn_implementation = "eager"  # T5 adds the bias and the mask to the scores: one code path, exact
+    return cfg
+
+
+class Ladders(nn.Module):
+    """Embedding ladder + one gated ladder per kept layer (d -> d/r), as in the encoder-only network."""
+
+    def __init__(self, d: int, ds: int, emb_pos: int, positions: list[int]) -> None:
+        super().__init__()
+        self.emb_pos = emb_pos
+        self.register_buffer("pos", torch.tensor(positions), persistent=False)
+        self.embed = nn.Linear(d, ds)
+        self.weight = nn.Parameter(torch.empty(len(positions), d, ds))  # (K, d, d/r)
+        self.bias = nn.Parameter(torch.zeros(len(positions), ds))
+        nn.init.normal_(self.weight, std=d ** -0.5)
+        self.alpha = nn.Parameter(torch.zeros(len(positions)))  # mu = 0.5 at init
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden (B, T, n_stored, d) -> start (B, T, ds), ladders (B, T, K, ds), gates (K,)."""
+        ladders = torch.einsum("btkd,kds->btks", hidden[:, :, self.pos], self.weight) + self.bias
+        return self.embed(hidden[:, :, self.emb_pos]), ladders, torch.sigmoid(self.alpha / GATE_TEMPERATURE)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask (..., K) True = attend -> additive float mask: 0 or the dtype's minimum."""
+    return (~mask).to(dtype) * torch.finfo(dtype).min
+
+
+def _kept(stored: list[int], kept: list[int] | None, flag: str) -> list[int]:
+    if 0 not in stored:
+        raise TrainConfigError(expected("layer 0 (the embedding output) in the store for the embedding ladder",
+                                        f"stored layers {stored}"))
+    blocks = [x for x in stored if x > 0]
+    kept = blocks if kept is None else list(kept)
+    bad = [k for k in kept if k not in blocks]
+    if bad or not kept:
+        raise TrainConfigError(expected(f"{flag} among the stored block layers {blocks}", kept or "none"))
+    return kept
+
+
+class T5LadderSideNetwork(nn.Module):
+    def __init__(self, backbone_config, lm_head: torch.Tensor, scale_output: bool, enc_stored: list[int],
+                 dec_stored: list[int], enc_kept: list[int] | None = None, dec_kept: list[int] | None = None,
+                 reduction_factor: int = 8, dropout: float = 0.1,
+                 relative_bias: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        from transformers.models.t5.modeling_t5 import T5Block, T5LayerNorm
+
+        enc_kept, dec_kept = _kept(enc_stored, enc_kept, "--layers"), _kept(dec_stored, dec_kept, "--layers")
+        self.enc_kept, self.dec_kept = enc_kept, dec_kept
+        self.config = side_t5_config(backbone_config, reduction_factor, len(enc_kept), len(dec_kept), dropout)
+        enc_cfg, dec_cfg = copy.deepcopy(self.config), copy.deepcopy(self.config)
+        enc_cfg.is_decoder, dec_cfg.is_decoder = False, True
+        d, ds = int(backbone_config.d_model), self.config.d_model
+        self.enc_ladders = Ladders(d, ds, enc_stored.index(0), [enc_stored.index(k) for k in enc_kept])
+        self.dec_ladders = Ladders(d, ds, dec_stored.index(0), [dec_stored.index(k) for k in dec_kept])
+        self.enc_blocks = nn.ModuleList(T5Block(enc_cfg, has_relative_attention_bias=i == 0, layer_idx=i)
+                                        for i in range(len(enc_kept)))
+        self.dec_blocks = nn.ModuleList(T5Block(dec_cfg, has_relative_attention_bias=i == 0, layer_idx=i)
+                                        for i in range(len(dec_kept)))
+        eps = float(backbone_config.layer_norm_epsilon)
+        self.enc_norm, self.dec_norm = T5LayerNorm(ds, eps), T5LayerNorm(ds, eps)
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(ds, d)
+        self.out_scale = d ** -0.5 if scale_output else 1.0
+        self.register_buffer("lm_head", lm_head.float(), persistent=False)  # (vocab, d): frozen, kept in the store
+        self._init_blocks(relative_bias or {})
+
+    def _init_blocks(self, relative_bias: dict[str, torch.Tensor]) -> None:
+        """T5's own init for the blocks (std from the side width), then the backbone's relative biases."""
+        from transformers.models.t5.modeling_t5 import T5Attention, T5DenseActDense, T5DenseGatedActDense
+
+        dm, dkv, h, dff = self.config.d_model, self.config.d_kv, self.config.num_heads, self.config.d_ff
+        for m in self.modules():
+            if isinstance(m, T5Attention):
+                nn.init.normal_(m.q.weight, std=(dm * dkv) ** -0.5)
+                for lin in (m.k, m.v):
+                    nn.init.normal_(lin.weight, std=dm ** -0.5)
+                nn.init.normal_(m.o.weight, std=(h * dkv) ** -0.5)
+                if m.has_relative_attention_bias:
+                    nn.init.normal_(m.relative_attention_bias.weight, std=dm ** -0.5)
+            elif isinstance(m, T5DenseActDense):
+                nn.init.normal_(m.wi.weight, std=dm ** -0.5)
+                nn.init.normal_(m.wo.weight, std=dff ** -0.5)
+            elif isinstance(m, T5DenseGatedActDense):
+                nn.init.normal_(m.wi_0.weight, std=dm ** -0.5)
+                nn.init.normal_(m.wi_1.weight, std=dm ** -0.5)
+                nn.init.normal_(m.wo.weight, std=dff ** -0.5)
+        # Same head count and buckets as the backbone, so the (buckets, heads) table copies as is.
+        for part, blocks in (("encoder", self.enc_blocks), ("decoder", self.dec_blocks)):
+            if part in relative_bias:
+                table = blocks[0].layer[0].SelfAttention.relative_attention_bias.weight
+                if table.shape != relative_bias[part].shape:
+                    raise TrainConfigError(expected(f"a {part} relative bias of shape {tuple(table.shape)}",
+                                                    tuple(relative_bias[part].shape)))
+                with torch.no_grad():
+                    table.copy_(relative_bias[part])
+
+    def encode(self, enc_hidden: torch.Tensor, enc_mask: torch.Tensor) -> torch.Tensor:
+        """enc_hidden (B, T, n_enc_stored, d), enc_mask (B, T) bool -> side encoder output (B, T, ds)."""
+        s, ladders, gates = self.enc_ladders(enc_hidden)
+        s = self.dropout(s)
+        mask = _additive(enc_mask[:, None, None, :], s.dtype)  # (B, 1, 1, T)
+        bias = None
+        for j, block in enumerate(self.enc_blocks):
+            s = gates[j] * s + (1 - gates[j]) * ladders[:, :, j]
+            s, bias, _ = block(s, attention_mask=mask, position_bias=bias)
+        return self.dropout(self.enc_norm(s))
+
+    def decode(self, dec_hidden: torch.Tensor, dec_mask: torch.Tensor, enc_out: torch.Tensor,
+               enc_mask: torch.Tensor) -> torch.Tensor:
+        """dec_hidden (N, U, n_dec_stored, d), dec_mask (N, U), enc_out (N, T, ds), enc_mask (N, T)
+        -> logits (N, U, vocab)."""
+        t, ladders, gates = self.dec_ladders(dec_hidden)
+        t = self.dropout(t)
+        u = t.shape[1]
+        causal = torch.tril(torch.ones(u, u, dtype=torch.bool, device=t.device))
+        self_mask = _additive(causal[None, None] & dec_mask[:, None, None, :], t.dtype)  # (N, 1, U, U)
+        cross_mask = _additive(enc_mask[:, None, None, :], t.dtype)  # (N, 1, 1, T)
+        bias = cross_bias = None
+        for j, block in enumerate(self.dec_blocks):
+            t = gates[j] * t + (1 - gates[j]) * ladders[:, :, j]
+            t, bias, cross_bias = block(t, self_mask, bias, enc_out, cross_mask, cross_bias)
+        t = self.dropout(self.dec_norm(t))
+        return (self.up(t) * self.out_scale) @ self.lm_head.T  # (N, U, vocab)
+
+    def forward(self, enc_hidden: torch.Tensor, enc_mask: torch.Tensor, dec_hidden: torch.Tensor,
+                dec_mask: torch.Tensor, row_example: torch.Tensor) -> torch.Tensor:
+        """Decoder row n reads example row_example[n]'s encoding -> logits (N, U, vocab)."""
+        enc_out = self.encode(enc_hidden, enc_mask)
+        return self.decode(dec_hidden, dec_mask, enc_out[row_example], enc_mask[row_example])
+
+
+def target_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced cross-entropy, mean over the real target tokens of the batch."""
+    return F.cross_entropy(logits[mask], targets[mask])
+
+
+def sequence_scores(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log-probabilities of each row's target: (N,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, U)
+    return (logp * mask).sum(-1)

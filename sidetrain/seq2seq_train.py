@@ -1,0 +1,276 @@
+"""Stage 2 for encoder-decoder stores (T5): batches, training, candidate scoring, live prediction.
+
+`sidetrain.train.train()` hands over here when the store's manifest has a `seq2seq` block. Training
+is teacher-forced cross-entropy on the gold target's text; a classification prediction scores every
+candidate label text (sum of log-probabilities) and picks the best, from the cache on the eval splits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from safetensors.torch import load_file, save_file
+
+from featcache import store as S
+from featcache.backbone import resolve_device
+from featcache.errors import StoreError, TrainConfigError, expected
+from featcache.progress import progress_bar
+from featcache.reader import SplitReader, StoreReader
+from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone, pad_batch, shift_right
+from featcache.store import check_match
+
+from . import metrics as M
+from .data import length_bucketed_batches
+from .memory import PeakMemory
+from .seq2seq_model import T5LadderSideNetwork, sequence_scores, target_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Seq2SeqBatch:
+    enc_hidden: torch.Tensor | None  # (B, T, n_enc_layers, d) float32
+    enc_mask: torch.Tensor  # (B, T) bool
+    dec_hidden: torch.Tensor | None  # (N, U, n_dec_layers, d) float32; N = B * candidates per example
+    dec_mask: torch.Tensor  # (N, U) bool
+    targets: torch.Tensor  # (N, U) long, pad 0
+    row_example: torch.Tensor  # (N,) long: the batch row each decoder row reads
+    labels: torch.Tensor | None  # (B,)
+
+    def to(self, device: torch.device) -> Seq2SeqBatch:
+        move = (lambda t: None if t is None else t.to(device))
+        return Seq2SeqBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+class DecoderSplit:
+    """S/dec of a seq2seq store: rows (example, candidate) of teacher-forced decoder states."""
+
+    def __init__(self, group: zarr.Group, split: SplitReader, manifest: dict[str, Any]) -> None:
+        done = group["shard_done"][:]
+        if group["hidden"].shape[0] and not done.all():
+            raise StoreError(f"Split '{split.name}' has {int((done == 0).sum())} unwritten decoder shards; "
+                             "re-run the extraction to complete it.")
+        self.store_dtype = manifest["store_dtype"]
+        self.offsets = group["offsets"][:]
+        self.candidates = group["candidates"][:].astype(np.int64)
+        self.target_ids = group["target_ids"][:].astype(np.int64)
+        self.per_example = len(self.candidates) // max(len(split), 1)
+        self._hidden = group["hidden"]
+        self._memory: np.ndarray | None = None
+
+    def load(self) -> DecoderSplit:
+        if self._memory is None:
+            self._memory = self._hidden[:]
+        return self
+
+    def rows(self, examples: np.ndarray) -> np.ndarray:
+        c = self.per_example
+        return (np.asarray(examples)[:, None] * c + np.arange(c)[None, :]).reshape(-1)
+
+    def token_part(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Targets (N, U), mask (N, U) and the flat token index of `rows`."""
+        lengths = self.offsets[rows + 1] - self.offsets[rows]
+        mask = torch.from_numpy(np.arange(int(lengths.max()))[None, :] < lengths[:, None])
+        index = np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in rows])
+        targets = torch.zeros(mask.shape, dtype=torch.long)
+        targets[mask] = torch.from_numpy(self.target_ids[index])
+        return targets, mask, index
+
+    def hidden(self, index: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
+        flat = self._memory[index] if self._memory is not None else self._hidden.get_orthogonal_selection(index)
+        flat_t = S.decode(flat, self.store_dtype)
+        out = torch.zeros((*mask.shape, *flat_t.shape[1:]), dtype=torch.float32)
+        out[mask] = flat_t
+        return out
+
+
+def open_decoder(store: StoreReader, name: str) -> DecoderSplit:
+    group = zarr.open_group(store.path, mode="r")[name]["dec"]
+    return DecoderSplit(group, store.split(name), store.manifest)
+
+
+class CachedSeq2Seq:
+    def __init__(self, split: SplitReader, dec: DecoderSplit, preload: bool = True) -> None:
+        self.split = split.load() if preload else split
+        self.dec = dec.load() if preload else dec
+
+    def __call__(self, idx: np.ndarray) -> Seq2SeqBatch:
+        enc = self.split.batch(idx)
+        rows = self.dec.rows(idx)
+        targets, dmask, index = self.dec.token_part(rows)
+        row_example = torch.arange(len(idx)).repeat_interleave(self.dec.per_example)
+        return Seq2SeqBatch(enc.hidden, enc.mask, self.dec.hidden(index, dmask), dmask, targets, row_example,
+                            enc.labels)
+
+
+class OnlineSeq2Seq:
+    """Classic LST: the live backbone recomputes encoder and teacher-forced decoder states per batch."""
+
+    def __init__(self, split: SplitReader, dec: DecoderSplit, backbone: Seq2SeqBackbone,
+                 manifest: dict[str, Any]) -> None:
+        self.split, self.dec, self.backbone = split, dec, backbone
+        s = manifest["seq2seq"]
+        self.enc_layers, self.dec_layers = s["encoder_layers"], s["decoder_layers"]
+        self.start, self.pad = s["decoder_start_token_id"], s["pad_token_id"]
+
+    def __call__(self, idx: np.ndarray) -> Seq2SeqBatch:
+        ids = self.split.token_batch(idx)
+        rows = self.dec.rows(idx)
+        targets, dmask, _ = self.dec.token_part(rows)
+        row_example = torch.arange(len(idx)).repeat_interleave(self.dec.per_example)
+        enc_hidden, enc_out = self.backbone.encode(ids.input_ids, ids.mask.long(), self.enc_layers)
+        dec_ids, dec_in_mask = shift_right([t[m].tolist() for t, m in zip(targets, dmask)], self.start, self.pad)
+        dec_hidden, _ = self.backbone.decode(dec_ids, dec_in_mask, enc_out[row_example.to(enc_out.device)],
+                                             ids.mask[row_example].long(), self.dec_layers)
+        # padded positions as the store has them: zero
+        enc_hidden = enc_hidden.cpu() * ids.mask[..., None, None]
+        dec_hidden = dec_hidden.cpu() * dmask[..., None, None]
+        return Seq2SeqBatch(enc_hidden, ids.mask, dec_hidden, dmask, targets, row_example, ids.labels)
+
+
+def store_weights(store: StoreReader) -> dict[str, torch.Tensor]:
+    w = zarr.open_group(store.path, mode="r")["backbone_weights"]
+    return {k: torch.from_numpy(w[k][:]) for k in ("lm_head", "encoder_relative_bias", "decoder_relative_bias")}
+
+
+def build_seq2seq_model(cfg, manifest: dict[str, Any], weights: dict[str, torch.Tensor]) -> T5LadderSideNetwork:
+    from .train import backbone_config
+
+    s = manifest["seq2seq"]
+    kept = cfg.layers  # layer dropping: the same kept block indices for encoder and decoder
+    return T5LadderSideNetwork(backbone_config(manifest), weights["lm_head"], s["scale_decoder_outputs"],
+                               s["encoder_layers"], s["decoder_layers"], kept, kept, cfg.reduction_factor,
+                               cfg.dropout, {"encoder": weights["encoder_relative_bias"],
+                                             "decoder": weights["decoder_relative_bias"]})
+
+
+@torch.no_grad()
+def predict_split(model: T5LadderSideNetwork, source, split: SplitReader, batch_size: int,
+                  device: torch.device) -> np.ndarray:
+    """The best-scoring candidate label of every example, in the split's order."""
+    model.eval()
+    out = np.zeros(len(split), dtype=np.int64)
+    for idx in length_bucketed_batches(split.lengths, batch_size * 2, seed=0, epoch=0, shuffle=False):
+        b = source(idx).to(device)
+        logits = model(b.enc_hidden, b.enc_mask, b.dec_hidden, b.dec_mask, b.row_example)
+        scores = sequence_scores(logits, b.targets, b.dec_mask).view(len(idx), -1)  # (B, C)
+        out[idx] = scores.argmax(-1).cpu().numpy()
+    return out
+
+
+def _sources(cfg, store: StoreReader, device: torch.device) -> dict[str, Any]:
+    names = [n for n in store.split_names if store.split(n).labels is not None]
+    decs = {n: open_decoder(store, n) for n in names}
+    if not cfg.online:
+        return {n: CachedSeq2Seq(store.split(n), decs[n], cfg.preload) for n in names}
+    manifest = store.manifest
+    backbone = load_seq2seq_backbone(manifest["backbone"]["name"], "fp32", str(device))
+    check_match("backbone weights", manifest["backbone"]["revision"], backbone.revision)
+    return {n: OnlineSeq2Seq(store.split(n), decs[n], backbone, manifest) for n in names}
+
+
+def train_seq2seq(cfg, store: StoreReader,
+                  on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """`sidetrain.train` for encoder-decoder stores: same options, same run folder."""
+    from .train import pick_eval_split
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    manifest = store.manifest
+    num_labels = manifest["task"]["num_labels"]
+    metric = cfg.metric or "accuracy"
+    if metric in M.REGRESSION:
+        raise TrainConfigError(expected("a classification --metric for a T5 store", metric))
+    train_split = store.split(cfg.train_split)
+    if train_split.labels is None:
+        raise StoreError(f"Split '{cfg.train_split}' of the store has no labels; training needs labels.")
+    if cfg.train_split != manifest["seq2seq"]["train_split"]:
+        raise TrainConfigError(expected(f"--train-split {manifest['seq2seq']['train_split']} (the split whose gold "
+                                        "targets were decoded)", cfg.train_split))
+    eval_name = pick_eval_split(store, cfg.eval_split, cfg.train_split)
+    model = build_seq2seq_model(cfg, manifest, store_weights(store)).to(device)
+    sources = _sources(cfg, store, device)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {**asdict(cfg), "metric": metric, "eval_split": eval_name, "layers": model.enc_kept,
+                "decoder_layers": model.dec_kept, "store_manifest": {k: manifest[k] for k in (
+                    "backbone", "tokenizer", "layers", "task", "max_length", "store_dtype", "precision",
+                    "hidden_size", "seq2seq")}}
+    (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+    steps_per_epoch = -(-len(train_split) // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else min(500, total // 10)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+
+    step, best, best_state, history, losses = 0, -np.inf, None, [], []
+    train_seconds = 0.0
+    with PeakMemory(device) as mem, progress_bar("train", total, unit="step") as bar:
+        for epoch in range(cfg.epochs):
+            model.train()
+            t0 = time.perf_counter()
+            batches = length_bucketed_batches(train_split.lengths, cfg.batch_size, cfg.seed, epoch)
+            for idx in batches:
+                b = sources[cfg.train_split](idx).to(device)
+                logits = model(b.enc_hidden, b.enc_mask, b.dec_hidden, b.dec_mask, b.row_example)
+                loss = target_loss(logits, b.targets, b.dec_mask)
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optim.step()
+                sched.step()
+                losses.append(loss.item())
+                step += 1
+                bar.advance()
+                if step >= total:
+                    break
+            train_seconds += time.perf_counter() - t0
+            record = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses[-len(batches):]))}
+            if eval_name:
+                split = store.split(eval_name)
+                pred = predict_split(model, sources[eval_name], split, cfg.batch_size, device)
+                scores = M.compute("classification", pred, split.labels, num_labels)
+                record.update({f"eval_{k}": v for k, v in scores.items()})
+                if scores[metric] > best:
+                    best, best_state = scores[metric], {k: v.detach().clone() for k, v in model.state_dict().items()}
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, record)
+            log.info("epoch %d: %s", epoch + 1, record)
+            if step >= total:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    results, predictions = {}, {}
+    for name, source in sources.items():
+        if name == cfg.train_split:
+            continue
+        split = store.split(name)
+        pred = predict_split(model, source, split, cfg.batch_size, device)
+        predictions[name] = pred.tolist()
+        results[name] = M.compute("classification", pred, split.labels, num_labels)
+    examples = len(train_split) * len(history) if not cfg.max_steps else step * cfg.batch_size
+    summary = {"metric": metric, "eval_split": eval_name, "best_eval": None if best == -np.inf else best,
+               "splits": results, "history": history, "steps": step, "train_seconds": train_seconds,
+               "examples_per_second": examples / max(train_seconds, 1e-9), "peak_memory_bytes": mem.peak_bytes,
+               "peak_memory_kind": mem.kind, "mode": "online" if cfg.online else "cached",
+               "trainable_parameters": sum(p.numel() for p in params)}
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (out / "predictions.json").write_text(json.dumps(predictions))
+    (out / "train_log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
+                                                 for i, v in enumerate(losses)))
+    return summary
