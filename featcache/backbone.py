@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,9 +56,29 @@ class Backbone:
         kwargs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
         if token_type_ids is not None and getattr(self.config, "type_vocab_size", 0):
             kwargs["token_type_ids"] = token_type_ids.to(self.device)
-        out = self.model(**kwargs, output_hidden_states=True, return_dict=True)
+        with self._only_blocks(max(layers)):
+            out = self.model(**kwargs, output_hidden_states=True, return_dict=True)
         states = out.hidden_states
         return torch.stack([states[i] for i in layers], dim=2).float()
+
+    @contextmanager
+    def _only_blocks(self, k: int) -> Iterator[None]:
+        """Early stop: run blocks 0..k-1 only, when layers <= k are all that is asked for.
+
+        Only for encoders whose block list is `encoder.layer` and that have no final norm (BERT,
+        RoBERTa, MPNet, ELECTRA): there hidden_states[i] is the raw output of block i-1 whatever
+        follows it, so the truncated model gives the same states bit for bit.
+        """
+        encoder = getattr(self.model, "encoder", None)
+        blocks = getattr(encoder, "layer", None)
+        if not isinstance(blocks, torch.nn.ModuleList) or k >= len(blocks):
+            yield
+            return
+        encoder.layer = torch.nn.ModuleList(list(blocks)[:k])
+        try:
+            yield
+        finally:
+            encoder.layer = blocks
 
 
 def weights_hash(path: Path) -> str:
@@ -69,6 +92,29 @@ def weights_hash(path: Path) -> str:
     return "sha256:" + h.hexdigest()[:16] if files else "unknown"
 
 
+def check_model_path(name_or_path: str) -> None:
+    """Fail fast on a path that does not exist (before any hub lookup turns it into a long trace)."""
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path and not Path(name_or_path).expanduser().exists():
+        raise BackboneError(expected("an existing model directory or a hub id", f"'{name_or_path}' (no such path)",
+                                     "Check the MODEL argument."))
+
+
+def load_tokenizer_and_config(name_or_path: str):
+    """Tokenizer and config only: what the pre-flight summary needs, without the weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    check_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path), AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise BackboneError(f"Could not load backbone '{name_or_path}': {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def load_backbone(name_or_path: str, precision: str = "fp32", device: str = "auto") -> Backbone:
     """Load a frozen encoder in eval mode. A local directory or a hub id (offline hubs fail clearly)."""
     from transformers import AutoModel, AutoTokenizer
@@ -79,27 +125,32 @@ def load_backbone(name_or_path: str, precision: str = "fp32", device: str = "aut
     if precision not in PRECISIONS:
         raise BackboneError(expected(f"--precision one of {PRECISIONS}", precision))
     dev = resolve_device(device)
+    check_model_path(name_or_path)
     local = Path(name_or_path)
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if not local.exists() and looks_like_path:
-        raise BackboneError(expected("an existing model directory or a hub id", f"'{name_or_path}' (no such path)"))
+    kwargs = {"dtype": TORCH_DTYPES.get(precision, torch.float32)}
+    if precision == "int8" and dev.type == "cuda":
+        kwargs = _bitsandbytes_int8(dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        dtype = TORCH_DTYPES.get(precision, torch.float32)
-        model = AutoModel.from_pretrained(name_or_path, dtype=dtype)
-    except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BackboneError(f"Could not load backbone '{name_or_path}': {first}") from None
+        model = AutoModel.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise BackboneError(f"Could not load backbone '{name_or_path}': {_first_line(err)}") from None
     model.eval().requires_grad_(False)
-    if precision == "int8":
-        model = _quantize_int8(model, dev)
-    model.to(dev)
+    if precision == "int8" and dev.type == "cpu":
+        # dynamic quantisation: int8 weights, activations quantised per batch; CPU kernels only
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    if "quantization_config" not in kwargs:
+        model.to(dev)  # bitsandbytes places its own weights
     revision = weights_hash(local) if local.is_dir() else str(getattr(model.config, "_commit_hash", None) or "unknown")
     return Backbone(model, tokenizer, str(local.resolve()) if local.exists() else name_or_path,
                     revision, precision, dev)
 
 
-def _quantize_int8(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    if device.type != "cpu":
-        raise BackboneError("int8 compute on CUDA needs bitsandbytes, which is not wired in yet; use --device cpu.")
-    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+def _bitsandbytes_int8(device: torch.device) -> dict:
+    """from_pretrained arguments for int8 weights on CUDA (LLM.int8 from bitsandbytes)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise BackboneError(expected("bitsandbytes installed for --precision int8 on CUDA", "it is not installed",
+                                     "pip install bitsandbytes, or use --device cpu (torch dynamic quantisation)."))
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device.index or 0}}

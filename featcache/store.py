@@ -2,6 +2,7 @@
 
 A Zarr v3 group. Per split `S`:
     S/hidden          (n_tokens, n_layers, d)  storage dtype; sharded along tokens, one writer per shard
+    S/scales          (n_tokens, n_layers) float32  int8 stores only: value = hidden * scale; sharded like hidden
     S/offsets         (n_examples + 1,) int64  example i owns tokens offsets[i]:offsets[i+1]
     S/input_ids       (n_tokens,) int32        real tokens only, no padding
     S/token_type_ids  (n_tokens,) int8
@@ -22,27 +23,51 @@ from .errors import StoreError, expected
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "lst"
-STORE_DTYPES = ("fp32", "fp16", "bf16")
+STORE_DTYPES = ("fp32", "fp16", "bf16", "int8")
 # bf16 has no Zarr dtype: its bits are stored as uint16 and the manifest says what they are.
-ZARR_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "uint16"}
+ZARR_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "uint16", "int8": "int8"}
+SCALE_DTYPE = "float32"  # int8 stores: one absmax/127 scale per token and layer
+
+
+def bytes_per_token(store_dtype: str, n_layers: int, d: int) -> int:
+    """Bytes one token takes in the store (values, plus the int8 scales)."""
+    size = n_layers * d * np.dtype(ZARR_DTYPES[store_dtype]).itemsize
+    return size + (n_layers * np.dtype(SCALE_DTYPE).itemsize if store_dtype == "int8" else 0)
+
+
+def encode_scaled(values: torch.Tensor, store_dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """float tensor (..., d) -> (array in the storage dtype, int8 scales (...) or None)."""
+    if store_dtype != "int8":
+        return encode(values, store_dtype), None
+    x = values.float().cpu()
+    scale = x.abs().amax(dim=-1) / 127.0  # (...,): absmax maps to +-127, symmetric, zero stays exact
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero vector stays zero
+    q = torch.round(x / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q.numpy(), scale.numpy().astype(SCALE_DTYPE)
 
 
 def encode(values: torch.Tensor, store_dtype: str) -> np.ndarray:
-    """float tensor -> numpy array in the storage dtype."""
+    """float tensor -> numpy array in the storage dtype (int8 needs `encode_scaled` for its scales)."""
     if store_dtype == "fp32":
         return values.float().cpu().numpy()
     if store_dtype == "fp16":
         return values.half().cpu().numpy()
     if store_dtype == "bf16":
         return values.bfloat16().cpu().view(torch.int16).numpy().view(np.uint16)
+    if store_dtype == "int8":
+        raise StoreError("int8 values need their scales: use store.encode_scaled.")
     raise StoreError(expected(f"a storage dtype in {STORE_DTYPES}", store_dtype))
 
 
-def decode(values: np.ndarray, store_dtype: str) -> torch.Tensor:
-    """numpy array in the storage dtype -> float32 tensor."""
+def decode(values: np.ndarray, store_dtype: str, scales: np.ndarray | None = None) -> torch.Tensor:
+    """numpy array in the storage dtype (+ int8 scales of shape values.shape[:-1]) -> float32 tensor."""
     t = torch.from_numpy(np.ascontiguousarray(values))
     if store_dtype == "bf16":
         return t.view(torch.bfloat16).float()
+    if store_dtype == "int8":
+        if scales is None:
+            raise StoreError(expected("the int8 scales (S/scales) with int8 values", "no scales"))
+        return t.float() * torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32)).unsqueeze(-1)
     return t.float()
 
 

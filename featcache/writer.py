@@ -4,10 +4,20 @@ Work is cut into shards of `shard_tokens` tokens along each split's token axis. 
 into a buffer and written whole, once, by one writer, then marked done in `S/shard_done`; a crash
 leaves some shards unmarked, and re-running the same extraction recomputes only those. Examples
 that straddle a shard boundary are computed by both neighbours (a few examples per shard).
+
+Crash safety, in the order things reach the store:
+  1. manifest (complete=False, layout_complete=False)   a kill here: the layout is rebuilt on resume
+  2. the layout: offsets, input ids, labels, empty hidden/scales, shard_done = 0
+  3. manifest (layout_complete=True)
+  4. per shard: hidden (+ scales) written whole, then shard_done[k] = 1   a kill: shard k is redone
+  5. manifest (complete=True), only once every shard_done is 1; readers refuse anything else.
+Local files and object-store puts are atomic (zarr writes a temp file and renames it), so a kill
+never leaves half a file behind.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import shutil
@@ -20,9 +30,11 @@ import numpy as np
 import torch
 import zarr
 
+from . import distributed
 from . import store as S
-from .backbone import Backbone, load_backbone
-from .errors import DatasetError, StoreError, expected
+from .backbone import Backbone, load_backbone, load_tokenizer_and_config
+from .errors import DatasetError, LstError, StoreError, expected
+from .fidelity import measure, sample_indices
 from .progress import progress_bar
 from .sources import Columns, Quoting, load_dataset_path, resolve_columns
 
@@ -35,7 +47,7 @@ class ExtractConfig:
 
     model: str
     dataset: str
-    out: str
+    out: str  # a local path or an fsspec URL (s3://, gs://, memory://)
     splits: list[str] | None = None
     text_column: str | None = None
     text_pair_column: str | None = None
@@ -43,7 +55,7 @@ class ExtractConfig:
     task: str = "auto"  # auto | classification | regression
     max_length: int = 128
     layers: list[int] | None = None  # hidden_states indices; 0 = embedding output; None = all
-    store_dtype: str = "fp16"
+    store_dtype: str = "fp16"  # fp32 | fp16 | bf16 | int8 (per-token-per-layer absmax scale)
     precision: str = "fp32"
     batch_size: int = 64
     device: str = "auto"
@@ -52,6 +64,8 @@ class ExtractConfig:
     header: bool = True
     shard_tokens: int = 0  # 0: about 64 MiB per shard
     chunk_tokens: int = 64  # inner chunk: the unit of a random read
+    dry_run: bool = False  # pre-flight summary only; the backbone is never loaded
+    error_sample: int = 32  # examples on which storage error and precision drift are measured (0: skip)
     label_text: str | None = None  # encoder-decoder: JSON file mapping label -> target text
 
     def __post_init__(self) -> None:
@@ -63,6 +77,8 @@ class ExtractConfig:
             raise DatasetError(expected("--batch-size of at least 1", self.batch_size))
         if self.task not in ("auto", "classification", "regression"):
             raise DatasetError(expected("--task auto, classification or regression", self.task))
+        if self.shard_tokens < 0 or self.chunk_tokens < 1:
+            raise StoreError(expected("--shard-tokens >= 0 and chunk tokens >= 1", (self.shard_tokens, self.chunk_tokens)))
 
 
 @dataclass
@@ -83,12 +99,38 @@ class SplitPlan:
     def n_tokens(self) -> int:
         return int(self.offsets[-1])
 
+    def n_shards(self, shard_tokens: int) -> int:
+        return math.ceil(self.n_tokens / shard_tokens)
+
+
+@dataclass
+class Plan:
+    """Everything known before the backbone loads: tokenised splits, layout, and the summary."""
+
+    plans: dict[str, SplitPlan]
+    meta: dict[str, Any]
+    layers: list[int]
+    n_blocks: int
+    hidden_size: int
+    bytes_per_token: int
+    shard_tokens: int
+    summary: dict[str, Any]
+    tokenizer: Any
+    model_config: Any
+
 
 def _labels(data, columns: Columns, task: str) -> tuple[str, list[str], dict[str, np.ndarray | None]]:
     """Map label columns to arrays; returns (task, label_names, per-split labels)."""
     raw: dict[str, Any] = {}
+    unlabelled = [n for n, t in data.splits.items() if columns.label is None or columns.label not in t.frame.columns]
+    if columns.label is not None and unlabelled:
+        labelled = [n for n in data.splits if n not in unlabelled]
+        raise DatasetError(expected(f"label column '{columns.label}' in every split (it is in {', '.join(labelled)})",
+                                    f"split(s) {', '.join(unlabelled)} without it",
+                                    "Add the labels, or extract the unlabelled split(s) into their own store "
+                                    f"with --split {unlabelled[0]}."))
     for name, table in data.splits.items():
-        if columns.label is None or columns.label not in table.frame.columns:
+        if columns.label is None:
             raw[name] = None
             continue
         col = table.frame[columns.label]
@@ -162,100 +204,242 @@ def _shard_tokens(cfg: ExtractConfig, bytes_per_token: int) -> int:
     return max(cfg.chunk_tokens, target // cfg.chunk_tokens * cfg.chunk_tokens)
 
 
-def open_for_write(cfg: ExtractConfig, request: dict[str, Any]) -> tuple[zarr.Group, bool]:
-    """Create the store, or reopen it to resume. Returns (group, resuming)."""
-    path = Path(cfg.out)
-    is_url = "://" in cfg.out
-    if not is_url and path.exists():
-        try:
-            manifest = zarr.open_group(cfg.out, mode="r").attrs.get(S.MANIFEST_KEY)
-        except Exception:  # noqa: BLE001 - anything unreadable is "not a store"
-            manifest = None
-        if manifest is None and (path.is_file() or any(path.iterdir())):
-            raise StoreError(expected("an empty directory or an lst store at --out", f"'{path}' holds something else",
-                                      "Choose another --out; lst never deletes what it did not write."))
-        if manifest is not None:
-            if cfg.overwrite:
-                shutil.rmtree(path)
-            elif manifest.get("complete"):
-                raise StoreError(f"A complete store already exists at '{path}'. Pass --overwrite to replace it.")
-            elif manifest.get("request") != request:
-                diff = sorted(k for k in request if manifest.get("request", {}).get(k) != request[k])
-                raise StoreError(f"An incomplete store at '{path}' was made with other options ({', '.join(diff)}); "
-                                 "pass --overwrite to start again, or repeat the original command to resume.")
-            else:
-                return zarr.open_group(cfg.out, mode="r+"), True
-    return zarr.open_group(cfg.out, mode="w" if cfg.overwrite else "a"), False
+def _tokenizer_and_config(cfg: ExtractConfig, backbone: Backbone | None):
+    if backbone is not None:
+        return backbone.tokenizer, backbone.config
+    return load_tokenizer_and_config(cfg.model)
 
 
-def extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict[str, Any]:
-    """Run the whole extraction; returns the final manifest."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    tokenizer = backbone.tokenizer if backbone else AutoTokenizer.from_pretrained(cfg.model)
-    model_config = backbone.config if backbone else AutoConfig.from_pretrained(cfg.model)
-    if getattr(model_config, "is_encoder_decoder", False):  # T5: encoder + teacher-forced decoder states
-        from .seq2seq import extract_seq2seq
-
-        return extract_seq2seq(cfg, backbone)
+def plan_extraction(cfg: ExtractConfig, backbone: Backbone | None = None, loaded: tuple | None = None) -> Plan:
+    """Tokenise the dataset and size the store, without loading the backbone's weights."""
+    tokenizer, model_config = loaded or _tokenizer_and_config(cfg, backbone)
     n_blocks = int(model_config.num_hidden_layers)
     layers = list(range(n_blocks + 1)) if cfg.layers is None else sorted(set(cfg.layers))
-    if layers[0] < 0 or layers[-1] > n_blocks:
-        raise StoreError(expected(f"--layers within 0..{n_blocks} (0 = embedding output)", layers))
+    if not layers or layers[0] < 0 or layers[-1] > n_blocks:
+        raise StoreError(expected(f"--layers within 0..{n_blocks} (0 = embedding output)", cfg.layers))
     plans, meta = plan_splits(cfg, tokenizer)
     d = int(model_config.hidden_size)
-    bytes_per_token = len(layers) * d * np.dtype(S.ZARR_DTYPES[cfg.store_dtype]).itemsize
+    bytes_per_token = S.bytes_per_token(cfg.store_dtype, len(layers), d)
     shard_tokens = _shard_tokens(cfg, bytes_per_token)
     summary = preflight(plans, layers, bytes_per_token, shard_tokens)
-    log.info("%s", summary["text"])
-
-    backbone = backbone or load_backbone(cfg.model, cfg.precision, cfg.device)
-    request = {"model": backbone.name, "revision": backbone.revision, "dataset_fingerprint": meta["dataset"]["fingerprint"],
-               "splits": sorted(plans), "max_length": cfg.max_length, "layers": layers, "store_dtype": cfg.store_dtype,
-               "precision": cfg.precision, "shard_tokens": shard_tokens, "chunk_tokens": cfg.chunk_tokens,
-               "columns": meta["dataset"]["columns"], "task": meta["task"]["type"]}
-    group, resuming = open_for_write(cfg, request)
-    manifest = S.new_manifest(
-        request=request,
-        backbone={"name": backbone.name, "revision": backbone.revision, "model_type": model_config.model_type,
-                  "num_layers": n_blocks, "hidden_size": d, "config": model_config.to_dict()},
-        tokenizer={"name": backbone.name, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id},
-        layers=layers, hidden_size=d, precision=cfg.precision, store_dtype=cfg.store_dtype,
-        max_length=cfg.max_length, bytes_per_token=bytes_per_token, **meta,
-        splits={name: {"examples": len(p.input_ids), "tokens": p.n_tokens, "truncated": p.truncated,
-                       "rejected_rows": p.rejected_rows, "labelled": p.labels is not None,
-                       "shards": math.ceil(p.n_tokens / shard_tokens)} for name, p in plans.items()},
-        extract_config={k: v for k, v in asdict(cfg).items() if k != "overwrite"},
-    )
-    if not resuming:
-        group.attrs[S.MANIFEST_KEY] = manifest
-        for plan in plans.values():
-            _create_split(group, plan, len(layers), d, cfg, shard_tokens)
-    _extract_shards(group, plans, backbone, layers, cfg, shard_tokens, summary["tokens"])
-    manifest["complete"] = True
-    group.attrs[S.MANIFEST_KEY] = manifest
-    return manifest
+    return Plan(plans, meta, layers, n_blocks, d, bytes_per_token, shard_tokens, summary, tokenizer, model_config)
 
 
 def preflight(plans: dict[str, SplitPlan], layers: list[int], bytes_per_token: int, shard_tokens: int) -> dict[str, Any]:
     """What the extraction will write, known before the backbone loads."""
+    splits = {n: {"examples": len(p.input_ids), "tokens": p.n_tokens, "truncated": p.truncated,
+                  "rejected_rows": p.rejected_rows, "shards": p.n_shards(shard_tokens)} for n, p in plans.items()}
     tokens = sum(p.n_tokens for p in plans.values())
-    rows = [f"{n}: {len(p.input_ids):,} examples, {p.n_tokens:,} tokens, {p.truncated:,} truncated"
-            + (f", {p.rejected_rows:,} rejected rows" if p.rejected_rows else "") for n, p in plans.items()]
-    shards = sum(math.ceil(p.n_tokens / shard_tokens) for p in plans.values())
+    shards = sum(s["shards"] for s in splits.values())
     size = tokens * bytes_per_token
+    rows = [f"{n}: {s['examples']:,} examples, {s['tokens']:,} tokens, {s['truncated']:,} truncated"
+            + (f", {s['rejected_rows']:,} rejected rows" if s["rejected_rows"] else "") for n, s in splits.items()]
     text = (f"{'; '.join(rows)}. {len(layers)} layers, {bytes_per_token:,} bytes/token, "
-            f"store ~{size / 2**20:,.1f} MiB in {shards} shards")
-    return {"tokens": tokens, "bytes": size, "shards": shards, "text": text}
+            f"store ~{size / 2**20:,.1f} MiB in {shards} shards of {shard_tokens:,} tokens")
+    return {"splits": splits, "examples": sum(s["examples"] for s in splits.values()), "tokens": tokens,
+            "truncated": sum(s["truncated"] for s in splits.values()), "layers": layers,
+            "bytes_per_token": bytes_per_token, "bytes": size, "shards": shards, "shard_tokens": shard_tokens,
+            "text": text}
+
+
+def _is_url(out: str) -> bool:
+    return "://" in out
+
+
+def _existing_contents(out: str) -> tuple[bool, bool]:
+    """(exists, holds anything) for a local path or an fsspec URL."""
+    if _is_url(out):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(out)
+        if not fs.exists(root):
+            return False, False
+        return True, (fs.isfile(root) or bool(fs.ls(root, detail=False)))
+    path = Path(out)
+    if not path.exists():
+        return False, False
+    return True, path.is_file() or any(path.iterdir())
+
+
+def _remove_store(out: str) -> None:
+    """Delete an lst store (only ever called on one whose manifest was read)."""
+    if _is_url(out):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(out)
+        fs.rm(root, recursive=True)  # never shutil on a URL
+    else:
+        shutil.rmtree(out)
+
+
+def open_for_write(cfg: ExtractConfig, request: dict[str, Any]) -> tuple[zarr.Group, bool]:
+    """Create the store, or reopen it to resume. Returns (group, resuming).
+
+    `resuming` is False for an incomplete store killed before its layout was complete: the caller
+    lays it out again (arrays are created with overwrite=True), and no shard was marked done yet.
+    """
+    exists, non_empty = _existing_contents(cfg.out)
+    if exists and non_empty:
+        try:
+            manifest = zarr.open_group(cfg.out, mode="r").attrs.get(S.MANIFEST_KEY)
+        except Exception:  # noqa: BLE001 - anything unreadable is "not a store"
+            manifest = None
+        if manifest is None:
+            raise StoreError(expected("an empty directory or an lst store at --out", f"'{cfg.out}' holds something else",
+                                      "Choose another --out; lst never deletes what it did not write."))
+        if cfg.overwrite:
+            _remove_store(cfg.out)
+        elif manifest.get("complete"):
+            raise StoreError(f"A complete store already exists at '{cfg.out}'. Pass --overwrite to replace it.")
+        elif manifest.get("request") != request:
+            diff = sorted(k for k in request if manifest.get("request", {}).get(k) != request[k])
+            raise StoreError(f"An incomplete store at '{cfg.out}' was made with other options ({', '.join(diff)}); "
+                             "pass --overwrite to start again, or repeat the original command to resume.")
+        else:
+            return zarr.open_group(cfg.out, mode="r+"), bool(manifest.get("layout_complete"))
+    return zarr.open_group(cfg.out, mode="a"), False
+
+
+def extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict[str, Any]:
+    """Run the whole extraction; returns the final manifest (the pre-flight summary for a dry run).
+
+    Under torchrun every process calls this with the same config: rank 0 lays the store out, each
+    rank computes its own block of shards, and rank 0 finalises the manifest after all are done.
+    """
+    loaded = _tokenizer_and_config(cfg, backbone)
+    if getattr(loaded[1], "is_encoder_decoder", False):  # T5: encoder + teacher-forced decoder states
+        from .seq2seq import extract_seq2seq
+
+        return extract_seq2seq(cfg, backbone)
+    ctx = distributed.context() if not cfg.dry_run else distributed.Context()
+    try:
+        plan = plan_extraction(cfg, backbone, loaded)
+        if ctx.is_main:
+            log.info("%s", plan.summary["text"])
+        if cfg.dry_run:
+            return {"dry_run": True, "preflight": plan.summary}
+        return _run(cfg, plan, backbone, ctx)
+    finally:
+        ctx.close()
+
+
+def _request(cfg: ExtractConfig, plan: Plan, backbone: Backbone) -> dict[str, Any]:
+    """What must match for a resume to continue an earlier run."""
+    return {"model": backbone.name, "revision": backbone.revision, "dataset_fingerprint": plan.meta["dataset"]["fingerprint"],
+            "splits": sorted(plan.plans), "max_length": cfg.max_length, "layers": plan.layers,
+            "store_dtype": cfg.store_dtype, "precision": cfg.precision, "shard_tokens": plan.shard_tokens,
+            "chunk_tokens": cfg.chunk_tokens, "columns": plan.meta["dataset"]["columns"],
+            "task": plan.meta["task"]["type"]}
+
+
+def _manifest(cfg: ExtractConfig, plan: Plan, backbone: Backbone, request: dict[str, Any]) -> dict[str, Any]:
+    tokenizer, config = plan.tokenizer, plan.model_config
+    return S.new_manifest(
+        request=request, layout_complete=False,
+        backbone={"name": backbone.name, "revision": backbone.revision, "model_type": config.model_type,
+                  "num_layers": plan.n_blocks, "hidden_size": plan.hidden_size, "config": config.to_dict()},
+        tokenizer={"name": backbone.name, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id},
+        layers=plan.layers, hidden_size=plan.hidden_size, precision=cfg.precision, store_dtype=cfg.store_dtype,
+        max_length=cfg.max_length, bytes_per_token=plan.bytes_per_token, shard_tokens=plan.shard_tokens, **plan.meta,
+        splits={name: {"examples": len(p.input_ids), "tokens": p.n_tokens, "truncated": p.truncated,
+                       "rejected_rows": p.rejected_rows, "labelled": p.labels is not None,
+                       "shards": p.n_shards(plan.shard_tokens)} for name, p in plan.plans.items()},
+        extract_config={k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "dry_run")},
+    )
+
+
+def _fidelity(cfg: ExtractConfig, plan: Plan, backbone: Backbone) -> dict[str, Any] | None:
+    first = next(iter(plan.plans.values()))
+    picks = sample_indices(len(first.input_ids), cfg.error_sample)
+    if not picks:
+        return None
+    result = measure(backbone, [first.input_ids[i] for i in picks], [first.token_type_ids[i] for i in picks],
+                     plan.layers, cfg.store_dtype, cfg.batch_size,
+                     load_fp32=lambda: load_backbone(backbone.name, "fp32", str(backbone.device)))
+    result["split"] = first.name
+    return result
+
+
+def _setup(cfg: ExtractConfig, plan: Plan, backbone: Backbone, request: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0: check --out, measure fidelity, write the manifest and the layout. Returns the manifest."""
+    group, resuming = open_for_write(cfg, request)
+    manifest = _manifest(cfg, plan, backbone, request)
+    fidelity = _fidelity(cfg, plan, backbone)
+    if fidelity is not None:
+        manifest["fidelity"] = fidelity
+    if not resuming:
+        group.attrs[S.MANIFEST_KEY] = manifest
+        for split in plan.plans.values():
+            _create_split(group, split, len(plan.layers), plan.hidden_size, cfg, plan.shard_tokens)
+        manifest["layout_complete"] = True
+        group.attrs[S.MANIFEST_KEY] = manifest
+    else:
+        manifest["layout_complete"] = True
+        log.info("Resuming the incomplete store at %s", cfg.out)
+    return manifest
+
+
+def _run(cfg: ExtractConfig, plan: Plan, backbone: Backbone | None, ctx: distributed.Context) -> dict[str, Any]:
+    backbone = backbone or load_backbone(cfg.model, cfg.precision, ctx.device(cfg.device))
+    request = _request(cfg, plan, backbone)
+    manifest, setup_error = None, None
+    if ctx.is_main:
+        try:
+            manifest = _with_store_errors(cfg, lambda: _setup(cfg, plan, backbone, request))
+        except LstError as err:
+            setup_error = err
+    failure = ctx.broadcast(None if setup_error is None else str(setup_error))  # no rank waits on a dead rank 0
+    if setup_error is not None:
+        raise setup_error
+    if failure is not None:
+        raise StoreError(failure)
+    group = zarr.open_group(cfg.out, mode="r+")
+    work = ctx.share([(name, k) for name, p in plan.plans.items() for k in range(p.n_shards(plan.shard_tokens))])
+    error: LstError | None = None
+    try:
+        _with_store_errors(cfg, lambda: _extract_shards(group, plan, backbone, cfg, work, show=ctx.is_main))
+    except LstError as err:
+        error = err
+    if not ctx.all_ok(error is None):
+        raise error or StoreError(f"Another extraction process failed; the shards this one wrote are kept. "
+                                  f"Re-run the same command to resume '{cfg.out}'.")
+    if ctx.is_main:
+        _finalise(cfg, group, plan, manifest)
+    ctx.barrier()
+    return manifest if ctx.is_main else dict(zarr.open_group(cfg.out, mode="r").attrs[S.MANIFEST_KEY])
+
+
+def _finalise(cfg: ExtractConfig, group: zarr.Group, plan: Plan, manifest: dict[str, Any]) -> None:
+    """Flip `complete` only when every shard of every split is recorded done."""
+    missing = {name: int((group[name]["shard_done"][:p.n_shards(plan.shard_tokens)] == 0).sum())
+               for name, p in plan.plans.items()}
+    if any(missing.values()):
+        raise StoreError(f"Shards still unwritten in '{cfg.out}': {missing}. Re-run the same command to resume.")
+    manifest["complete"] = True
+    _with_store_errors(cfg, lambda: group.attrs.__setitem__(S.MANIFEST_KEY, manifest))
+
+
+def _with_store_errors(cfg: ExtractConfig, fn):
+    """Turn an OS-level write failure (disk full, permissions) into a one-line StoreError."""
+    try:
+        return fn()
+    except OSError as err:
+        what = "the disk is full (ENOSPC)" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        raise StoreError(f"Could not write the store at '{cfg.out}': {what}. Shards already written are kept: "
+                         "free some space (or fix the path) and re-run the same command to resume.") from None
 
 
 def _create_split(group: zarr.Group, plan: SplitPlan, n_layers: int, d: int, cfg: ExtractConfig,
                   shard_tokens: int) -> None:
     g = group.require_group(plan.name)
     n_tok = max(plan.n_tokens, 1)
+    chunk = min(cfg.chunk_tokens, n_tok)
     g.create_array("hidden", shape=(plan.n_tokens, n_layers, d), dtype=S.ZARR_DTYPES[cfg.store_dtype],
-                   chunks=(min(cfg.chunk_tokens, n_tok), n_layers, d), shards=(shard_tokens, n_layers, d),
+                   chunks=(chunk, n_layers, d), shards=(shard_tokens, n_layers, d),
                    compressors=None, fill_value=0, overwrite=True)
+    if cfg.store_dtype == "int8":
+        g.create_array("scales", shape=(plan.n_tokens, n_layers), dtype=S.SCALE_DTYPE, chunks=(chunk, n_layers),
+                       shards=(shard_tokens, n_layers), compressors=None, fill_value=0, overwrite=True)
     flat_ids = np.fromiter((t for x in plan.input_ids for t in x), dtype=np.int32, count=plan.n_tokens)
     flat_types = np.fromiter((t for x in plan.token_type_ids for t in x), dtype=np.int8, count=plan.n_tokens)
     g.create_array("offsets", data=plan.offsets, overwrite=True)
@@ -263,36 +447,44 @@ def _create_split(group: zarr.Group, plan: SplitPlan, n_layers: int, d: int, cfg
     g.create_array("token_type_ids", data=flat_types, overwrite=True)
     if plan.labels is not None:
         g.create_array("labels", data=plan.labels, overwrite=True)
-    n_shards = math.ceil(plan.n_tokens / shard_tokens)
-    g.create_array("shard_done", shape=(max(n_shards, 1),), dtype="uint8", chunks=(1,), fill_value=0, overwrite=True)
+    # one uncompressed byte per shard, each its own chunk: writers of different shards never share a file
+    g.create_array("shard_done", shape=(max(plan.n_shards(shard_tokens), 1),), dtype="uint8", chunks=(1,),
+                   compressors=None, fill_value=0, overwrite=True)
 
 
-def _extract_shards(group: zarr.Group, plans: dict[str, SplitPlan], backbone: Backbone, layers: list[int],
-                    cfg: ExtractConfig, shard_tokens: int, total_tokens: int) -> None:
+def _extract_shards(group: zarr.Group, plan: Plan, backbone: Backbone, cfg: ExtractConfig,
+                    work: list[tuple[str, int]], show: bool = True) -> None:
+    """Compute and write the shards in `work` that are not yet done; one shard in flight to the writer."""
     pad_id = backbone.tokenizer.pad_token_id or 0
+    done = {name: group[name]["shard_done"][:] for name in plan.plans}
+    sizes = [_bounds(plan.plans[n], k, plan.shard_tokens) for n, k in work]
     pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1) as writer, progress_bar("extract", total_tokens, unit="tok") as bar:
-        for plan in plans.values():
-            g = group[plan.name]
-            done = g["shard_done"][:]
-            for k in range(math.ceil(plan.n_tokens / shard_tokens)):
-                start, stop = k * shard_tokens, min((k + 1) * shard_tokens, plan.n_tokens)
-                if done[k]:
-                    bar.advance(stop - start)
-                    continue
-                buffer = _compute_shard(plan, start, stop, backbone, layers, cfg, pad_id)
-                if pending is not None:
-                    pending.result()  # at most one shard in flight: bounded memory, errors surface here
-                pending = writer.submit(_write_shard, g, k, start, stop, buffer)
+    with ThreadPoolExecutor(max_workers=1) as writer, \
+            progress_bar("extract", sum(b - a for a, b in sizes), unit="tok", disable=not show) as bar:
+        for (name, k), (start, stop) in zip(work, sizes):
+            if done[name][k]:
                 bar.advance(stop - start)
+                continue
+            split = plan.plans[name]
+            buffer = _compute_shard(split, start, stop, backbone, plan.layers, cfg, pad_id)
+            if pending is not None:
+                pending.result()  # at most one shard in flight: bounded memory, errors surface here
+            pending = writer.submit(_write_shard, group[name], k, start, stop, *buffer)
+            bar.advance(stop - start)
         if pending is not None:
             pending.result()
 
 
+def _bounds(split: SplitPlan, k: int, shard_tokens: int) -> tuple[int, int]:
+    return k * shard_tokens, min((k + 1) * shard_tokens, split.n_tokens)
+
+
 def _compute_shard(plan: SplitPlan, start: int, stop: int, backbone: Backbone, layers: list[int],
-                   cfg: ExtractConfig, pad_id: int) -> np.ndarray:
+                   cfg: ExtractConfig, pad_id: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(values (n, L, d) in the storage dtype, int8 scales (n, L) or None) of tokens start:stop."""
     d = backbone.hidden_size
     buffer = np.zeros((stop - start, len(layers), d), dtype=S.ZARR_DTYPES[cfg.store_dtype])
+    scales = np.zeros((stop - start, len(layers)), dtype=S.SCALE_DTYPE) if cfg.store_dtype == "int8" else None
     first = int(np.searchsorted(plan.offsets, start, side="right")) - 1
     last = int(np.searchsorted(plan.offsets, stop, side="left"))  # exclusive
     members = sorted(range(first, last), key=lambda i: len(plan.input_ids[i]))  # length-sorted: little padding
@@ -307,14 +499,18 @@ def _compute_shard(plan: SplitPlan, start: int, stop: int, backbone: Backbone, l
             ids[r, :n] = torch.tensor(plan.input_ids[i])
             types[r, :n] = torch.tensor(plan.token_type_ids[i])
             mask[r, :n] = 1
-        states = S.encode(backbone.hidden_states(ids, mask, types, layers), cfg.store_dtype)  # (B, T, L, d)
-        for r, i in enumerate(batch):
+        states, state_scales = S.encode_scaled(backbone.hidden_states(ids, mask, types, layers), cfg.store_dtype)
+        for r, i in enumerate(batch):  # states: (B, T, L, d); scales: (B, T, L)
             lo, hi = int(plan.offsets[i]), int(plan.offsets[i + 1])
             a, z = max(lo, start), min(hi, stop)
             buffer[a - start:z - start] = states[r, a - lo:z - lo]
-    return buffer
+            if scales is not None:
+                scales[a - start:z - start] = state_scales[r, a - lo:z - lo]
+    return buffer, scales
 
 
-def _write_shard(g: zarr.Group, k: int, start: int, stop: int, buffer: np.ndarray) -> None:
+def _write_shard(g: zarr.Group, k: int, start: int, stop: int, buffer: np.ndarray, scales: np.ndarray | None) -> None:
     g["hidden"][start:stop] = buffer  # the whole shard in one write
+    if scales is not None:
+        g["scales"][start:stop] = scales
     g["shard_done"][k] = 1  # recorded only after the data is in place
