@@ -200,6 +200,58 @@ def _complete_store(path: Path) -> bool:
         return False
 
 
+class ExportFormat(str, Enum):
+    hdf5 = "hdf5"
+
+
+@app.command()
+@user_errors
+def inspect(
+    store: Annotated[str, typer.Argument(help="A store written by `lst extract` (complete or not).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+) -> None:
+    """What a store holds: splits, tokens, layers, dtype, size, fingerprints, completeness, measured error."""
+    import json
+
+    from featcache.inspect import inspect_store, render
+
+    info = inspect_store(store)
+    if json_out:
+        typer.echo(json.dumps(info, indent=2, default=str))
+    else:
+        Console().print(render(info))
+
+
+@app.command()
+@user_errors
+def export(
+    store: Annotated[str, typer.Argument(help="A complete store written by `lst extract`.")],
+    out: Annotated[Path, typer.Argument(help="The file to write, e.g. store.h5.")],
+    format: Annotated[ExportFormat, typer.Option("--format", help="Output format.")] = ExportFormat.hdf5,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT file.")] = False,
+) -> None:
+    """Export a store to HDF5 (same arrays per split, manifest as JSON in the file's attributes)."""
+    from featcache.hdf5 import export_hdf5
+
+    path = export_hdf5(store, out, overwrite=overwrite, fmt=format.value)
+    console.print(f"Wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB).")
+
+
+@app.command("import")
+@user_errors
+def import_(
+    source: Annotated[Path, typer.Argument(help="An HDF5 file written by `lst export`.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Where to write the Zarr store (path or fsspec URL).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store at --out.")] = False,
+) -> None:
+    """Rebuild a Zarr store from an HDF5 file written by `lst export`."""
+    from featcache.hdf5 import import_hdf5
+
+    manifest = import_hdf5(source, out, overwrite=overwrite)
+    rows = ", ".join(f"{n} {s['examples']:,}" for n, s in manifest["splits"].items())
+    console.print(f"Wrote {out}: {rows} examples, layers {manifest['layers']}, {manifest['store_dtype']}.")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

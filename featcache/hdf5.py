@@ -1,0 +1,169 @@
+"""HDF5 interchange (h5py): export a store for tools that read HDF5, and import such a file back.
+
+File layout: one HDF5 group per split holding the store's arrays under the same names, dtypes and
+shapes (`hidden`, `offsets`, `input_ids`, `token_type_ids`, `labels`, `shard_done`, and `scales` for
+int8 stores; bf16 stays uint16 bits, as in the store). The root attribute `lst_manifest` holds the
+manifest as JSON; each dataset records its Zarr chunk and shard shapes so an import rebuilds the
+same layout. Both directions copy one Zarr shard at a time: memory stays bounded by a shard
+(~64 MiB by default), whatever the store size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from . import store as S
+from .errors import StoreError, expected
+from .inspect import open_manifest
+from .progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("hdf5",)
+H5_FORMAT = "lst-hdf5"
+H5_FORMAT_VERSION = 1
+MANIFEST_ATTR = "lst_manifest"
+BLOCK_BYTES = 64 << 20  # rows copied per step when an array is not sharded
+
+
+def _block_rows(array: zarr.Array) -> int:
+    """Rows per copy step: one Zarr shard (read whole, written whole), else ~64 MiB."""
+    if array.shards is not None:
+        return int(array.shards[0])
+    row_bytes = max(1, int(np.prod(array.shape[1:])) * array.dtype.itemsize)
+    return max(1, BLOCK_BYTES // row_bytes)
+
+
+def _check_out_file(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise StoreError(expected(f"no file at '{out}'", "an existing file", "Pass --overwrite to replace it."))
+    if out.exists() and not out.is_file():
+        raise StoreError(expected(f"a file path for the HDF5 output", f"'{out}', a directory",
+                                  "Choose a file name such as store.h5."))
+    if not out.parent.exists():
+        raise StoreError(expected("an existing folder for the HDF5 output", f"'{out.parent}' (no such folder)"))
+
+
+def export_hdf5(store: str | Path, out: str | Path, overwrite: bool = False, fmt: str = "hdf5") -> Path:
+    """Write a complete store to one HDF5 file; returns its path. Written to a temp file, then renamed."""
+    import h5py
+
+    if fmt not in FORMATS:
+        raise StoreError(expected(f"--format one of {FORMATS}", fmt))
+    group, manifest = open_manifest(store)
+    if not manifest.get("complete"):
+        raise StoreError(f"The store at '{store}' is incomplete; finish it (re-run the same `lst extract`) "
+                         "before exporting.")
+    out = Path(out)
+    _check_out_file(out, overwrite)
+    tmp = out.with_name(out.name + ".partial")
+    arrays = [(split, name, group[split][name]) for split in manifest["splits"] for name in sorted(group[split].array_keys())]
+    total = sum(a.nbytes for _, _, a in arrays)
+    try:
+        with h5py.File(tmp, "w") as f, progress_bar("export", total / 2**20, unit="MiB") as bar:
+            f.attrs["format"] = H5_FORMAT
+            f.attrs["format_version"] = H5_FORMAT_VERSION
+            f.attrs[MANIFEST_ATTR] = json.dumps(manifest, sort_keys=True)
+            for split, name, array in arrays:
+                dset = f.require_group(split).create_dataset(
+                    name, shape=array.shape, dtype=array.dtype,
+                    chunks=_h5_chunks(array) if array.size else None)
+                dset.attrs["zarr_chunks"] = list(array.chunks)
+                if array.shards is not None:
+                    dset.attrs["zarr_shards"] = list(array.shards)
+                step = _block_rows(array)
+                for a in range(0, array.shape[0], step):
+                    block = array[a:a + step]
+                    dset[a:a + len(block)] = block
+                    bar.advance(block.nbytes / 2**20)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("Exported %s to %s (%.1f MiB)", store, out, out.stat().st_size / 2**20)
+    return out
+
+
+def _h5_chunks(array: zarr.Array) -> tuple[int, ...] | None:
+    # HDF5 chunks follow Zarr's inner chunks (the unit of a random read), capped at HDF5's 4 GiB limit
+    chunks = tuple(int(c) for c in array.chunks)
+    return tuple(min(c, s) for c, s in zip(chunks, array.shape)) if all(array.shape) else None
+
+
+def read_h5_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of an exported HDF5 file, with clear errors for anything else."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(expected("an HDF5 file written by `lst export`", f"'{path}' (no such file)"))
+    try:
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get(MANIFEST_ATTR)
+    except OSError:
+        raise StoreError(expected("an HDF5 file written by `lst export`", f"'{path}', which is not HDF5")) from None
+    if raw is None:
+        raise StoreError(expected(f"an HDF5 file with an '{MANIFEST_ATTR}' attribute (written by `lst export`)",
+                                  f"'{path}' without one"))
+    return S.check_manifest(json.loads(raw), str(path))
+
+
+def _prepare_out_store(out: str, overwrite: bool) -> None:
+    """Refuse to clobber: replace only an lst store, and only with --overwrite."""
+    if "://" in out or not Path(out).exists():
+        return
+    path = Path(out)
+    try:
+        existing = zarr.open_group(out, mode="r").attrs.get(S.MANIFEST_KEY)
+    except Exception:  # noqa: BLE001 - anything unreadable is "not a store"
+        existing = None
+    if existing is None:
+        if path.is_file() or any(path.iterdir()):
+            raise StoreError(expected("an empty directory or an lst store at --out", f"'{out}' holds something else",
+                                      "Choose another --out; lst never deletes what it did not write."))
+        return
+    if not overwrite:
+        raise StoreError(f"A store already exists at '{out}'. Pass --overwrite to replace it.")
+    shutil.rmtree(path)
+
+
+def import_hdf5(h5_path: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Rebuild a Zarr store from an exported HDF5 file; returns the manifest (the same as the source's)."""
+    import h5py
+
+    manifest = read_h5_manifest(h5_path)
+    out = str(out)
+    _prepare_out_store(out, overwrite)
+    root = zarr.open_group(out, mode="w")
+    # incomplete until every array is in: a crashed import is never mistaken for a store
+    root.attrs[S.MANIFEST_KEY] = {**manifest, "complete": False}
+    with h5py.File(h5_path, "r") as f:
+        total = sum(f[s][n].nbytes for s in manifest["splits"] for n in f[s])
+        with progress_bar("import", total / 2**20, unit="MiB") as bar:
+            for split in manifest["splits"]:
+                if split not in f:
+                    raise StoreError(expected(f"split '{split}' (named in the manifest) in '{h5_path}'",
+                                              f"groups {sorted(f)}"))
+                g = root.require_group(split)
+                for name, dset in f[split].items():
+                    shards = dset.attrs.get("zarr_shards")
+                    chunks = dset.attrs.get("zarr_chunks")
+                    array = g.create_array(name, shape=dset.shape, dtype=dset.dtype, fill_value=0,
+                                           chunks=tuple(int(c) for c in chunks) if chunks is not None else "auto",
+                                           shards=tuple(int(c) for c in shards) if shards is not None else None,
+                                           compressors=None)
+                    step = _block_rows(array)
+                    for a in range(0, dset.shape[0], step):
+                        block = dset[a:a + step]
+                        array[a:a + len(block)] = block  # one whole shard per write
+                        bar.advance(block.nbytes / 2**20)
+    root.attrs[S.MANIFEST_KEY] = manifest
+    log.info("Imported %s into %s", h5_path, out)
+    return manifest

@@ -1,0 +1,189 @@
+"""`lst inspect`: what a store holds, where it came from, how big and how complete it is.
+
+Works on incomplete stores too (a crashed or running extraction), since "how far did it get" is one
+of the questions a user asks. Sizes are measured from the stored objects, not from the manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from . import store as S
+from .errors import StoreError, expected
+
+# The writer measures, on a sample, the error of each storage dtype and of the compute precision
+# against fp32, under the manifest key `fidelity`; other top-level keys naming an error are shown too.
+FIDELITY_KEY = "fidelity"
+ERROR_KEY_WORDS = ("error", "drift")
+
+
+def open_manifest(path: str | Path) -> tuple[zarr.Group, dict[str, Any]]:
+    """The store's group and manifest; clear errors for a missing path or something that is not a store."""
+    where = str(path)
+    if "://" not in where and not Path(where).exists():
+        raise StoreError(expected("an existing feature store", f"'{where}' (no such path)",
+                                  "Check the path, or create a store with `lst extract`."))
+    try:
+        group = zarr.open_group(where, mode="r")
+    except Exception as err:  # noqa: BLE001 - zarr raises several types for "not a group"
+        raise StoreError(expected("a Zarr v3 feature store written by `lst extract`",
+                                  f"'{where}', which is not a Zarr group ({type(err).__name__})",
+                                  "Point at the folder `lst extract --out` wrote.")) from None
+    return group, S.check_manifest(group.attrs.get(S.MANIFEST_KEY), where)
+
+
+def _stored_bytes(group: zarr.Group) -> int:
+    """Bytes of all stored chunks under a group (works for local and fsspec stores)."""
+    total = 0
+    for _, node in group.members(max_depth=None):
+        if isinstance(node, zarr.Array):
+            total += int(node.nbytes_stored())
+    return total
+
+
+def measured_errors(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's measured errors: `fidelity`, plus any top-level key naming an error or a drift."""
+    found = {k: v for k, v in manifest.items() if any(w in k.lower() for w in ERROR_KEY_WORDS)}
+    if manifest.get(FIDELITY_KEY) is not None:
+        found[FIDELITY_KEY] = manifest[FIDELITY_KEY]
+    return found
+
+
+def _error_rows(errors: dict[str, Any], store_dtype: str | None) -> list[tuple[str, str]]:
+    """Readable rows: the stored dtype's error first, then the others, then the compute drift."""
+    rows: list[tuple[str, str]] = []
+    fidelity = errors.get(FIDELITY_KEY) or {}
+    per_dtype = fidelity.get("storage_error") or {}
+    order = sorted(per_dtype, key=lambda k: k != store_dtype)
+    for dtype in order:
+        e = per_dtype[dtype]
+        mark = " (this store)" if dtype == store_dtype else ""
+        rows.append((f"storage error {dtype}{mark}", _error_text(e)))
+    for key in ("precision_drift", "total_error"):
+        if fidelity.get(key):
+            rows.append((key.replace("_", " ") + f" ({fidelity.get('precision')})", _error_text(fidelity[key])))
+    if fidelity:
+        rows.append(("error sample", f"{fidelity.get('examples', '?')} examples, {fidelity.get('tokens', '?')} tokens"))
+    for key, value in errors.items():
+        if key != FIDELITY_KEY:
+            rows.append((key.replace("_", " "), _compact(value)))
+    return rows
+
+
+def _error_text(e: Any) -> str:
+    if not isinstance(e, dict) or "rel_error" not in e:
+        return _compact(e)
+    return (f"relative {e['rel_error']:.3g}, cosine mean {e.get('cosine_mean', float('nan')):.6f} "
+            f"min {e.get('cosine_min', float('nan')):.6f}")
+
+
+def inspect_store(path: str | Path) -> dict[str, Any]:
+    """Everything `lst inspect` shows, as a JSON-serialisable dict."""
+    group, manifest = open_manifest(path)
+    layers = manifest.get("layers", [])
+    d = manifest.get("hidden_size")
+    splits: dict[str, Any] = {}
+    for name, facts in manifest.get("splits", {}).items():
+        entry = {k: facts.get(k) for k in ("examples", "tokens", "truncated", "rejected_rows", "labelled")}
+        entry["shards_total"] = int(facts.get("shards", 0))
+        if name in group:
+            g = group[name]
+            done = g["shard_done"][:] if "shard_done" in g else np.zeros(0, np.uint8)
+            # an empty split has one placeholder flag and nothing to write
+            entry["shards_done"] = min(int(done.sum()), entry["shards_total"])
+            entry["bytes_on_disk"] = _stored_bytes(g)
+        else:
+            entry["shards_done"], entry["bytes_on_disk"] = 0, 0
+        entry["complete"] = entry["shards_done"] >= entry["shards_total"]
+        splits[name] = entry
+    tokens = sum(int(s["tokens"] or 0) for s in splits.values())
+    on_disk = _stored_bytes(group)
+    backbone = manifest.get("backbone", {})
+    dataset = manifest.get("dataset", {})
+    return {
+        "path": str(path),
+        "format_version": manifest.get("format_version"),
+        "complete": bool(manifest.get("complete")),
+        "shards_done": sum(s["shards_done"] for s in splits.values()),
+        "shards_total": sum(s["shards_total"] for s in splits.values()),
+        "splits": splits,
+        "examples": sum(int(s["examples"] or 0) for s in splits.values()),
+        "tokens": tokens,
+        "layers": layers,
+        "hidden_size": d,
+        "store_dtype": manifest.get("store_dtype"),
+        "precision": manifest.get("precision"),
+        "max_length": manifest.get("max_length"),
+        "bytes_on_disk": on_disk,
+        "bytes_per_token": manifest.get("bytes_per_token"),
+        "bytes_per_token_on_disk": on_disk / tokens if tokens else None,
+        "backbone": {"name": backbone.get("name"), "revision": backbone.get("revision"),
+                     "model_type": backbone.get("model_type"), "num_layers": backbone.get("num_layers")},
+        "tokenizer": manifest.get("tokenizer", {}).get("name"),
+        "dataset": {"source": dataset.get("source"), "fingerprint": dataset.get("fingerprint"),
+                    "columns": dataset.get("columns")},
+        "task": manifest.get("task"),
+        "measured_error": measured_errors(manifest),
+        "versions": manifest.get("versions"),
+    }
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_compact(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return "[" + ", ".join(_compact(v) for v in value) + "]"
+    return str(value)
+
+
+def render(info: dict[str, Any]):
+    """A rich renderable of `inspect_store`'s dict: facts, then one row per split."""
+    from rich.console import Group
+    from rich.table import Table
+
+    facts = Table(title=f"lst store {info['path']}", show_header=False)
+    facts.add_column("", style="bold")
+    facts.add_column("")
+    state = "complete" if info["complete"] else "INCOMPLETE (re-run the same `lst extract` to resume)"
+    rows = [
+        ("status", f"{state}; shards {info['shards_done']}/{info['shards_total']} done"),
+        ("backbone", f"{info['backbone']['name']} ({info['backbone']['model_type']}, "
+                     f"{info['backbone']['num_layers']} blocks)"),
+        ("backbone revision", str(info["backbone"]["revision"])),
+        ("dataset", str(info["dataset"]["source"])),
+        ("dataset fingerprint", str(info["dataset"]["fingerprint"])),
+        ("layers", _compact(info["layers"]) + f" (d={info['hidden_size']})"),
+        ("dtype", f"store {info['store_dtype']}, compute {info['precision']}, max length {info['max_length']}"),
+        ("examples / tokens", f"{info['examples']:,} / {info['tokens']:,}"),
+        ("size on disk", _size(info["bytes_on_disk"])),
+        ("bytes per token", f"{info['bytes_per_token']:,} in the manifest; "
+                            + (f"{info['bytes_per_token_on_disk']:,.1f} on disk" if info["bytes_per_token_on_disk"]
+                               else "- on disk")),
+    ]
+    rows += _error_rows(info["measured_error"], info["store_dtype"]) or [("measured error", "not in the manifest")]
+    for k, v in rows:
+        facts.add_row(k, v)
+    splits = Table(title="splits")
+    for col in ("split", "examples", "tokens", "truncated", "labelled", "shards", "on disk"):
+        splits.add_column(col, justify="left" if col == "split" else "right")
+    for name, s in info["splits"].items():
+        splits.add_row(name, f"{s['examples']:,}", f"{s['tokens']:,}", f"{s['truncated'] or 0:,}",
+                       "yes" if s["labelled"] else "no", f"{s['shards_done']}/{s['shards_total']}",
+                       _size(s["bytes_on_disk"]))
+    return Group(facts, splits)
