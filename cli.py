@@ -152,6 +152,46 @@ def train(
     _print_results(summary, title=f"lst train ({summary['mode']})")
 
 
+@app.command()
+@user_errors
+def sweep(
+    target: Annotated[str, typer.Argument(help="A store written by `lst extract` (or, with --report, a sweep DIR).")],
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Sweep folder: study.db, trials/<n>/, summary, "
+                                                                "best.")] = None,
+    trials: Annotated[int, typer.Option(help="Finished trials the study should hold (re-running resumes).")] = 20,
+    space: Annotated[Path | None, typer.Option(help="Search space, YAML or JSON (default: built from the store).")]
+    = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage: an RDB URL or journal:///shared/file.log "
+                                                     "(default: sqlite in --out).")] = None,
+    study_name: Annotated[str | None, typer.Option(help="Default: the name of --out.")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes on this machine, joining one study.")] = 1,
+    prune: Annotated[bool, typer.Option("--prune/--no-prune", help="Stop hopeless trials early (median rule).")]
+    = True,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    metric: Annotated[str | None, typer.Option(help="Metric to maximise (default per task).")] = None,
+    report: Annotated[bool, typer.Option("--report", help="Reprint the results of the sweep in TARGET.")] = False,
+) -> None:
+    """Search side-network settings with Optuna; every trial reads the same store (no backbone)."""
+    from sidetrain.space import load_space_file
+    from sidetrain.sweep import SweepConfig, run_sweep
+    from sidetrain.sweep_report import load_summary, results_table
+
+    if report:
+        summary = load_summary(target)
+    else:
+        if out is None:
+            raise typer.BadParameter("--out is required (the sweep folder).")
+        cfg = SweepConfig(store=target, out=out, trials=trials, space=load_space_file(space) if space else None,
+                          storage=storage, study_name=study_name, workers=workers, prune=prune, device=device,
+                          metric=metric)
+        summary = run_sweep(cfg)
+    Console().print(results_table(summary))
+    best = summary.get("best") or {}
+    Console().print(f"best: trial {best.get('number')} -> {summary.get('best_dir')}  summary: "
+                    f"{Path(summary['plot'] or '').parent / 'summary.json' if summary.get('plot') else 'summary.json'}"
+                    f"  plot: {summary.get('plot')}")
+
+
 def _print_results(summary: dict, title: str, extra: dict[str, str] | None = None) -> None:
     table = Table(title=title)
     table.add_column("split")

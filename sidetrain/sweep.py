@@ -1,0 +1,427 @@
+"""`lst sweep`: an Optuna study of side-network settings that reads one feature store for every trial.
+
+    run_sweep(SweepConfig(store="banking.zarr", out="sweeps/b", trials=32))
+
+Layout of OUT: study.db (default storage), space.json, trials/<number>/ (one `lst train` run folder
+per trial), logs/ (one log per spawned worker), summary.json, summary.png, best -> trials/<best>.
+
+Robustness without help from the storage backend (so SQLite, RDB servers and journal files behave
+alike): each running trial records its host, pid and a heartbeat in its user attributes. Before a
+worker claims a trial it fails RUNNING trials whose process is dead (same host) or whose heartbeat
+is stale (another host), and enqueues their parameters again, so a killed trial is retried, not lost.
+Claims (count + ask) happen under a lock file in OUT, so K workers never overshoot the trial budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from featcache.errors import LstError, expected
+from featcache.progress import progress_bar
+from featcache.reader import StoreReader, open_store
+
+from . import metrics as M
+from . import space as S
+from .train import TrainConfig, pick_eval_split, train
+
+log = logging.getLogger(__name__)
+FINISHED = ("COMPLETE", "PRUNED")
+MAX_FAILURES_IN_A_ROW = 3
+
+
+class SweepError(LstError):
+    """The sweep cannot start or go on (storage, study, store or its trials)."""
+
+
+@dataclass
+class SweepConfig:
+    """Options of `lst sweep`; written to OUT/sweep.json."""
+
+    store: str
+    out: str
+    trials: int = 20  # finished (complete or pruned) trials the study should hold
+    space: dict[str, Any] | None = None  # the raw space file mapping; None: the default space
+    storage: str | None = None  # None: sqlite:///OUT/study.db; or an RDB URL, or journal:///path/file.log
+    study_name: str | None = None  # None: the name of OUT
+    workers: int = 1  # worker processes on this machine
+    prune: bool = True
+    device: str = "auto"
+    metric: str | None = None
+    heartbeat_s: float = 10.0
+    stale_after_s: float = 120.0  # a trial of another host with no heartbeat for this long is retried
+    max_retries: int = 2  # retries of one killed trial's parameters
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise SweepError(expected("--trials of at least 1", self.trials))
+        if self.workers < 1:
+            raise SweepError(expected("--workers of at least 1", self.workers))
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{Path(self.out).resolve() / 'study.db'}"
+
+    @property
+    def name(self) -> str:
+        return self.study_name or Path(self.out).resolve().name
+
+
+# ---------------------------------------------------------------- storage and study
+
+def open_storage(url: str):
+    """An Optuna storage for `url`; journal:///path/file.log is a JournalFileBackend (shared filesystems)."""
+    import optuna
+
+    hint = ("Give sqlite:///path.db, an RDB URL (postgresql://..., mysql://...) whose server and driver are "
+            "reachable, or journal:///shared/path/file.log.")
+    try:
+        if url.startswith("journal://"):
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            path = Path(url[len("journal://"):])
+            if not path.parent.is_dir():
+                raise FileNotFoundError(f"no folder {path.parent}")
+            return JournalStorage(JournalFileBackend(str(path)))
+        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except Exception as err:  # noqa: BLE001 - drivers raise many types; the user needs the one line
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise SweepError(expected("a reachable Optuna storage", f"'{_redact(url)}' ({type(err).__name__}: {detail})",
+                                  hint)) from None
+
+
+def _redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    with contextlib.suppress(Exception):
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    return url
+
+
+def _study(cfg: SweepConfig, storage, create: bool = False):
+    import optuna
+
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1) if cfg.prune \
+        else optuna.pruners.NopPruner()
+    # Unseeded: K workers with one seed would draw the same start-up trials.
+    sampler = optuna.samplers.TPESampler(n_startup_trials=8)
+    if create:
+        return optuna.create_study(storage=storage, study_name=cfg.name, direction="maximize", sampler=sampler,
+                                   pruner=pruner, load_if_exists=True)
+    return optuna.load_study(study_name=cfg.name, storage=storage, sampler=sampler, pruner=pruner)
+
+
+def _identity(cfg: SweepConfig, store: StoreReader, space: dict[str, S.Param], metric: str) -> dict[str, Any]:
+    """What a resumed or joined study must agree on."""
+    m = store.manifest
+    return {"dataset_fingerprint": m["dataset"]["fingerprint"], "backbone_revision": m["backbone"]["revision"],
+            "layers": m["layers"], "metric": metric, "space": {k: p.to_json() for k, p in sorted(space.items())}}
+
+
+def _check_identity(study, ident: dict[str, Any], cfg: SweepConfig) -> None:
+    old = study.user_attrs.get("lst")
+    if old is None:
+        study.set_user_attr("lst", ident)
+        study.set_user_attr("store", str(cfg.store))
+        return
+    for key in ident:
+        if old.get(key) != ident[key]:
+            raise SweepError(expected(f"the same {key.replace('_', ' ')} as the existing study '{cfg.name}'",
+                                      f"{ident[key]} (the study has {old.get(key)})",
+                                      "Resume with the original store and space, or use a new --out or "
+                                      "--study-name."))
+
+
+@dataclass
+class _Context:
+    cfg: SweepConfig
+    store: StoreReader
+    space: dict[str, S.Param]
+    metric: str
+
+
+def _prepare(cfg: SweepConfig, store: StoreReader | None = None) -> _Context:
+    store = store or open_store(cfg.store)
+    m = store.manifest
+    if pick_eval_split(store, None, "train") is None:
+        raise SweepError(expected("an evaluation split (dev, validation, valid or val) in the store",
+                                  f"splits {store.split_names}", "Extract one: trials are compared on it."))
+    metric = cfg.metric or M.default_metric(m["task"]["type"])
+    if metric not in M.METRICS:
+        raise SweepError(expected(f"--metric one of {sorted(M.METRICS)}", metric))
+    return _Context(cfg, store, S.resolve_space(m, cfg.space), metric)
+
+
+# ---------------------------------------------------------------- claiming, heartbeats, recovery
+
+@contextlib.contextmanager
+def _claim_lock(out: Path) -> Iterator[None]:
+    with open(out / ".claim.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_stale(trial, now: float, host: str, stale_after_s: float) -> bool:
+    attrs = trial.user_attrs
+    if attrs.get("host") == host and "pid" in attrs:
+        return not _alive(int(attrs["pid"]))
+    start = trial.datetime_start.timestamp() if trial.datetime_start else now
+    return now - float(attrs.get("heartbeat", start)) > stale_after_s
+
+
+def recover_stale(study, cfg: SweepConfig) -> list[int]:
+    """Fail RUNNING trials of dead workers and enqueue their parameters again; the numbers failed."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    host, now, failed = socket.gethostname(), time.time(), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _is_stale(t, now, host, cfg.stale_after_s):
+            continue
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, "error", "worker died (killed or lost) mid-trial")
+            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue  # another worker got there first and re-enqueued it
+        failed.append(t.number)
+        retries = int(t.user_attrs.get("retries", 0))
+        if retries < cfg.max_retries:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "retries": retries + 1})
+            log.warning("trial %d was left RUNNING by a dead worker: failed it and queued its settings again",
+                        t.number)
+        else:
+            log.warning("trial %d died %d times: not retried again", t.number, retries + 1)
+    return failed
+
+
+def _claim(study, cfg: SweepConfig, worker: int):
+    """Ask for the next trial if the budget allows (call under the claim lock)."""
+    from optuna.trial import TrialState
+
+    taken = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    if len(taken) >= cfg.trials:
+        return None
+    trial = study.ask()
+    for key, value in {"host": socket.gethostname(), "pid": os.getpid(), "worker": worker,
+                       "heartbeat": time.time(), "run": f"trials/{trial.number}"}.items():
+        trial.set_user_attr(key, value)
+    return trial
+
+
+@contextlib.contextmanager
+def _heartbeat(trial, every_s: float) -> Iterator[None]:
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            with contextlib.suppress(Exception):  # a missed beat is harmless; the next one catches up
+                trial.set_user_attr("heartbeat", time.time())
+
+    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial.number}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ---------------------------------------------------------------- trials
+
+def _run_trial(ctx: _Context, study, trial) -> bool:
+    """Train one trial into OUT/trials/<number>/ and tell the study. False when it failed."""
+    import optuna
+    from optuna.trial import TrialState
+
+    out = Path(ctx.cfg.out) / "trials" / str(trial.number)
+    values = S.suggest(trial, ctx.space)
+    epochs_seen: list[int] = []
+
+    def on_epoch(epoch: int, record: dict[str, Any]) -> None:
+        epochs_seen.append(epoch)
+        value = record.get(f"eval_{ctx.metric}")
+        if value is None:
+            return
+        trial.report(float(value), epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"epoch {epoch}: {ctx.metric} {value:.4f} below the median")
+
+    t0 = time.perf_counter()
+    try:
+        with _heartbeat(trial, ctx.cfg.heartbeat_s):
+            cfg = TrainConfig(store=ctx.cfg.store, out=str(out), device=ctx.cfg.device, metric=ctx.metric,
+                              **S.to_train_kwargs(values, ctx.store.manifest))
+            summary = train(cfg, store=ctx.store, on_epoch=on_epoch)
+    except optuna.TrialPruned as why:
+        trial.set_user_attr("epochs_run", len(epochs_seen))
+        study.tell(trial, state=TrialState.PRUNED)
+        log.info("trial %d pruned after %.1f s (%s) %s", trial.number, time.perf_counter() - t0, why, values)
+        return True
+    except KeyboardInterrupt:
+        # Interrupted by the user: keep the settings for the next run instead of losing them.
+        study.tell(trial, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": 0})
+        raise
+    except Exception as err:  # noqa: BLE001 - one bad trial must not end the sweep; it is recorded
+        trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+        study.tell(trial, state=TrialState.FAIL)
+        log.warning("trial %d failed: %s: %s %s", trial.number, type(err).__name__, err, values)
+        return False
+    if summary["best_eval"] is None:
+        trial.set_user_attr("error", "no evaluation score")
+        study.tell(trial, state=TrialState.FAIL)
+        return False
+    for key in ("splits", "train_seconds", "examples_per_second", "peak_memory_bytes", "trainable_parameters"):
+        trial.set_user_attr(key, summary[key])
+    trial.set_user_attr("epochs_run", len(summary["history"]))
+    study.tell(trial, float(summary["best_eval"]))
+    log.info("trial %d: %s %.4f in %.1f s %s", trial.number, ctx.metric, summary["best_eval"],
+             time.perf_counter() - t0, values)
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_epochs() -> Iterator[None]:
+    """One log line per trial, not one per epoch (the epochs are in each run's metrics.json)."""
+    train_log = logging.getLogger("sidetrain.train")
+    level = train_log.level
+    train_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        train_log.setLevel(level)
+
+
+def work(ctx: _Context, study, worker: int = 0, bar=None) -> int:
+    """Claim and run trials until the study holds `trials` finished ones; the number this worker ran."""
+    out, done, failures = Path(ctx.cfg.out), 0, 0
+    with _quiet_epochs():
+        while True:
+            with _claim_lock(out):
+                recover_stale(study, ctx.cfg)
+                trial = _claim(study, ctx.cfg, worker)
+            if trial is None:
+                return done
+            if _run_trial(ctx, study, trial):
+                done, failures = done + 1, 0
+                if bar is not None:
+                    bar.advance()
+            else:
+                failures += 1
+                if failures >= MAX_FAILURES_IN_A_ROW:
+                    raise SweepError(f"{failures} trials in a row failed in worker {worker}; the last error is in "
+                                     f"trial {trial.number}'s user attributes and the log. Fix it and re-run the "
+                                     "same command to resume.")
+
+
+def _worker_main(cfg: SweepConfig, worker: int, threads: int) -> None:
+    """Entry of a spawned worker process: its own store (read once), storage and log file."""
+    import rich
+    import torch
+
+    log_path = Path(cfg.out) / "logs" / f"worker-{worker}.log"
+    logging.basicConfig(level=logging.INFO, force=True, filename=log_path,
+                        format=f"%(asctime)s worker {worker} %(levelname)s %(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    rich.get_console().quiet = True  # the parent shows the one progress bar
+    torch.set_num_threads(threads)
+    try:
+        ctx = _prepare(cfg)
+        study = _study(cfg, open_storage(cfg.storage_url))
+        log.info("worker %d ran %d trials", worker, work(ctx, study, worker))
+    except BaseException:
+        log.exception("worker %d stopped", worker)
+        raise
+
+
+def _finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def _run_workers(cfg: SweepConfig, study) -> None:
+    """K spawned processes join the study; this one shows progress read back from the storage."""
+    (Path(cfg.out) / "logs").mkdir(exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+    mp = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
+    procs = [mp.Process(target=_worker_main, args=(cfg, k, threads), name=f"lst-sweep-{k}")
+             for k in range(cfg.workers)]
+    for p in procs:
+        p.start()
+    log.info("%d workers started (%d threads each); logs in %s", cfg.workers, threads, Path(cfg.out) / "logs")
+    try:
+        with progress_bar("sweep", cfg.trials, unit="trial") as bar:
+            shown = 0
+            while any(p.is_alive() for p in procs):
+                now = _finished(study)
+                bar.advance(max(0, now - shown))
+                shown = max(shown, now)
+                time.sleep(1.0)
+            bar.advance(max(0, _finished(study) - shown))
+    finally:
+        for p in procs:
+            p.join()
+    bad = [(k, p.exitcode) for k, p in enumerate(procs) if p.exitcode != 0]
+    if bad:
+        k, code = bad[0]
+        tail = _tail(Path(cfg.out) / "logs" / f"worker-{k}.log")
+        raise SweepError(f"Worker {k} exited with code {code}: {tail} See {cfg.out}/logs/. "
+                         "Re-run the same command to resume.")
+
+
+def _tail(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    errors = [x for x in lines if "Error" in x or "error" in x]
+    return (errors or lines or ["(no log)"])[-1][-300:]
+
+
+def run_sweep(cfg: SweepConfig, store: StoreReader | None = None) -> dict[str, Any]:
+    """Create or resume the study, run trials until it holds `cfg.trials` finished ones, write results."""
+    out = Path(cfg.out)
+    ctx = _prepare(cfg, store)  # validates store and space before anything is created
+    out.mkdir(parents=True, exist_ok=True)
+    study = _study(cfg, open_storage(cfg.storage_url), create=True)
+    _check_identity(study, _identity(cfg, ctx.store, ctx.space, ctx.metric), cfg)
+    (out / "sweep.json").write_text(json.dumps({**asdict(cfg), "storage": _redact(cfg.storage_url),
+                                                "study_name": cfg.name}, indent=2, sort_keys=True))
+    (out / "space.json").write_text(json.dumps({k: p.to_json() for k, p in ctx.space.items()}, indent=2))
+    before = _finished(study)
+    log.info("study '%s' in %s: %d of %d trials finished", cfg.name, _redact(cfg.storage_url), before, cfg.trials)
+    t0 = time.perf_counter()
+    if cfg.workers == 1:
+        with progress_bar("sweep", cfg.trials, unit="trial") as bar:
+            bar.advance(min(before, cfg.trials))
+            work(ctx, study, 0, bar)
+    else:
+        _run_workers(cfg, study)
+    from .sweep_report import write_results
+
+    return write_results(study, out, ctx.metric, wall_seconds=time.perf_counter() - t0)
