@@ -126,6 +126,8 @@ def load_backbone(name_or_path: str, precision: str = "fp32", device: str = "aut
         raise BackboneError(expected(f"--precision one of {PRECISIONS}", precision))
     dev = resolve_device(device)
     check_model_path(name_or_path)
+    if precision == "fp16" and dev.type == "cpu":
+        log.warning("--precision fp16 on a CPU is very slow (no fast fp16 matmul); bf16 or fp32 is faster.")
     local = Path(name_or_path)
     kwargs = {"dtype": TORCH_DTYPES.get(precision, torch.float32)}
     if precision == "int8" and dev.type == "cuda":
