@@ -307,17 +307,18 @@ def extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict[str, A
     rank computes its own block of shards, and rank 0 finalises the manifest after all are done.
     """
     loaded = _tokenizer_and_config(cfg, backbone)
+    if cfg.dry_run:  # the caller shows the summary; nothing is written, no weights are loaded
+        # (for an encoder-decoder this sizes the encoder states only)
+        return {"dry_run": True, "preflight": plan_extraction(cfg, backbone, loaded).summary}
     if getattr(loaded[1], "is_encoder_decoder", False):  # T5: encoder + teacher-forced decoder states
         from .seq2seq import extract_seq2seq
 
         return extract_seq2seq(cfg, backbone)
-    ctx = distributed.context() if not cfg.dry_run else distributed.Context()
+    ctx = distributed.context()
     try:
         plan = plan_extraction(cfg, backbone, loaded)
         if ctx.is_main:
             log.info("%s", plan.summary["text"])
-        if cfg.dry_run:
-            return {"dry_run": True, "preflight": plan.summary}
         return _run(cfg, plan, backbone, ctx)
     finally:
         ctx.close()
