@@ -1,0 +1,137 @@
+"""The public reader API: examples and batches equal the stored arrays, whichever way they are read."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from featcache import ExtractConfig, LstError, extract, open_store
+from featcache import store as S
+from featcache.backbone import load_backbone
+
+# small shards (64 tokens) and inner chunks (8) so that examples straddle shard boundaries
+LAYOUT = dict(shard_tokens=64, chunk_tokens=8, max_length=16, device="cpu", batch_size=16)
+# fp32 is the ground truth; fp16 a 2-byte dtype; int8 adds its scales array (bf16 reads like fp16: 2-byte bits)
+DTYPES = [d for d in ("fp32", "fp16", "int8") if d in S.STORE_DTYPES]
+
+
+@pytest.fixture(scope="module")
+def stores(tiny_bert, tiny_dataset, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("reader_stores")
+    backbone = load_backbone(str(tiny_bert), device="cpu")  # loaded once for every dtype
+    out = {}
+    for dtype in DTYPES:
+        path = str(root / f"{dtype}.zarr")
+        extract(ExtractConfig(model=str(tiny_bert), dataset=str(tiny_dataset), out=path, splits=["train", "dev"],
+                              store_dtype=dtype, **LAYOUT), backbone=backbone)
+        out[dtype] = path
+    return out
+
+
+def stored_rows(path: str, split: str, lo: int, hi: int) -> torch.Tensor:
+    """Ground truth, read with plain zarr-python and decoded: (hi - lo, n_layers, d) float32."""
+    g = zarr.open_group(path, mode="r")[split]
+    dtype = zarr.open_group(path, mode="r").attrs[S.MANIFEST_KEY]["store_dtype"]
+    scales = g["scales"][lo:hi] if "scales" in g else None
+    return S.decode(g["hidden"][lo:hi], dtype, scales) if scales is not None else S.decode(g["hidden"][lo:hi], dtype)
+
+
+def test_examples_equal_stored_arrays(stores):
+    path = stores["fp32"]
+    split = open_store(path).split("train")
+    assert split.reader_kind == "shards"  # local, uncompressed: memory-mapped
+    g = zarr.open_group(path, mode="r")["train"]
+    offsets, ids, labels = g["offsets"][:], g["input_ids"][:], g["labels"][:]
+    assert g["hidden"].shards[0] == 64 and split.n_tokens > 4 * 64  # several shards
+    for i in range(len(split)):
+        ex = split.example(i)
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        assert torch.equal(ex["hidden"], stored_rows(path, "train", lo, hi))
+        assert ex["input_ids"].tolist() == ids[lo:hi].tolist()
+        assert int(ex["label"]) == int(labels[i])
+    assert torch.equal(split[3]["hidden"], split.example(3)["hidden"])
+
+
+def test_batch_values_mask_and_padding(stores):
+    path = stores["fp32"]
+    split = open_store(path).split("train")
+    idx = [7, 0, 42, 119, 64]
+    b = split.batch(idx)
+    lengths = split.lengths[idx]
+    assert b.hidden.shape == (5, lengths.max(), len(split.layers), split.manifest["hidden_size"])
+    assert b.mask.sum(1).tolist() == lengths.tolist()
+    for r, i in enumerate(idx):
+        n = int(lengths[r])
+        lo = int(split.offsets[i])
+        assert torch.equal(b.hidden[r, :n], stored_rows(path, "train", lo, lo + n))
+        assert not b.hidden[r, n:].any()  # padding is zero
+        assert b.input_ids[r, :n].tolist() == split.input_ids[lo:lo + n].tolist()
+    assert b.labels.tolist() == split.labels[idx].tolist()
+
+
+def test_layer_selection(stores):
+    split = open_store(stores["fp32"]).split("dev")
+    full = split.batch(range(10))
+    picked = split.batch(range(10), layers=[2, 0])
+    assert torch.equal(picked.hidden, full.hidden[:, :, [2, 0]])
+    assert torch.equal(split.example(4, layers=[1])["hidden"], split.example(4)["hidden"][:, [1]])
+    with pytest.raises(LstError, match="stored layers"):
+        split.batch([0], layers=[7])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bulk_reader_equals_per_example_and_zarr(stores, dtype):
+    """Memory-mapped shards, zarr-python and a split loaded in RAM give the same batches."""
+    mapped = open_store(stores[dtype]).split("train")
+    via_zarr = open_store(stores[dtype], reader="zarr").split("train")
+    in_ram = open_store(stores[dtype]).split("train").load()
+    assert (mapped.reader_kind, via_zarr.reader_kind, in_ram.reader_kind) == ("shards", "zarr", "memory")
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        idx = rng.choice(len(mapped), 12, replace=False)
+        a, b, c = mapped.batch(idx, layers=[0, 2]), via_zarr.batch(idx, layers=[0, 2]), in_ram.batch(idx, layers=[0, 2])
+        assert torch.equal(a.hidden, b.hidden) and torch.equal(a.hidden, c.hidden)
+        for r, i in enumerate(idx):
+            ex = mapped.example(int(i), layers=[0, 2])["hidden"]
+            assert torch.equal(a.hidden[r, :len(ex)], ex)
+    if dtype == "int8":  # values really are rescaled, not raw int8 codes
+        assert via_zarr.example(0)["hidden"].abs().max() < 64
+
+
+def test_batches_cover_split_once(stores):
+    split = open_store(stores["fp16"]).split("dev")
+    seen = []
+    for b in split.batches(7, shuffle=True, seed=1):
+        seen += b.labels.tolist()
+        assert b.hidden.shape[0] <= 7
+    assert sorted(seen) == sorted(split.labels.tolist())
+    first = [b.input_ids for b in split.batches(7, seed=1)][0]
+    assert torch.equal(first, next(iter(split.batches(7, seed=1))).input_ids)  # seeded
+
+
+def test_bad_indices_and_reader(stores):
+    split = open_store(stores["fp16"]).split("dev")
+    with pytest.raises(LstError, match="example index"):
+        split.example(len(split))
+    with pytest.raises(LstError, match="indices"):
+        split.batch([0, len(split)])
+    with pytest.raises(LstError, match="reader one of"):
+        open_store(stores["fp16"], reader="fast")
+
+
+def test_remote_store_falls_back_to_zarr(stores):
+    """A store that cannot be memory-mapped (fsspec/memory) reads through zarr, with the same values."""
+    pytest.importorskip("fsspec")
+    src = zarr.open_group(stores["fp16"], mode="r")
+    url = "memory://reader-test/store.zarr"
+    dst = zarr.open_group(url, mode="w")
+    for split in ("train", "dev"):
+        for name in src[split].array_keys():
+            a = src[split][name]
+            dst.require_group(split).create_array(name, data=a[:], chunks=a.chunks, shards=a.shards)
+    dst.attrs[S.MANIFEST_KEY] = src.attrs[S.MANIFEST_KEY]
+    remote, local = open_store(url).split("dev"), open_store(stores["fp16"]).split("dev")
+    assert remote.reader_kind == "zarr"
+    assert torch.equal(remote.batch([5, 1, 9]).hidden, local.batch([5, 1, 9]).hidden)
