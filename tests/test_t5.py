@@ -1,0 +1,174 @@
+"""Encoder-decoder backbones (T5): extraction ground truth, cached == online, label texts, fp16 refusal.
+
+No T5 weights can be downloaded: a randomly initialised T5 (d=32) built from a config, with the
+bundled MiniLM WordPiece tokenizer (pad 0 = decoder start, [SEP] 102 = EOS).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from featcache import ExtractConfig, extract, open_store
+from featcache.bundled import minilm_path
+from featcache.errors import BackboneError, DatasetError
+from featcache.seq2seq import label_texts
+from sidetrain import TrainConfig, train
+
+from conftest import synthetic_rows, write_tsv
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: one thread is ~10x faster than several on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory):
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    path = tmp_path_factory.mktemp("tiny_t5")
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=30522, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, pad_token_id=0, eos_token_id=102, decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def t5_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("t5_data")
+    write_tsv(path / "train.tsv", synthetic_rows(40, 1))
+    write_tsv(path / "dev.tsv", synthetic_rows(12, 2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def t5_store(tiny_t5, t5_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("t5_store") / "store"
+    extract(ExtractConfig(model=str(tiny_t5), dataset=str(t5_data), out=str(out), store_dtype="fp32",
+                          max_length=16, batch_size=5, device="cpu", shard_tokens=96, chunk_tokens=32))
+    return out
+
+
+def test_manifest_and_layout(t5_store):
+    store = open_store(t5_store)
+    m = store.manifest
+    s = m["seq2seq"]
+    assert m["backbone"]["model_type"] == "t5" and m["backbone"]["is_encoder_decoder"]
+    assert s["encoder_layers"] == s["decoder_layers"] == [0, 1, 2]
+    assert s["label_texts"] == ["class_0", "class_1", "class_2"]  # not GLUE: the label names themselves
+    assert all(ids[-1] == 102 for ids in s["candidate_ids"])  # EOS-terminated targets
+    assert m["splits"]["train"]["candidates_per_example"] == 1 and m["splits"]["dev"]["candidates_per_example"] == 3
+    group = zarr.open_group(str(t5_store), mode="r")
+    assert group["backbone_weights/lm_head"].shape == (30522, 32)
+    train_cands = group["train/dec/candidates"][:]
+    np.testing.assert_array_equal(train_cands, store.split("train").labels)  # gold only on train
+    np.testing.assert_array_equal(group["dev/dec/candidates"][:], np.tile([0, 1, 2], 12))  # every candidate on dev
+    assert group["train/shard_done"][:].all() and group["dev/dec/shard_done"][:].all()
+
+
+def test_store_equals_fresh_forward(t5_store, tiny_t5):
+    """Every stored encoder and decoder state equals a one-example forward; the last one is pre-final-norm."""
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration.from_pretrained(tiny_t5).eval()
+    store = open_store(t5_store)
+    s = store.manifest["seq2seq"]
+    group = zarr.open_group(str(t5_store), mode="r")
+    tok = AutoTokenizer.from_pretrained(tiny_t5)
+    texts = [r[0] for r in synthetic_rows(12, 2)]
+    split = store.split("dev")
+    dec_hidden, dec_off = group["dev/dec/hidden"][:], group["dev/dec/offsets"][:]
+    cands = group["dev/dec/candidates"][:]
+    with torch.no_grad():
+        for i, text in enumerate(texts):
+            enc = tok(text, truncation=True, max_length=16, return_tensors="pt")
+            got = split.example(i)
+            assert got["input_ids"].tolist() == enc["input_ids"][0].tolist()
+            for r in range(3 * i, 3 * i + 3):
+                target = torch.tensor([s["candidate_ids"][cands[r]]])
+                out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=target,
+                            output_hidden_states=True)
+                for stored, hs, stack in ((got["hidden"], out.encoder_hidden_states, model.encoder),
+                                          (torch.from_numpy(dec_hidden[dec_off[r]:dec_off[r + 1]]),
+                                           out.decoder_hidden_states, model.decoder)):
+                    want = torch.stack(hs[:-1], dim=2)[0]  # (T, L, d): embedding + blocks 1..L-1
+                    scale = want.abs().max().item()
+                    assert (stored[:, :-1] - want).abs().max().item() <= 1e-5 * scale
+                    # transformers' last entry has the final layer norm applied; the store's has not
+                    assert not torch.allclose(stored[:, -1], hs[-1][0], atol=1e-3)
+                    np.testing.assert_allclose(stack.final_layer_norm(stored[:, -1]), hs[-1][0], rtol=1e-5, atol=1e-5)
+
+
+def losses(run) -> np.ndarray:
+    return np.array([json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()])
+
+
+def test_cached_equals_online_with_layer_dropping(t5_store, tmp_path):
+    common = dict(store=str(t5_store), epochs=3, batch_size=8, seed=3, device="cpu", dropout=0.1,
+                  reduction_factor=4, layers=[2])  # layer dropping: block 1 has no ladder and no side block
+    cached = train(TrainConfig(out=str(tmp_path / "cached"), **common))
+    online = train(TrainConfig(out=str(tmp_path / "online"), online=True, **common))
+    a, b = losses(tmp_path / "cached"), losses(tmp_path / "online")
+    assert len(a) == len(b) == cached["steps"] == 15
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+    pred_a = json.loads((tmp_path / "cached" / "predictions.json").read_text())
+    pred_b = json.loads((tmp_path / "online" / "predictions.json").read_text())
+    assert pred_a == pred_b and len(pred_a["dev"]) == 12
+    assert cached["splits"]["dev"] == online["splits"]["dev"]
+    config = json.loads((tmp_path / "cached" / "config.json").read_text())
+    assert config["layers"] == config["decoder_layers"] == [2]
+
+
+def test_side_network_shapes_and_relative_bias(t5_store):
+    from sidetrain.seq2seq_train import build_seq2seq_model, store_weights
+
+    store = open_store(t5_store)
+    weights = store_weights(store)
+    model = build_seq2seq_model(TrainConfig(store="", out="", reduction_factor=4), store.manifest, weights)
+    assert model.config.d_model == 8 and model.config.num_heads == 4 and model.config.d_kv == 2
+    for part, blocks in (("encoder", model.enc_blocks), ("decoder", model.dec_blocks)):
+        table = blocks[0].layer[0].SelfAttention.relative_attention_bias.weight
+        assert torch.equal(table, weights[f"{part}_relative_bias"])  # starts from the backbone's
+    assert model.lm_head.shape == (30522, 32) and not model.lm_head.requires_grad
+    assert "lm_head" not in model.state_dict()  # frozen and in the store: not saved with each run
+
+
+def test_training_learns_from_the_cache(t5_store, tmp_path):
+    summary = train(TrainConfig(store=str(t5_store), out=str(tmp_path / "run"), epochs=12, batch_size=8,
+                                lr=1e-2, reduction_factor=4, device="cpu", warmup_steps=0))
+    assert summary["history"][-1]["train_loss"] < 0.5 * summary["history"][0]["train_loss"]
+
+
+def test_label_texts():
+    assert label_texts(["0", "1"], "/data/glue/SST-2", None) == ["negative", "positive"]
+    assert label_texts(["0", "1"], "/data/glue/CoLA", None) == ["unacceptable", "acceptable"]
+    assert label_texts(["entailment", "not_entailment"], "/x/RTE", None) == ["entailment", "not_entailment"]
+    assert label_texts(["0", "1"], "/x/mine", None) == ["0", "1"]
+    assert label_texts(["0", "1"], "/x/SST-2", {"0": "bad", "1": "good"}) == ["bad", "good"]
+    with pytest.raises(DatasetError, match="Expected a text for every label"):
+        label_texts(["0", "1"], "/x", {"0": "bad"})
+
+
+def test_label_text_file_and_fp16(tiny_t5, t5_data, tmp_path, caplog):
+    mapping = tmp_path / "labels.json"
+    mapping.write_text(json.dumps({"class_0": "card", "class_1": "cash", "class_2": "other"}))
+    with caplog.at_level(logging.WARNING):
+        m = extract(ExtractConfig(model=str(tiny_t5), dataset=str(t5_data), out=str(tmp_path / "s"), splits=["dev"],
+                                  label_text=str(mapping), max_length=16, device="cpu"))  # store dtype: default fp16
+    assert m["seq2seq"]["label_texts"] == ["card", "cash", "other"]
+    assert m["store_dtype"] == "bf16" and "overflow" in caplog.text
+    with pytest.raises(BackboneError, match="Expected --precision fp32 or bf16 for T5. Got fp16"):
+        extract(ExtractConfig(model=str(tiny_t5), dataset=str(t5_data), out=str(tmp_path / "s2"), precision="fp16",
+                              device="cpu"))
