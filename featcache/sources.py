@@ -186,8 +186,8 @@ def resolve_columns(data: LoadedDataset, text: str | None, pair: str | None, lab
         pair = PAIR_OF[text]
     if pair is not None:
         check(pair, "--text-pair-column")
-    if label is None:
-        label = next((c for c in LABEL_COLUMNS if c in names), None)
+    if label is None:  # any split counts: a label column missing from one split is an error later, not a guess
+        label = next((c for c in LABEL_COLUMNS if any(c in t.frame.columns for t in data.splits.values())), None)
     elif label not in names:
         check(label, "--label-column")
     return Columns(text, pair, label)
