@@ -46,7 +46,7 @@ def _check_out_file(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise StoreError(expected(f"no file at '{out}'", "an existing file", "Pass --overwrite to replace it."))
     if out.exists() and not out.is_file():
-        raise StoreError(expected(f"a file path for the HDF5 output", f"'{out}', a directory",
+        raise StoreError(expected("a file path for the HDF5 output", f"'{out}', a directory",
                                   "Choose a file name such as store.h5."))
     if not out.parent.exists():
         raise StoreError(expected("an existing folder for the HDF5 output", f"'{out.parent}' (no such folder)"))

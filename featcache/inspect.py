@@ -163,8 +163,8 @@ def render(info: dict[str, Any]):
     state = "complete" if info["complete"] else "INCOMPLETE (re-run the same `lst extract` to resume)"
     rows = [
         ("status", f"{state}; shards {info['shards_done']}/{info['shards_total']} done"),
-        ("backbone", f"{info['backbone']['name']} ({info['backbone']['model_type']}, "
-                     f"{info['backbone']['num_layers']} blocks)"),
+        ("backbone", (f"{info['backbone']['name']} ({info['backbone']['model_type']}, "
+                      f"{info['backbone']['num_layers']} blocks)")),
         ("backbone revision", str(info["backbone"]["revision"])),
         ("dataset", str(info["dataset"]["source"])),
         ("dataset fingerprint", str(info["dataset"]["fingerprint"])),
