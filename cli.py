@@ -119,6 +119,9 @@ def extract(
                                                    "(0: about 64 MiB per shard).")] = 0,
     error_sample: Annotated[int, typer.Option(help="Examples on which storage error and precision drift "
                                                    "are measured (0: skip).")] = 32,
+    label_text: Annotated[str | None, typer.Option(help="Encoder-decoder (T5): JSON file mapping each label to its "
+                                                        "target text (default: T5's GLUE words, else the label "
+                                                        "names).")] = None,
 ) -> None:
     """Run the frozen backbone once over DATASET and store its per-layer activations.
 
@@ -133,7 +136,7 @@ def extract(
                         max_length=max_length, layers=parse_layers(layers), store_dtype=store_dtype.value,
                         precision=precision.value, batch_size=batch_size, device=device, overwrite=overwrite,
                         quoting=quoting.value, header=header, dry_run=dry_run, shard_tokens=shard_tokens,
-                        error_sample=error_sample)
+                        error_sample=error_sample, label_text=label_text)
     if dry_run:
         _print_preflight(run_extract(cfg)["preflight"])
         return
