@@ -205,6 +205,8 @@ def sweep(
     = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     metric: Annotated[str | None, typer.Option(help="Metric to maximise (default per task).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads per worker (default: cores / workers).")]
+    = None,
     report: Annotated[bool, typer.Option("--report", help="Reprint the results of the sweep in TARGET.")] = False,
 ) -> None:
     """Search side-network settings with Optuna; every trial reads the same store (no backbone)."""
@@ -219,7 +221,7 @@ def sweep(
             raise typer.BadParameter("--out is required (the sweep folder).")
         cfg = SweepConfig(store=target, out=out, trials=trials, space=load_space_file(space) if space else None,
                           storage=storage, study_name=study_name, workers=workers, prune=prune, device=device,
-                          metric=metric)
+                          metric=metric, threads=threads)
         summary = run_sweep(cfg)
     Console().print(results_table(summary))
     best = summary.get("best") or {}

@@ -59,6 +59,7 @@ class SweepConfig:
     prune: bool = True
     device: str = "auto"
     metric: str | None = None
+    threads: int | None = None  # torch CPU threads per worker; None: torch's default, or cores / workers
     heartbeat_s: float = 10.0
     stale_after_s: float = 120.0  # a trial of another host with no heartbeat for this long is retried
     max_retries: int = 2  # retries of one killed trial's parameters
@@ -138,10 +139,10 @@ def _check_identity(study, ident: dict[str, Any], cfg: SweepConfig) -> None:
         study.set_user_attr("lst", ident)
         study.set_user_attr("store", str(cfg.store))
         return
-    for key in ident:
-        if old.get(key) != ident[key]:
+    for key, value in ident.items():
+        if old.get(key) != value:
             raise SweepError(expected(f"the same {key.replace('_', ' ')} as the existing study '{cfg.name}'",
-                                      f"{ident[key]} (the study has {old.get(key)})",
+                                      f"{value} (the study has {old.get(key)})",
                                       "Resume with the original store and space, or use a new --out or "
                                       "--study-name."))
 
@@ -370,7 +371,7 @@ def _finished(study) -> int:
 def _run_workers(cfg: SweepConfig, study) -> None:
     """K spawned processes join the study; this one shows progress read back from the storage."""
     (Path(cfg.out) / "logs").mkdir(exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
     mp = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
     procs = [mp.Process(target=_worker_main, args=(cfg, k, threads), name=f"lst-sweep-{k}")
              for k in range(cfg.workers)]
@@ -403,6 +404,20 @@ def _tail(path: Path) -> str:
     return (errors or lines or ["(no log)"])[-1][-300:]
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Oversubscribed CPUs make torch's thread pool spin: a sweep on a shared machine wants few threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_sweep(cfg: SweepConfig, store: StoreReader | None = None) -> dict[str, Any]:
     """Create or resume the study, run trials until it holds `cfg.trials` finished ones, write results."""
     out = Path(cfg.out)
@@ -417,7 +432,7 @@ def run_sweep(cfg: SweepConfig, store: StoreReader | None = None) -> dict[str, A
     log.info("study '%s' in %s: %d of %d trials finished", cfg.name, _redact(cfg.storage_url), before, cfg.trials)
     t0 = time.perf_counter()
     if cfg.workers == 1:
-        with progress_bar("sweep", cfg.trials, unit="trial") as bar:
+        with progress_bar("sweep", cfg.trials, unit="trial") as bar, _torch_threads(cfg.threads):
             bar.advance(min(before, cfg.trials))
             work(ctx, study, 0, bar)
     else:

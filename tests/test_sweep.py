@@ -1,0 +1,160 @@
+"""`lst sweep`: a study on a tiny store completes, resumes after a real kill -9, shares work between two
+worker processes without losing or duplicating trials, and refuses bad input with one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from featcache import ExtractConfig, extract
+
+optuna = pytest.importorskip("optuna")
+
+from sidetrain.space import SpaceError, parse_space, resolve_space
+from sidetrain.sweep import SweepConfig, run_sweep
+
+runner = CliRunner()
+CPU = ("--device", "cpu", "--threads", 1)  # one thread: a busy shared CPU makes torch's thread pool spin
+FAST = "lr: {low: 1.0e-3, high: 1.0e-2, log: true}\nreduction_factor: [4, 8]\nbatch_size: 32\nepochs: 2\n"
+
+
+@pytest.fixture(scope="module")
+def store(tiny_bert, tiny_dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sweep") / "store"
+    extract(ExtractConfig(model=str(tiny_bert), dataset=str(tiny_dataset), out=str(out), splits=["train", "dev"],
+                          max_length=16, store_dtype="fp32", device="cpu"))
+    return out
+
+
+def space_file(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def trials_of(out: Path, *states: str):
+    study = optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}")
+    return [t for t in study.get_trials() if not states or t.state.name in states]
+
+
+def test_four_trials_write_summary_best_and_resume(store, tmp_path):
+    out = tmp_path / "sw"
+    r = invoke("sweep", store, "--out", out, "--trials", 4, "--space", space_file(tmp_path, FAST), *CPU)
+    assert r.exit_code == 0, r.output
+    assert "best 10 by accuracy" in r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] == 4 and len(summary["trials"]) == 4
+    assert (out / "summary.png").stat().st_size > 1000
+    best = summary["best"]
+    assert best["value"] == max(t["value"] for t in summary["trials"] if t["state"] == "COMPLETE")
+    assert (out / "best").resolve() == (out / "trials" / str(best["number"])).resolve()
+    assert {"config.json", "metrics.json", "model.safetensors"} <= {p.name for p in (out / "best").iterdir()}
+    run_cfg = json.loads((out / "best" / "config.json").read_text())
+    assert run_cfg["reduction_factor"] == best["params"]["reduction_factor"] and run_cfg["epochs"] == 2
+    for t in trials_of(out):  # the study alone is enough to compare trials
+        assert t.user_attrs["run"] == f"trials/{t.number}" and "dev" in t.user_attrs["splits"]
+    # the same command resumes (nothing to do); a larger budget adds exactly the missing trial
+    assert invoke("sweep", store, "--out", out, "--trials", 4, "--space", tmp_path / "space.yaml", *CPU).exit_code == 0
+    assert len(trials_of(out)) == 4
+    r = invoke("sweep", store, "--out", out, "--trials", 5, "--space", tmp_path / "space.yaml", *CPU)
+    assert r.exit_code == 0, r.output
+    assert len(trials_of(out, "COMPLETE", "PRUNED")) == 5
+    r = invoke("sweep", out, "--report")
+    best = json.loads((out / "summary.json").read_text())["best"]
+    assert r.exit_code == 0 and f"best: trial {best['number']}" in r.output, r.output
+
+
+def test_killed_trial_is_retried_not_lost(store, tmp_path):
+    out, n = tmp_path / "sw", 3
+    space = space_file(tmp_path, FAST.replace("epochs: 2", "epochs: 12"))
+    cmd = [sys.executable, "-m", "cli", "sweep", str(store), "--out", str(out), "--trials", str(n), "--space",
+           str(space), "--no-prune", *map(str, CPU)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim, deadline = None, time.time() + 120
+    try:
+        while victim is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if (out / "study.db").exists():
+                with contextlib.suppress(Exception):  # the study may not exist yet
+                    # mid-trial: RUNNING with at least one epoch reported
+                    victim = next((t for t in trials_of(out, "RUNNING") if t.intermediate_values), None)
+        assert victim is not None, "the sweep never reached the middle of a trial"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [t.number for t in trials_of(out, "RUNNING")] == [victim.number]  # killed mid-trial, left RUNNING
+    run_sweep(SweepConfig(store=str(store), out=str(out), trials=n, space={"epochs": 12, **_fast()}, prune=False,
+                          device="cpu", threads=1))
+    complete = trials_of(out, "COMPLETE")
+    assert len(complete) == n and not trials_of(out, "RUNNING", "WAITING")
+    assert [t.number for t in trials_of(out, "FAIL")] == [victim.number]
+    retry = [t for t in complete if t.user_attrs.get("retry_of") == victim.number]
+    assert len(retry) == 1 and retry[0].params == victim.params  # the killed settings ran again
+
+
+def _fast() -> dict:
+    import yaml
+
+    return {k: v for k, v in yaml.safe_load(FAST).items() if k != "epochs"}
+
+
+def test_two_workers_share_one_study(store, tmp_path):
+    out, n = tmp_path / "sw", 4
+    summary = run_sweep(SweepConfig(store=str(store), out=str(out), trials=n, workers=2, prune=False,
+                                    space={**_fast(), "epochs": 6}, device="cpu", threads=1))
+    trials = trials_of(out)
+    assert summary["finished"] == n
+    assert sorted(t.number for t in trials) == list(range(n))  # nothing lost, nothing run twice
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both workers took trials
+    for t in trials:
+        assert (out / "trials" / str(t.number) / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("learning_rate: [0.01]\n", ["learning_rate", "'lr'", "reduction_factor"]),
+    ("lr: {low: 0.1, high: 0.001}\n", ["empty range", "lr"]),
+    ("batch_size: []\n", ["empty list", "batch_size"]),
+    ("reduction_factor: [5]\n", ["reduction factors", "[5]"]),
+])
+def test_bad_space_file(store, tmp_path, text, fragments):
+    r = invoke("sweep", store, "--out", tmp_path / "sw", "--space", space_file(tmp_path, text))
+    assert r.exit_code == 1 and "Traceback" not in r.output and "Error:" in r.output
+    for f in fragments:
+        assert f in r.output.replace("\n", ""), r.output
+    assert not (tmp_path / "sw").exists()  # refused before anything was created
+
+
+@pytest.mark.parametrize("url", ["sqlite:////nonexistent-dir/x/study.db", "journal:///nonexistent-dir/x/s.log",
+                                 "postgresql://lst:secret@127.0.0.1:1/none"])
+def test_unreachable_storage(store, tmp_path, url):
+    r = invoke("sweep", store, "--out", tmp_path / "sw", "--storage", url)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "reachable Optuna storage" in r.output.replace("\n", " ") and "secret" not in r.output
+
+
+def test_space_parsing_and_json(store):
+    from featcache import open_store
+
+    space = parse_space({"lr": {"low": "1e-4", "high": 0.1, "log": True}, "epochs": {"low": 2, "high": 4},
+                         "layers": ["all", "2"], "seed": 3})
+    assert (space["lr"].kind, space["lr"].low, space["epochs"].kind, space["seed"].value) == ("float", 1e-4, "int", 3)
+    with pytest.raises(SpaceError, match="stored blocks"):
+        resolve_space(open_store(store).manifest, {"layers": ["7"]})
+    with pytest.raises(SpaceError, match="integer"):
+        parse_space({"epochs": {"low": 1.5, "high": 3}})
