@@ -21,6 +21,7 @@ import errno
 import logging
 import math
 import shutil
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -269,7 +270,11 @@ def _remove_store(out: str) -> None:
         fs, root = fsspec.core.url_to_fs(out)
         fs.rm(root, recursive=True)  # never shutil on a URL
     else:
-        shutil.rmtree(out)
+        # rename first (atomic): a kill during the delete leaves no half store at --out, only a stray folder
+        path = Path(out)
+        doomed = path.with_name(f".{path.name}.deleting-{uuid.uuid4().hex[:8]}")
+        path.rename(doomed)
+        shutil.rmtree(doomed)
 
 
 def open_for_write(cfg: ExtractConfig, request: dict[str, Any]) -> tuple[zarr.Group, bool]:
