@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -140,7 +141,10 @@ def load_backbone(name_or_path: str, precision: str = "fp32", device: str = "aut
     model.eval().requires_grad_(False)
     if precision == "int8" and dev.type == "cpu":
         # dynamic quantisation: int8 weights, activations quantised per batch; CPU kernels only
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        with warnings.catch_warnings():  # torch.ao's deprecation notices say nothing the user can act on
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.simplefilter("ignore", category=UserWarning)
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     if "quantization_config" not in kwargs:
         model.to(dev)  # bitsandbytes places its own weights
     revision = weights_hash(local) if local.is_dir() else str(getattr(model.config, "_commit_hash", None) or "unknown")
