@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from featcache import store as S
 from featcache.backbone import resolve_device
 from featcache.errors import StoreError, TrainConfigError, expected
 from featcache.progress import progress_bar
 from featcache.reader import SplitReader, StoreReader
-from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone, pad_batch, shift_right
+from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone, shift_right
 from featcache.store import check_match
 
 from . import metrics as M

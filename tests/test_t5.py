@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import synthetic_rows, write_tsv
 
 from featcache import ExtractConfig, extract, open_store
 from featcache.bundled import minilm_path
 from featcache.errors import BackboneError, DatasetError
-from featcache.seq2seq import label_texts
+from featcache.seq2seq import label_texts, pad_batch
 from sidetrain import TrainConfig, train
-
-from conftest import synthetic_rows, write_tsv
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -116,8 +115,9 @@ def losses(run) -> np.ndarray:
 
 
 def test_cached_equals_online_with_layer_dropping(t5_store, tmp_path):
-    common = dict(store=str(t5_store), epochs=3, batch_size=8, seed=3, device="cpu", dropout=0.1,
-                  reduction_factor=4, layers=[2])  # layer dropping: block 1 has no ladder and no side block
+    # layer dropping: block 1 has no ladder and no side block
+    common = {"store": str(t5_store), "epochs": 3, "batch_size": 8, "seed": 3, "device": "cpu", "dropout": 0.1,
+              "reduction_factor": 4, "layers": [2]}
     cached = train(TrainConfig(out=str(tmp_path / "cached"), **common))
     online = train(TrainConfig(out=str(tmp_path / "online"), online=True, **common))
     a, b = losses(tmp_path / "cached"), losses(tmp_path / "online")
@@ -149,6 +149,29 @@ def test_training_learns_from_the_cache(t5_store, tmp_path):
     summary = train(TrainConfig(store=str(t5_store), out=str(tmp_path / "run"), epochs=12, batch_size=8,
                                 lr=1e-2, reduction_factor=4, device="cpu", warmup_steps=0))
     assert summary["history"][-1]["train_loss"] < 0.5 * summary["history"][0]["train_loss"]
+    # lst predict's library path: the live backbone on raw text gives the cached evaluation's predictions
+    from sidetrain.seq2seq_predict import load_run, predict_texts
+
+    loaded = load_run(tmp_path / "run")
+    texts = [r[0] for r in synthetic_rows(12, 2)]
+    live = predict_texts(tmp_path / "run", texts, loaded=loaded)
+    cached = json.loads((tmp_path / "run" / "predictions.json").read_text())["dev"]
+    assert [int(p["label"][-1]) for p in live] == cached
+    generated = predict_texts(tmp_path / "run", texts[:3], generate=True, max_new_tokens=4, loaded=loaded)
+    # greedy generation agrees with the teacher-forced side network on its own output
+    from sidetrain.seq2seq_predict import _side_logits
+
+    model, backbone, manifest = loaded
+    s = manifest["seq2seq"]
+    with torch.no_grad():
+        for text, g in zip(texts, generated):
+            assert g["generated"] and len(g["generated_ids"]) <= 4
+            ids, mask = pad_batch([backbone.tokenizer(text)["input_ids"]], 0)
+            enc_hidden, enc_out = backbone.encode(ids, mask, s["encoder_layers"])
+            side_enc = model.encode(enc_hidden, mask.bool())
+            logits, _ = _side_logits(model, backbone, s, [g["generated_ids"]], torch.tensor([0]), side_enc, enc_out,
+                                     mask.bool())
+            assert logits[0].argmax(-1).tolist()[:len(g["generated_ids"])] == g["generated_ids"]
 
 
 def test_label_texts():

@@ -1,0 +1,112 @@
+"""Predictions on raw text with a trained T5 side network: the backbone runs live (no store needed).
+
+Classification scores every candidate label text, as evaluation from the cache does. Free-text
+generation cannot run from a cache (the backbone decoder must see the generated tokens): it decodes
+greedily, re-running the backbone decoder on the whole prefix at each step (simple, and exact).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from featcache.errors import StoreError, expected
+from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone, pad_batch, shift_right
+
+from .seq2seq_model import T5LadderSideNetwork, sequence_scores
+
+
+def load_run(run_dir: str | Path, device: str = "cpu",
+             backbone: Seq2SeqBackbone | None = None) -> tuple[T5LadderSideNetwork, Seq2SeqBackbone, dict[str, Any]]:
+    """The side network of RUN/ and its live backbone (checked against the weights hash it was trained on)."""
+    from .train import backbone_config
+
+    run = Path(run_dir)
+    if not (run / "config.json").exists() or not (run / "model.safetensors").exists():
+        raise StoreError(expected("a run folder with config.json and model.safetensors", f"'{run}'",
+                                  "Train one with `lst train`."))
+    config = json.loads((run / "config.json").read_text())
+    manifest = config["store_manifest"]
+    if "seq2seq" not in manifest:
+        raise StoreError(expected("a run trained on an encoder-decoder (T5) store", f"'{run}' (encoder-only)"))
+    backbone = backbone or load_seq2seq_backbone(manifest["backbone"]["name"], "fp32", device)
+    if backbone.revision != manifest["backbone"]["revision"]:
+        raise StoreError(f"Backbone mismatch: the run was trained on weights {manifest['backbone']['revision']!r}, "
+                         f"but {backbone.name} has {backbone.revision!r}.")
+    s = manifest["seq2seq"]
+    # The live backbone has the LM head already: no store is needed to predict.
+    lm_head = backbone.model.get_output_embeddings().weight.detach().float().cpu()
+    model = T5LadderSideNetwork(backbone_config(manifest), lm_head, s["scale_decoder_outputs"], s["encoder_layers"],
+                                s["decoder_layers"], config["layers"], config["decoder_layers"],
+                                config["reduction_factor"], config["dropout"])
+    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    return model.to(backbone.device).eval(), backbone, manifest
+
+
+@torch.no_grad()
+def predict_texts(run_dir: str | Path, texts: list[str], pairs: list[str] | None = None, generate: bool = False,
+                  max_new_tokens: int = 16, device: str = "cpu", batch_size: int = 32,
+                  loaded: tuple | None = None) -> list[dict[str, Any]]:
+    """One dict per text: label, label_text and candidate scores; or `generated` text when `generate`."""
+    model, backbone, manifest = loaded or load_run(run_dir, device)
+    s = manifest["seq2seq"]
+    out: list[dict[str, Any]] = []
+    for b in range(0, len(texts), batch_size):
+        chunk, pair = texts[b:b + batch_size], pairs[b:b + batch_size] if pairs else None
+        enc = backbone.tokenizer(chunk, pair, truncation=True, max_length=manifest["max_length"])["input_ids"]
+        ids, mask = pad_batch(enc, s["pad_token_id"])
+        enc_hidden, enc_out = backbone.encode(ids, mask, s["encoder_layers"])
+        mask = mask.bool().to(backbone.device)
+        side_enc = model.encode(enc_hidden, mask)
+        if generate:
+            made = _generate(model, backbone, s, side_enc, enc_out, mask, max_new_tokens)
+            out += [{"generated": backbone.tokenizer.decode(m, skip_special_tokens=True), "generated_ids": m}
+                    for m in made]
+        else:
+            out += _classify(model, backbone, s, manifest["task"]["label_names"], side_enc, enc_out, mask)
+    return out
+
+
+def _side_logits(model, backbone, s, targets: list[list[int]], row: torch.Tensor, side_enc, enc_out, mask):
+    """Backbone decoder teacher-forced on `targets` (rows of examples `row`), then the side decoder."""
+    dec_ids, dec_mask = shift_right(targets, s["decoder_start_token_id"], s["pad_token_id"])
+    dec_hidden, _ = backbone.decode(dec_ids, dec_mask, enc_out[row], mask[row].long(), s["decoder_layers"])
+    dec_mask = dec_mask.bool().to(backbone.device)
+    return model.decode(dec_hidden * dec_mask[..., None, None], dec_mask, side_enc[row], mask[row]), dec_mask
+
+
+def _classify(model, backbone, s, names: list[str], side_enc, enc_out, mask) -> list[dict[str, Any]]:
+    cands = s["candidate_ids"]
+    n, c = side_enc.shape[0], len(cands)
+    row = torch.arange(n, device=backbone.device).repeat_interleave(c)
+    targets = [cands[k] for _ in range(n) for k in range(c)]
+    logits, dec_mask = _side_logits(model, backbone, s, targets, row, side_enc, enc_out, mask)
+    target_t, _ = pad_batch(targets, 0)
+    scores = sequence_scores(logits, target_t.to(logits.device), dec_mask).view(n, c).cpu()
+    best = scores.argmax(-1).tolist()
+    return [{"label": names[k], "label_text": s["label_texts"][k], "scores": scores[i].tolist()}
+            for i, k in enumerate(best)]
+
+
+def _generate(model, backbone, s, side_enc, enc_out, mask, max_new_tokens: int) -> list[list[int]]:
+    n = side_enc.shape[0]
+    row = torch.arange(n, device=backbone.device)
+    made: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    for _ in range(max_new_tokens):
+        # the prefix plus a placeholder: shift_right turns it into [start] + prefix, whose last logits we read
+        logits, _ = _side_logits(model, backbone, s, [m + [s["pad_token_id"]] for m in made], row, side_enc,
+                                 enc_out, mask)
+        for i in range(n):
+            if not done[i]:
+                token = int(logits[i, len(made[i])].argmax())
+                done[i] = token == s["eos_token_id"]
+                if not done[i]:
+                    made[i].append(token)
+        if all(done):
+            break
+    return made
