@@ -409,9 +409,14 @@ def _run(cfg: ExtractConfig, plan: Plan, backbone: Backbone | None, ctx: distrib
     if not ctx.all_ok(error is None):
         raise error or StoreError(f"Another extraction process failed; the shards this one wrote are kept. "
                                   f"Re-run the same command to resume '{cfg.out}'.")
+    final_error: LstError | None = None
     if ctx.is_main:
-        _finalise(cfg, group, plan, manifest)
-    ctx.barrier()
+        try:
+            _finalise(cfg, group, plan, manifest)
+        except LstError as err:
+            final_error = err
+    if not ctx.all_ok(final_error is None):  # a barrier that also tells the other ranks rank 0 failed
+        raise final_error or StoreError(f"Rank 0 could not finalise '{cfg.out}'. Re-run the same command to resume.")
     return manifest if ctx.is_main else dict(zarr.open_group(cfg.out, mode="r").attrs[S.MANIFEST_KEY])
 
 

@@ -45,7 +45,7 @@ def settings(model, data, out) -> ExtractConfig:
 def test_share_is_disjoint_and_covers_everything():
     items = list(range(11))
     blocks = [Context(rank=r, world=3).share(items) for r in range(3)]
-    assert sum(blocks, []) == items and all(blocks)
+    assert [x for b in blocks for x in b] == items and all(blocks)
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to this python")
@@ -56,7 +56,7 @@ def test_torchrun_two_processes_equal_one(tiny_bert, tiny_dataset, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), str(tiny_bert),
                            str(tiny_dataset), str(tmp_path / "dist"), str(logs)],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((logs / f"rank{r}.json").read_text()) for r in range(2)]
     a, b = ({tuple(x) for x in r["shards"]} for r in ranks)

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import zarr
+from conftest import synthetic_rows, write_tsv
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import synthetic_rows, write_tsv
 from featcache import ExtractConfig, extract, open_store
 from featcache import writer as W
 from featcache.errors import DatasetError

@@ -84,7 +84,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_bert, tiny_dataset,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the child's arithmetic, in this process (saves two interpreter starts)
     try:
-        child_cfg = dict(max_length=16, batch_size=8, shard_tokens=32, chunk_tokens=16, error_sample=4)
+        child_cfg = {"max_length": 16, "batch_size": 8, "shard_tokens": 32, "chunk_tokens": 16, "error_sample": 4}
         assert extract(cfg(tiny_bert, tiny_dataset, killed, **child_cfg))["complete"]  # resume
         extract(cfg(tiny_bert, tiny_dataset, reference, **child_cfg))  # uninterrupted
     finally:
@@ -94,8 +94,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_bert, tiny_dataset,
 
 
 def cfg(model, data, out, **kw) -> ExtractConfig:
-    base = dict(model=str(model), dataset=str(data), out=str(out), max_length=16, batch_size=8, device="cpu",
-                store_dtype="fp32", shard_tokens=64, chunk_tokens=16, error_sample=0)
+    base = {"model": str(model), "dataset": str(data), "out": str(out), "max_length": 16, "batch_size": 8, "device": "cpu",
+                "store_dtype": "fp32", "shard_tokens": 64, "chunk_tokens": 16, "error_sample": 0}
     return ExtractConfig(**{**base, **kw})
 
 

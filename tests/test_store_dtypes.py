@@ -14,8 +14,8 @@ from featcache.errors import BackboneError
 
 
 def tiny_cfg(model, data, out, **kw) -> ExtractConfig:
-    base = dict(model=str(model), dataset=str(data), out=str(out), max_length=16, batch_size=16, device="cpu",
-                shard_tokens=256, chunk_tokens=32, splits=["train", "dev"], error_sample=8)
+    base = {"model": str(model), "dataset": str(data), "out": str(out), "max_length": 16, "batch_size": 16, "device": "cpu",
+                "shard_tokens": 256, "chunk_tokens": 32, "splits": ["train", "dev"], "error_sample": 8}
     return ExtractConfig(**{**base, **kw})
 
 
