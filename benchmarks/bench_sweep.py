@@ -65,8 +65,8 @@ def stacked_speedup(store_path: Path, root: Path, k: int) -> dict[str, Any] | No
         return None
     store = open_store(store_path)
     lrs = [1e-3 * (1.5 ** i) for i in range(k)]
-    cfgs = [TrainConfig(store=str(store_path), out=str(root / f"sep{i}"), device="cpu", lr=lr, **{
-        **REFERENCE, "lr": lr}) for i, lr in enumerate(lrs)]
+    cfgs = [TrainConfig(store=str(store_path), out=str(root / f"sep{i}"), device="cpu", **{**REFERENCE, "lr": lr})
+            for i, lr in enumerate(lrs)]
     separate_s, separate = timed(lambda: [train(c, store=store) for c in cfgs])
     stack_cfgs = [TrainConfig(**{**c.__dict__, "out": str(root / f"stk{i}")}) for i, c in enumerate(cfgs)]
     stacked_s, stacked = timed(lambda: train_stacked(stack_cfgs, store=store))
