@@ -19,6 +19,15 @@ from featcache.distributed import Context
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread on a shared machine, and every process does the same sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch
@@ -63,12 +72,7 @@ def test_torchrun_two_processes_equal_one(tiny_bert, tiny_dataset, tmp_path):
     assert a and b and not a & b  # both ranks worked, on disjoint shards
     assert all(r["complete"] for r in ranks)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        extract(settings(tiny_bert, tiny_dataset, tmp_path / "single"))
-    finally:
-        torch.set_num_threads(threads)
+    extract(settings(tiny_bert, tiny_dataset, tmp_path / "single"))  # one thread, like each rank
     dist, single = open_store(tmp_path / "dist"), open_store(tmp_path / "single")
     assert a | b == {(n, k) for n, s in single.manifest["splits"].items() for k in range(s["shards"])}
     for key in ("splits", "layers", "store_dtype", "request", "fidelity"):

@@ -22,6 +22,15 @@ from featcache.errors import StoreError
 ROOT = Path(__file__).resolve().parents[1]
 
 # Run in a child process: the same extraction, optionally slowed down so the parent can kill it mid-way.
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread on a shared machine, and every process does the same sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 SCRIPT = textwrap.dedent("""
     import sys, time
     import torch
@@ -81,14 +90,10 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_bert, tiny_dataset,
     with pytest.raises(StoreError, match="incomplete"):
         open_store(killed)  # a killed store never reads back as if it were whole
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the child's arithmetic, in this process (saves two interpreter starts)
-    try:
-        child_cfg = {"max_length": 16, "batch_size": 8, "shard_tokens": 32, "chunk_tokens": 16, "error_sample": 4}
-        assert extract(cfg(tiny_bert, tiny_dataset, killed, **child_cfg))["complete"]  # resume
-        extract(cfg(tiny_bert, tiny_dataset, reference, **child_cfg))  # uninterrupted
-    finally:
-        torch.set_num_threads(threads)
+    # one thread, like the child: the same arithmetic in this process (saves two interpreter starts)
+    child_cfg = {"max_length": 16, "batch_size": 8, "shard_tokens": 32, "chunk_tokens": 16, "error_sample": 4}
+    assert extract(cfg(tiny_bert, tiny_dataset, killed, **child_cfg))["complete"]  # resume
+    extract(cfg(tiny_bert, tiny_dataset, reference, **child_cfg))  # uninterrupted
     assert open_store(killed).manifest["complete"]
     assert_same_bytes(killed, reference)
 
