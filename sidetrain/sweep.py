@@ -60,6 +60,7 @@ class SweepConfig:
     device: str = "auto"
     metric: str | None = None
     threads: int | None = None  # torch CPU threads per worker; None: torch's default, or cores / workers
+    stack: int = 1  # trials trained together in one pass (sharing network shape and batches; see stacked.py)
     heartbeat_s: float = 10.0
     stale_after_s: float = 120.0  # a trial of another host with no heartbeat for this long is retried
     max_retries: int = 2  # retries of one killed trial's parameters
@@ -67,6 +68,8 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise SweepError(expected("--trials of at least 1", self.trials))
+        if self.stack < 1:
+            raise SweepError(expected("--stack of at least 1", self.stack))
         if self.workers < 1:
             raise SweepError(expected("--workers of at least 1", self.workers))
 
@@ -222,18 +225,43 @@ def recover_stale(study, cfg: SweepConfig) -> list[int]:
     return failed
 
 
-def _claim(study, cfg: SweepConfig, worker: int):
-    """Ask for the next trial if the budget allows (call under the claim lock)."""
+def _budget_left(study, cfg: SweepConfig) -> int:
     from optuna.trial import TrialState
 
     taken = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-    if len(taken) >= cfg.trials:
+    return cfg.trials - len(taken)
+
+
+def _claim(study, cfg: SweepConfig, worker: int):
+    """Ask for the next trial if the budget allows (call under the claim lock)."""
+    if _budget_left(study, cfg) <= 0:
         return None
     trial = study.ask()
     for key, value in {"host": socket.gethostname(), "pid": os.getpid(), "worker": worker,
                        "heartbeat": time.time(), "run": f"trials/{trial.number}"}.items():
         trial.set_user_attr(key, value)
     return trial
+
+
+def _claim_group(ctx: _Context, study, worker: int) -> list[tuple[Any, dict[str, Any]]]:
+    """Up to `stack` trials that can train in one pass: the first is sampled freely, the others get its
+    network and batch settings enqueued and sample only per-member ones (lr, ...). Under the claim lock."""
+    from optuna.trial import TrialState
+
+    from .stacked import PER_MEMBER
+
+    first = _claim(study, ctx.cfg, worker)
+    if first is None:
+        return []
+    group = [(first, S.suggest(first, ctx.space))]
+    shared = {k: v for k, v in first.params.items() if k not in PER_MEMBER}
+    while len(group) < ctx.cfg.stack and _budget_left(study, ctx.cfg) > 0:
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            break  # queued retries keep their own settings: they run in a later group
+        study.enqueue_trial(shared, user_attrs={"stacked_with_trial": first.number})
+        trial = _claim(study, ctx.cfg, worker)
+        group.append((trial, S.suggest(trial, ctx.space)))
+    return group
 
 
 @contextlib.contextmanager
@@ -256,14 +284,13 @@ def _heartbeat(trial, every_s: float) -> Iterator[None]:
 
 # ---------------------------------------------------------------- trials
 
-def _run_trial(ctx: _Context, study, trial) -> bool:
-    """Train one trial into OUT/trials/<number>/ and tell the study. False when it failed."""
-    import optuna
-    from optuna.trial import TrialState
+def _train_config(ctx: _Context, trial, values: dict[str, Any]) -> TrainConfig:
+    return TrainConfig(store=ctx.cfg.store, out=str(Path(ctx.cfg.out) / "trials" / str(trial.number)),
+                       device=ctx.cfg.device, metric=ctx.metric, **S.to_train_kwargs(values, ctx.store.manifest))
 
-    out = Path(ctx.cfg.out) / "trials" / str(trial.number)
-    values = S.suggest(trial, ctx.space)
-    epochs_seen: list[int] = []
+
+def _pruning_hook(ctx: _Context, trial, epochs_seen: list[int]):
+    import optuna
 
     def on_epoch(epoch: int, record: dict[str, Any]) -> None:
         epochs_seen.append(epoch)
@@ -274,38 +301,83 @@ def _run_trial(ctx: _Context, study, trial) -> bool:
         if trial.should_prune():
             raise optuna.TrialPruned(f"epoch {epoch}: {ctx.metric} {value:.4f} below the median")
 
-    t0 = time.perf_counter()
-    try:
-        with _heartbeat(trial, ctx.cfg.heartbeat_s):
-            cfg = TrainConfig(store=ctx.cfg.store, out=str(out), device=ctx.cfg.device, metric=ctx.metric,
-                              **S.to_train_kwargs(values, ctx.store.manifest))
-            summary = train(cfg, store=ctx.store, on_epoch=on_epoch)
-    except optuna.TrialPruned as why:
-        trial.set_user_attr("epochs_run", len(epochs_seen))
+    return on_epoch
+
+
+def _tell(ctx: _Context, study, trial, values: dict[str, Any], t0: float, summary: dict[str, Any] | None = None,
+          err: BaseException | None = None, epochs_run: int = 0) -> bool:
+    """Record a trial's outcome in the study; False when it failed."""
+    import optuna
+    from optuna.trial import TrialState
+
+    took = time.perf_counter() - t0
+    if isinstance(err, optuna.TrialPruned):
+        trial.set_user_attr("epochs_run", epochs_run)
         study.tell(trial, state=TrialState.PRUNED)
-        log.info("trial %d pruned after %.1f s (%s) %s", trial.number, time.perf_counter() - t0, why, values)
+        log.info("trial %d pruned after %.1f s (%s) %s", trial.number, took, err, values)
         return True
-    except KeyboardInterrupt:
-        # Interrupted by the user: keep the settings for the next run instead of losing them.
-        study.tell(trial, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": 0})
-        raise
-    except Exception as err:  # noqa: BLE001 - one bad trial must not end the sweep; it is recorded
+    if err is None and (summary is None or summary["best_eval"] is None):
+        err = LstError("no evaluation score")
+    if err is not None:
         trial.set_user_attr("error", f"{type(err).__name__}: {err}")
         study.tell(trial, state=TrialState.FAIL)
         log.warning("trial %d failed: %s: %s %s", trial.number, type(err).__name__, err, values)
-        return False
-    if summary["best_eval"] is None:
-        trial.set_user_attr("error", "no evaluation score")
-        study.tell(trial, state=TrialState.FAIL)
         return False
     for key in ("splits", "train_seconds", "examples_per_second", "peak_memory_bytes", "trainable_parameters"):
         trial.set_user_attr(key, summary[key])
     trial.set_user_attr("epochs_run", len(summary["history"]))
     study.tell(trial, float(summary["best_eval"]))
-    log.info("trial %d: %s %.4f in %.1f s %s", trial.number, ctx.metric, summary["best_eval"],
-             time.perf_counter() - t0, values)
+    log.info("trial %d: %s %.4f in %.1f s %s", trial.number, ctx.metric, summary["best_eval"], took, values)
     return True
+
+
+def _interrupted(study, trials) -> None:
+    """Ctrl-C: fail the running trials and queue their settings for the next run instead of losing them."""
+    from optuna.trial import TrialState
+
+    for trial in trials:
+        study.tell(trial, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": 0})
+
+
+def _run_trial(ctx: _Context, study, trial, values: dict[str, Any]) -> bool:
+    """Train one trial into OUT/trials/<number>/ and tell the study. False when it failed."""
+    epochs_seen: list[int] = []
+    t0 = time.perf_counter()
+    try:
+        with _heartbeat(trial, ctx.cfg.heartbeat_s):
+            summary = train(_train_config(ctx, trial, values), store=ctx.store,
+                            on_epoch=_pruning_hook(ctx, trial, epochs_seen))
+    except KeyboardInterrupt:
+        _interrupted(study, [trial])
+        raise
+    except Exception as err:  # noqa: BLE001 - one bad trial must not end the sweep; it is recorded
+        return _tell(ctx, study, trial, values, t0, err=err, epochs_run=len(epochs_seen))
+    return _tell(ctx, study, trial, values, t0, summary)
+
+
+def _run_stack(ctx: _Context, study, group: list[tuple[Any, dict[str, Any]]]) -> list[bool]:
+    """Train a group of trials in one pass over the data (sidetrain.stacked) and tell each."""
+    from .stacked import stack_key, train_stacked
+
+    cfgs = [_train_config(ctx, t, v) for t, v in group]
+    if len(group) == 1 or len({stack_key(c) for c in cfgs}) != 1:
+        return [_run_trial(ctx, study, t, v) for t, v in group]
+    seen: list[list[int]] = [[] for _ in group]
+    hooks = [_pruning_hook(ctx, t, s) for (t, _), s in zip(group, seen)]
+    t0 = time.perf_counter()
+    try:
+        with contextlib.ExitStack() as beats:
+            for t, _ in group:
+                beats.enter_context(_heartbeat(t, ctx.cfg.heartbeat_s))
+            summaries = train_stacked(cfgs, store=ctx.store, on_epoch=hooks)
+    except KeyboardInterrupt:
+        _interrupted(study, [t for t, _ in group])
+        raise
+    except Exception as err:  # noqa: BLE001 - recorded on every member
+        return [_tell(ctx, study, t, v, t0, err=err) for t, v in group]
+    return [_tell(ctx, study, t, v, t0, None if "stopped" in s else s, err=s.get("stopped"), epochs_run=len(e))
+            for (t, v), s, e in zip(group, summaries, seen)]
 
 
 @contextlib.contextmanager
@@ -327,19 +399,18 @@ def work(ctx: _Context, study, worker: int = 0, bar=None) -> int:
         while True:
             with _claim_lock(out):
                 recover_stale(study, ctx.cfg)
-                trial = _claim(study, ctx.cfg, worker)
-            if trial is None:
+                group = _claim_group(ctx, study, worker) if ctx.cfg.stack > 1 else \
+                    [(t, S.suggest(t, ctx.space)) for t in [_claim(study, ctx.cfg, worker)] if t is not None]
+            if not group:
                 return done
-            if _run_trial(ctx, study, trial):
-                done, failures = done + 1, 0
-                if bar is not None:
+            oks = _run_stack(ctx, study, group) if len(group) > 1 else [_run_trial(ctx, study, *group[0])]
+            for ok in oks:
+                done, failures = (done + 1, 0) if ok else (done, failures + 1)
+                if ok and bar is not None:
                     bar.advance()
-            else:
-                failures += 1
-                if failures >= MAX_FAILURES_IN_A_ROW:
-                    raise SweepError(f"{failures} trials in a row failed in worker {worker}; the last error is in "
-                                     f"trial {trial.number}'s user attributes and the log. Fix it and re-run the "
-                                     "same command to resume.")
+            if failures >= MAX_FAILURES_IN_A_ROW:
+                raise SweepError(f"{failures} trials in a row failed in worker {worker}; the errors are in the "
+                                 "trials' user attributes and the log. Fix it and re-run the same command to resume.")
 
 
 def _worker_main(cfg: SweepConfig, worker: int, threads: int) -> None:

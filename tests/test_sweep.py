@@ -158,3 +158,41 @@ def test_space_parsing_and_json(store):
         resolve_space(open_store(store).manifest, {"layers": ["7"]})
     with pytest.raises(SpaceError, match="integer"):
         parse_space({"epochs": {"low": 1.5, "high": 3}})
+
+
+def test_stacked_members_match_separate_runs(store, tmp_path):
+    """K networks in one vmapped pass train exactly as K separate runs (dropout off: no random masks)."""
+    import dataclasses
+
+    import torch
+
+    from sidetrain import TrainConfig, train
+    from sidetrain.stacked import train_stacked
+
+    kw = dict(store=str(store), device="cpu", epochs=2, batch_size=32, reduction_factor=4, dropout=0.0)
+    cfgs = [TrainConfig(out=str(tmp_path / f"sep{i}"), lr=lr, **kw) for i, lr in enumerate((1e-3, 5e-3))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        separate = [train(c) for c in cfgs]
+        stacked = train_stacked([dataclasses.replace(c, out=str(tmp_path / f"stk{i}")) for i, c in enumerate(cfgs)])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(separate, stacked):
+        assert [h["train_loss"] for h in b["history"]] == pytest.approx([h["train_loss"] for h in a["history"]],
+                                                                        rel=1e-4)
+        assert b["best_eval"] == a["best_eval"] and b["stacked_with"] == 2
+    assert separate[0]["history"][-1]["train_loss"] != separate[1]["history"][-1]["train_loss"]  # lr per member
+    assert {"config.json", "metrics.json", "model.safetensors"} <= {p.name for p in (tmp_path / "stk1").iterdir()}
+
+
+def test_sweep_stacks_trials_that_share_a_batch_shape(store, tmp_path):
+    out = tmp_path / "sw"
+    summary = run_sweep(SweepConfig(store=str(store), out=str(out), trials=3, stack=2, prune=False,
+                                    space={**_fast(), "epochs": 2}, device="cpu", threads=1))
+    assert summary["finished"] == 3
+    first, second, third = sorted(trials_of(out), key=lambda t: t.number)
+    assert first.params["reduction_factor"] == second.params["reduction_factor"]  # stacked: same network shape
+    for t, k in ((first, 2), (second, 2), (third, 1)):
+        metrics = json.loads((out / "trials" / str(t.number) / "metrics.json").read_text())
+        assert metrics.get("stacked_with", 1) == k
