@@ -25,18 +25,18 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: `common` sits beside it
-from common import log, setup_logging, timed, write_results  # noqa: E402
+from common import log, setup_logging, timed, write_results
 
-from featcache import ExtractConfig, extract, open_store  # noqa: E402
-from featcache.bundled import bolt_dataset_path, minilm_path  # noqa: E402
-from sidetrain import TrainConfig, train  # noqa: E402
-from sidetrain.sweep import SweepConfig, run_sweep  # noqa: E402
+from featcache import ExtractConfig, extract, open_store
+from featcache.bundled import bolt_dataset_path, minilm_path
+from sidetrain import TrainConfig, train
+from sidetrain.sweep import SweepConfig, run_sweep
 
-TRIALS = int(os.environ.get("LST_BENCH_SWEEP_TRIALS", 16))
-N_TRAIN = int(os.environ.get("LST_BENCH_SWEEP_TRAIN", 1000))
-N_DEV = int(os.environ.get("LST_BENCH_SWEEP_DEV", 200))
-EPOCHS = int(os.environ.get("LST_BENCH_SWEEP_EPOCHS", 3))
-THREADS = int(os.environ.get("LST_BENCH_THREADS", 1))
+TRIALS = int(os.environ.get("LST_BENCH_SWEEP_TRIALS", "16"))
+N_TRAIN = int(os.environ.get("LST_BENCH_SWEEP_TRAIN", "1000"))
+N_DEV = int(os.environ.get("LST_BENCH_SWEEP_DEV", "200"))
+EPOCHS = int(os.environ.get("LST_BENCH_SWEEP_EPOCHS", "3"))
+THREADS = int(os.environ.get("LST_BENCH_THREADS", "1"))
 BATCH = 32
 MAX_LENGTH = 64  # as `lst demo`
 COMMAND = "make bench  (python benchmarks/run_all.py sweep)"
@@ -123,28 +123,28 @@ def main() -> None:
     md = [
         "# Sweep from one store vs online LST trials",
         "",
-        f"MiniLM-L6 + banking77 ({N_TRAIN} train / {N_DEV} dev rows), {TRIALS} trials of {EPOCHS} epochs, batch "
-        f"{BATCH}, pruning off, {THREADS} torch thread(s).",
+        (f"MiniLM-L6 + banking77 ({N_TRAIN} train / {N_DEV} dev rows), {TRIALS} trials of {EPOCHS} epochs, batch "
+        f"{BATCH}, pruning off, {THREADS} torch thread(s)."),
         "",
         "| | seconds | trials / hour |",
         "|---|---:|---:|",
         f"| extraction (once) | {extract_s:.0f} | |",
         f"| sweep of {TRIALS} trials from the store | {sweep_s:.0f} | {results['trials_per_hour_from_store']:,} |",
-        f"| **store total (extraction + sweep)** | **{cache_total:.0f}** | "
-        f"**{results['trials_per_hour_incl_extraction']:,}** |",
+        (f"| **store total (extraction + sweep)** | **{cache_total:.0f}** | "
+        f"**{results['trials_per_hour_incl_extraction']:,}** |"),
         f"| {TRIALS} online trials (extrapolated) | {online_sweep_s:.0f} | {results['online_trials_per_hour']:,} |",
         "",
         f"**Speed-up of the store over online: {results['speedup_vs_online']}x** (goal: at least 4x).",
         "",
-        f"The online figure is extrapolated, not run: one online run of the reference settings took {online_s:.0f} s "
+        (f"The online figure is extrapolated, not run: one online run of the reference settings took {online_s:.0f} s "
         f"against {cached_s:.0f} s for the same run from the store, so each of the {TRIALS} trials is charged its "
-        f"measured cached time plus that {overhead:.0f} s backbone overhead.",
-        f"Reference run dev accuracy: cached {cached['best_eval']:.4f}, online {online['best_eval']:.4f}. "
-        f"Best trial: {summary['best']['value']:.4f} {summary['best']['params']}.",
+        f"measured cached time plus that {overhead:.0f} s backbone overhead."),
+        (f"Reference run dev accuracy: cached {cached['best_eval']:.4f}, online {online['best_eval']:.4f}. "
+        f"Best trial: {summary['best']['value']:.4f} {summary['best']['params']}."),
     ]
     if stacked:
-        md += ["", f"Stacked: {stacked['k']} trials in one pass took {stacked['stacked_seconds']} s against "
-                   f"{stacked['separate_seconds']} s one after the other: **{stacked['speedup']}x**."]
+        md += ["", (f"Stacked: {stacked['k']} trials in one pass took {stacked['stacked_seconds']} s against "
+                   f"{stacked['separate_seconds']} s one after the other: **{stacked['speedup']}x**.")]
     write_results("sweep", results, "\n".join(md) + "\n", COMMAND)
 
 
