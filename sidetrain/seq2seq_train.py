@@ -167,15 +167,13 @@ def predict_split(model: T5LadderSideNetwork, source, split: SplitReader, batch_
     return out
 
 
-def _sources(cfg, store: StoreReader, device: torch.device) -> dict[str, Any]:
+def _sources(cfg, store: StoreReader, backbone: Seq2SeqBackbone | None) -> dict[str, Any]:
+    """One batch source per labelled split: the store, or the live backbone for --online."""
     names = [n for n in store.split_names if store.split(n).labels is not None]
     decs = {n: open_decoder(store, n) for n in names}
     if not cfg.online:
         return {n: CachedSeq2Seq(store.split(n), decs[n], cfg.preload) for n in names}
-    manifest = store.manifest
-    backbone = load_seq2seq_backbone(manifest["backbone"]["name"], "fp32", str(device))
-    check_match("backbone weights", manifest["backbone"]["revision"], backbone.revision)
-    return {n: OnlineSeq2Seq(store.split(n), decs[n], backbone, manifest) for n in names}
+    return {n: OnlineSeq2Seq(store.split(n), decs[n], backbone, store.manifest) for n in names}
 
 
 def train_seq2seq(cfg, store: StoreReader,
@@ -197,12 +195,24 @@ def train_seq2seq(cfg, store: StoreReader,
         raise TrainConfigError(expected(f"--train-split {manifest['seq2seq']['train_split']} (the split whose gold "
                                         "targets were decoded)", cfg.train_split))
     eval_name = pick_eval_split(store, cfg.eval_split, cfg.train_split)
-    model = build_seq2seq_model(cfg, manifest, store_weights(store)).to(device)
-    sources = _sources(cfg, store, device)
+    init = cfg.extra.get("init", "random")
+    if init not in ("random", "pruned"):
+        raise TrainConfigError(expected("init 'random' or 'pruned'", init))
+    model = build_seq2seq_model(cfg, manifest, store_weights(store))
+    backbone = None
+    if init == "pruned" or cfg.online:
+        backbone = load_seq2seq_backbone(manifest["backbone"]["name"], "fp32", str(device))
+        check_match("backbone weights", manifest["backbone"]["revision"], backbone.revision)
+    if init == "pruned":  # side blocks = backbone blocks pruned to 1/r by Fisher information (cached)
+        from .seq2seq_prune import fisher_scores, pruned_init
+
+        pruned_init(model, backbone, fisher_scores(store, backbone))
+    model = model.to(device)
+    sources = _sources(cfg, store, backbone)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = {**asdict(cfg), "metric": metric, "eval_split": eval_name, "layers": model.enc_kept,
+    resolved = {**asdict(cfg), "init": init, "metric": metric, "eval_split": eval_name, "layers": model.enc_kept,
                 "decoder_layers": model.dec_kept, "store_manifest": {k: manifest[k] for k in (
                     "backbone", "tokenizer", "layers", "task", "max_length", "store_dtype", "precision",
                     "hidden_size", "seq2seq")}}

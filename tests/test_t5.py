@@ -195,3 +195,35 @@ def test_label_text_file_and_fp16(tiny_t5, t5_data, tmp_path, caplog):
     with pytest.raises(BackboneError, match="Expected --precision fp32 or bf16 for T5. Got fp16"):
         extract(ExtractConfig(model=str(tiny_t5), dataset=str(t5_data), out=str(tmp_path / "s2"), precision="fp16",
                               device="cpu"))
+
+
+def test_pruned_init(t5_store, tiny_t5, tmp_path):
+    """Side blocks start as Fisher-pruned backbone blocks: r = 1 copies them, r = 2 slices them."""
+    from featcache.seq2seq import load_seq2seq_backbone
+    from sidetrain.seq2seq_prune import fisher_path, fisher_scores, pruned_init
+    from sidetrain.seq2seq_train import build_seq2seq_model, store_weights
+
+    store = open_store(t5_store)
+    backbone = load_seq2seq_backbone(str(tiny_t5), device="cpu")
+    scores = fisher_scores(store, backbone, n_examples=16, batch_size=8)
+    assert fisher_path(store).exists() and scores["model"].shape == (32,) and scores["decoder.1.ff"].shape == (64,)
+    assert scores["decoder.1.layer.1"].gt(0).all()  # cross-attention dims got gradients
+    for r in (1, 2):
+        side = build_seq2seq_model(TrainConfig(store="", out="", reduction_factor=r, layers=[2]), store.manifest,
+                                   store_weights(store))
+        pruned_init(side, backbone, scores)
+        q = side.dec_blocks[0].layer[1].EncDecAttention.q.weight
+        full = backbone.model.decoder.block[1].layer[1].EncDecAttention.q.weight
+        if r == 1:
+            assert torch.equal(q, full) and torch.equal(side.enc_blocks[0].layer[1].DenseReluDense.wo.weight,
+                                                        backbone.model.encoder.block[1].layer[1].DenseReluDense.wo.weight)
+        else:
+            assert q.shape == (16, 16)  # 4 heads x d_kv 4, d_model 16
+            model_idx = torch.sort(torch.argsort(scores["model"], descending=True)[:16]).values  # top-16 channels
+            per_head = scores["decoder.1.layer.1"].view(4, 8)
+            inner = torch.cat([h * 8 + torch.sort(torch.argsort(per_head[h], descending=True)[:4]).values
+                               for h in range(4)])  # top half of each head's dims
+            assert torch.equal(q, full[inner][:, model_idx])
+    summary = train(TrainConfig(store=str(t5_store), out=str(tmp_path / "pruned"), epochs=1, batch_size=8,
+                                reduction_factor=4, device="cpu", extra={"init": "pruned"}))
+    assert summary["steps"] == 5 and json.loads((tmp_path / "pruned" / "config.json").read_text())["init"] == "pruned"

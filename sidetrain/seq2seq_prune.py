@@ -1,0 +1,141 @@
+"""Pruned initialisation of the T5 side blocks (DESIGN section 1, the paper's default).
+
+Each side block starts as the backbone block it sits beside, structurally pruned to 1/r of its
+channels: d_model channels (one set for the whole residual stream), feed-forward neurons and, per
+head, key/value dimensions, ranked by empirical Fisher information (sum of squared gradients of the
+teacher-forced loss, per batch) over the first ~1024 training examples. The Fisher scores need
+backbone gradients once; they are cached beside the store (`<store>.fisher.safetensors`) and do not
+depend on r or the kept layers, so every trial slices from the same file.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from featcache.reader import StoreReader
+from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone
+
+from .seq2seq_model import T5LadderSideNetwork
+
+log = logging.getLogger(__name__)
+ATTN = re.compile(r"layer\.(\d)\.(SelfAttention|EncDecAttention)\.([qkvo])\.weight$")
+
+
+def fisher_path(store: StoreReader) -> Path | None:
+    return None if "://" in store.path else Path(store.path.rstrip("/") + ".fisher.safetensors")
+
+
+def fisher_scores(store: StoreReader, backbone: Seq2SeqBackbone | None = None, n_examples: int = 1024,
+                  batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Channel importances: 'model' (d,), '<stack>.<b>.ff' (d_ff,), '<stack>.<b>.layer.<k>' (heads*d_kv,)."""
+    path = fisher_path(store)
+    if path is not None and path.exists():
+        return load_file(str(path))
+    from .seq2seq_train import open_decoder
+
+    m = store.manifest
+    backbone = backbone or load_seq2seq_backbone(m["backbone"]["name"], "fp32", "auto")
+    model = backbone.model
+    model.requires_grad_(True)
+    split, dec = store.split(m["seq2seq"]["train_split"]), open_decoder(store, m["seq2seq"]["train_split"])
+    fisher = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    n = min(n_examples, len(split))
+    try:
+        for b in range(0, n, batch_size):
+            idx = np.arange(b, min(b + batch_size, n))
+            enc = split.token_batch(idx)
+            targets, mask, _ = dec.token_part(dec.rows(idx))
+            labels = targets.masked_fill(~mask, -100)
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=enc.input_ids.to(backbone.device), attention_mask=enc.mask.long().to(backbone.device),
+                         labels=labels.to(backbone.device)).loss
+            loss.backward()
+            for name, p in model.named_parameters():
+                if p.grad is not None:
+                    fisher[name] += p.grad.detach() ** 2
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
+    scores = _channel_scores(fisher, int(m["hidden_size"]))
+    if path is not None:
+        save_file({k: v.contiguous().cpu() for k, v in scores.items()}, str(path))
+        log.info("Fisher scores over %d examples cached in %s", n, path)
+    return scores
+
+
+def _channel_scores(fisher: dict[str, torch.Tensor], d: int) -> dict[str, torch.Tensor]:
+    model = torch.zeros(d)
+    out: dict[str, torch.Tensor] = {}
+    for name, f in fisher.items():
+        f = f.float().cpu()
+        parts = name.split(".")
+        if parts[0] not in ("encoder", "decoder"):
+            continue  # shared embedding / LM head: not part of a side block
+        if name.endswith("layer_norm.weight"):
+            model += f
+            continue
+        if parts[1] != "block":
+            continue
+        key = f"{parts[0]}.{parts[2]}"
+        att = ATTN.search(name)
+        if att:
+            sub = f"{key}.layer.{att.group(1)}"
+            inner = f.sum(1) if att.group(3) != "o" else f.sum(0)  # (heads * d_kv,)
+            model += f.sum(0) if att.group(3) != "o" else f.sum(1)
+            out[sub] = out.get(sub, 0) + inner
+        elif re.search(r"\.wi(_\d)?\.weight$", name):
+            out[f"{key}.ff"] = out.get(f"{key}.ff", 0) + f.sum(1)
+            model += f.sum(0)
+        elif name.endswith("wo.weight"):
+            out[f"{key}.ff"] = out.get(f"{key}.ff", 0) + f.sum(0)
+            model += f.sum(1)
+    out["model"] = model
+    return out
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.sort(torch.topk(scores, k).indices).values  # original order: r = 1 keeps the block as is
+
+
+def _head_top(scores: torch.Tensor, heads: int, k: int) -> torch.Tensor:
+    per_head = scores.view(heads, -1)  # (heads, d_kv)
+    idx = torch.sort(torch.topk(per_head, k, dim=1).indices, dim=1).values
+    return (idx + torch.arange(heads)[:, None] * per_head.shape[1]).reshape(-1)
+
+
+def pruned_init(side: T5LadderSideNetwork, backbone: Seq2SeqBackbone, scores: dict[str, torch.Tensor]) -> None:
+    """Overwrite the side blocks (and final norms) with slices of the backbone blocks they sit beside."""
+    cfg = side.config
+    keep_model = _top(scores["model"], cfg.d_model)
+    with torch.no_grad():
+        for stack, blocks, kept in (("encoder", side.enc_blocks, side.enc_kept),
+                                    ("decoder", side.dec_blocks, side.dec_kept)):
+            source = getattr(backbone.model, stack)
+            for j, layer in enumerate(kept):
+                b = layer - 1  # hidden_states index i is the output of block i - 1
+                key = f"{stack}.{b}"
+                ff = _top(scores[f"{key}.ff"], cfg.d_ff)
+                src = dict(source.block[b].named_parameters())
+                for name, p in blocks[j].named_parameters():
+                    if name.endswith("relative_attention_bias.weight"):
+                        continue  # copied from block 0 of the backbone at construction
+                    w = src[name].detach().float().cpu()
+                    att = ATTN.search(name)
+                    if att:
+                        inner = _head_top(scores[f"{key}.layer.{att.group(1)}"], cfg.num_heads, cfg.d_kv)
+                        w = w[inner][:, keep_model] if att.group(3) != "o" else w[keep_model][:, inner]
+                    elif re.search(r"\.wi(_\d)?\.weight$", name):
+                        w = w[ff][:, keep_model]
+                    elif name.endswith("wo.weight"):
+                        w = w[keep_model][:, ff]
+                    else:  # layer norms
+                        w = w[keep_model]
+                    p.copy_(w)
+            norm = side.enc_norm if stack == "encoder" else side.dec_norm
+            norm.weight.copy_(source.final_layer_norm.weight.detach().float().cpu()[keep_model])
