@@ -119,6 +119,8 @@ def _redact(url: str) -> str:
 def _study(cfg: SweepConfig, storage, create: bool = False):
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep logs one line per trial itself
+
     pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1) if cfg.prune \
         else optuna.pruners.NopPruner()
     # Unseeded: K workers with one seed would draw the same start-up trials.
@@ -143,9 +145,14 @@ def _check_identity(study, ident: dict[str, Any], cfg: SweepConfig) -> None:
         study.set_user_attr("store", str(cfg.store))
         return
     for key, value in ident.items():
-        if old.get(key) != value:
+        was = old.get(key)
+        if was != value:
+            if key == "space":  # name only the parameters that changed
+                changed = sorted(k for k in {*value, *was} if value.get(k) != was.get(k))
+                value = {k: value.get(k) for k in changed}
+                was = {k: was.get(k) for k in changed}
             raise SweepError(expected(f"the same {key.replace('_', ' ')} as the existing study '{cfg.name}'",
-                                      f"{value} (the study has {old.get(key)})",
+                                      f"{value} (the study has {was})",
                                       "Resume with the original store and space, or use a new --out or "
                                       "--study-name."))
 

@@ -76,6 +76,9 @@ def test_four_trials_write_summary_best_and_resume(store, tmp_path):
     r = invoke("sweep", out, "--report")
     best = json.loads((out / "summary.json").read_text())["best"]
     assert r.exit_code == 0 and f"best: trial {best['number']}" in r.output, r.output
+    changed = space_file(tmp_path, FAST.replace("epochs: 2", "epochs: 3"), "changed.yaml")
+    r = invoke("sweep", store, "--out", out, "--trials", 6, "--space", changed, *CPU)
+    assert r.exit_code == 1 and "same space" in r.output and "'epochs'" in r.output and "'lr'" not in r.output
 
 
 def test_killed_trial_is_retried_not_lost(store, tmp_path):
@@ -169,7 +172,7 @@ def test_stacked_members_match_separate_runs(store, tmp_path):
     from sidetrain import TrainConfig, train
     from sidetrain.stacked import train_stacked
 
-    kw = dict(store=str(store), device="cpu", epochs=2, batch_size=32, reduction_factor=4, dropout=0.0)
+    kw = {"store": str(store), "device": "cpu", "epochs": 2, "batch_size": 32, "reduction_factor": 4, "dropout": 0.0}
     cfgs = [TrainConfig(out=str(tmp_path / f"sep{i}"), lr=lr, **kw) for i, lr in enumerate((1e-3, 5e-3))]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
