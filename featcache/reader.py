@@ -208,6 +208,11 @@ class SplitReader:
     def nbytes(self) -> int:
         return int(np.prod(self._hidden.shape)) * self._hidden.dtype.itemsize
 
+    def stored_rows(self, lo: np.ndarray, hi: np.ndarray, layers: list[int] | None = None) -> np.ndarray:
+        """The stored values (storage dtype, undecoded; no int8 scales) of token ranges lo[i]:hi[i], concatenated."""
+        pos = self.layer_positions(layers)
+        return self._hidden.gather(lo, hi, None if len(pos) == len(self.layers) else pos)
+
     def hidden_rows(self, lo: np.ndarray, hi: np.ndarray, layers: list[int] | None = None) -> torch.Tensor:
         """Decoded float32 hidden states of token ranges lo[i]:hi[i], concatenated: (n, n_layers, d)."""
         pos = self.layer_positions(layers)
