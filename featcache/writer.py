@@ -286,9 +286,14 @@ def open_for_write(cfg: ExtractConfig, request: dict[str, Any]) -> tuple[zarr.Gr
     exists, non_empty = _existing_contents(cfg.out)
     if exists and non_empty:
         try:
-            manifest = zarr.open_group(cfg.out, mode="r").attrs.get(S.MANIFEST_KEY)
+            found = zarr.open_group(cfg.out, mode="r")
+            manifest = found.attrs.get(S.MANIFEST_KEY)
+            # a bare group with nothing in it: ours, killed between creating the group and its manifest
+            bare = manifest is None and not dict(found.attrs) and not list(found.keys())
         except Exception:  # noqa: BLE001 - anything unreadable is "not a store"
-            manifest = None
+            manifest, bare = None, False
+        if bare:
+            return zarr.open_group(cfg.out, mode="a"), False
         if manifest is None:
             raise StoreError(expected("an empty directory or an lst store at --out", f"'{cfg.out}' holds something else",
                                       "Choose another --out; lst never deletes what it did not write."))

@@ -70,30 +70,32 @@ def assert_same_bytes(a: Path, b: Path) -> None:
         assert x[name].tobytes() == y[name].tobytes(), f"split {name} differs"
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_bert, tiny_dataset, tmp_path):
+@pytest.mark.parametrize("kill_after", [0, 4])  # 0: as soon as the store appears (layout, fidelity sample)
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_bert, tiny_dataset, tmp_path, kill_after):
     script = tmp_path / "run_extract.py"
     script.write_text(SCRIPT)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
 
     child = run_child(script, tiny_bert, tiny_dataset, killed, delay=0.1)
     deadline = time.monotonic() + 120
-    while done_shards(killed) < 4:
+    while not (killed / "zarr.json").exists() or done_shards(killed) < kill_after:
         assert child.poll() is None, child.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline, "the child wrote no shards in time"
         time.sleep(0.02)
     child.send_signal(signal.SIGKILL)
     child.wait()
     n_done = done_shards(killed)
-    manifest = zarr.open_group(str(killed), mode="r").attrs["lst"]
-    total = sum(s["shards"] for s in manifest["splits"].values())
-    assert 4 <= n_done < total and not manifest["complete"]  # really killed mid-way
-    with pytest.raises(StoreError, match="incomplete"):
-        open_store(killed)  # a killed store never reads back as if it were whole
-
     # one thread, like the child: the same arithmetic in this process (saves two interpreter starts)
     child_cfg = {"max_length": 16, "batch_size": 8, "shard_tokens": 32, "chunk_tokens": 16, "error_sample": 4}
+    full = extract(cfg(tiny_bert, tiny_dataset, reference, **child_cfg))  # uninterrupted
+    total = sum(s["shards"] for s in full["splits"].values())
+    assert kill_after <= n_done < total  # really killed mid-way
+    manifest = zarr.open_group(str(killed), mode="r").attrs.get("lst")  # None: killed before the manifest
+    assert manifest is None or not manifest["complete"]
+    with pytest.raises(StoreError, match="incomplete|manifest"):
+        open_store(killed)  # a killed store never reads back as if it were whole
+
     assert extract(cfg(tiny_bert, tiny_dataset, killed, **child_cfg))["complete"]  # resume
-    extract(cfg(tiny_bert, tiny_dataset, reference, **child_cfg))  # uninterrupted
     assert open_store(killed).manifest["complete"]
     assert_same_bytes(killed, reference)
 
@@ -157,3 +159,13 @@ def test_resume_with_other_options_is_refused(tiny_bert, tiny_dataset, tmp_path,
     with pytest.raises(StoreError, match="max_length"):
         extract(cfg(tiny_bert, tiny_dataset, tmp_path / "s", max_length=12))
     assert extract(cfg(tiny_bert, tiny_dataset, tmp_path / "s", max_length=12, overwrite=True))["max_length"] == 12
+
+
+def test_killed_before_the_manifest_is_resumed(tiny_bert, tiny_dataset, tmp_path):
+    """A bare Zarr group (created, manifest not yet written) is ours to fill; another group is not."""
+    zarr.open_group(str(tmp_path / "s"), mode="a")  # what a kill right after group creation leaves
+    assert extract(cfg(tiny_bert, tiny_dataset, tmp_path / "s", splits=["dev"]))["complete"]
+    other = zarr.open_group(str(tmp_path / "other"), mode="a")
+    other.attrs["owner"] = "someone else"
+    with pytest.raises(StoreError, match="something else"):
+        extract(cfg(tiny_bert, tiny_dataset, tmp_path / "other", splits=["dev"]))
