@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import time
 from enum import Enum
@@ -141,8 +142,13 @@ def extract(
         _print_preflight(run_extract(cfg)["preflight"])
         return
     manifest = run_extract(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports for all
     rows = ", ".join(f"{n} {s['examples']:,}" for n, s in manifest["splits"].items())
-    console.print(f"Wrote {out}: {rows} examples, layers {manifest['layers']}, {manifest['store_dtype']}.")
+    fidelity = manifest.get("fidelity") or {}
+    error = fidelity.get("storage_error", {}).get(manifest["store_dtype"])
+    measured = f" (measured storage error {error['rel_error']:.2%})" if error else ""
+    console.print(f"Wrote {out}: {rows} examples, layers {manifest['layers']}, {manifest['store_dtype']}{measured}.")
 
 
 def _print_preflight(summary: dict) -> None:
