@@ -297,7 +297,7 @@ def extract_seq2seq(cfg, backbone: Seq2SeqBackbone | None = None) -> dict[str, A
                "states": "block outputs before the final layer norm; 0 = embedding output",
                "lm_head": "backbone_weights/lm_head (vocab, d) float32"}
     manifest = S.new_manifest(
-        request=request,
+        request=request, layout_complete=False,  # the writer's rule: resume only a completely laid-out store
         backbone={"name": backbone.name, "revision": backbone.revision, "model_type": config.model_type,
                   "num_layers": n_enc, "hidden_size": d, "is_encoder_decoder": True, "config": config.to_dict()},
         tokenizer={"name": backbone.name, "vocab_size": len(tokenizer), "pad_token_id": pad},
@@ -316,6 +316,8 @@ def extract_seq2seq(cfg, backbone: Seq2SeqBackbone | None = None) -> dict[str, A
         for name, plan in plans.items():
             _create_split(group, plan, rows[name], len(layers), len(dec_layers), d, store_dtype, cfg.chunk_tokens,
                           enc_shard, dec_shard)
+    manifest["layout_complete"] = True
+    group.attrs[S.MANIFEST_KEY] = manifest
     total = summary["tokens"] + dec_tokens
     with ThreadPoolExecutor(max_workers=1) as writer, progress_bar("extract", total, unit="tok") as bar:
         pending: list[Future] = []
