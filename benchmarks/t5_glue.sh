@@ -13,14 +13,19 @@
 #
 #   GLUE_DIR=/data/glue OUT=t5-glue bash benchmarks/t5_glue.sh            # every task below
 #   GLUE_DIR=/data/glue TASKS="RTE MRPC" bash benchmarks/t5_glue.sh        # a subset
-# Overrides for a smoke test of the plumbing: MODEL (a local T5 dir), DEVICE=cpu, KEPT, EPOCHS.
+# Overrides for a smoke test of the plumbing: MODEL (a local T5 dir), DEVICE=cpu, KEPT, EPOCHS, INIT.
 #
 # Per task: one `lst extract` (encoder states over the input, decoder states teacher-forced on the
 # gold label word for train and on every label word for dev; bf16, since T5 overflows fp16), then one
-# training run from the store. Results: $OUT/runs/<task>/metrics.json; a summary in $OUT/summary.tsv.
+# training run from the store. Only the layers training reads are stored (embedding + the 9 kept
+# blocks, in both stacks): 10 layers x 768 x 2 bytes, about 15 kB per token. Estimated from typical
+# GLUE lengths: ~13 GB for SST-2, ~80 / ~165 / ~240 GB for QNLI / QQP / MNLI (check with
+# `lst extract ... --dry-run` first); those three are read from disk per batch, not loaded into RAM.
+# Side blocks start from the backbone's blocks pruned to 1/r by Fisher information, as in the paper
+# (INIT=random for a random start); the Fisher scores are cached beside each store.
+# Results: $OUT/runs/<task>/metrics.json; a summary in $OUT/summary.tsv.
 # Differences from the paper: the backbone runs without dropout (a cache is deterministic), inputs
-# carry no T5 task prefix ("sst2 sentence: ..."), STS-B (regression as text) is not supported yet,
-# and side blocks start from a random initialisation (the paper prunes the backbone's).
+# carry no T5 task prefix ("sst2 sentence: ..."), and STS-B (regression as text) is not supported yet.
 set -euo pipefail
 
 GLUE_DIR=${GLUE_DIR:?set GLUE_DIR to a folder with CoLA/ MRPC/ RTE/ SST-2/ QNLI/ QQP/ MNLI/}
@@ -30,29 +35,31 @@ TASKS=${TASKS:-"CoLA MRPC RTE SST-2 QNLI QQP MNLI"}
 LST=${LST:-.venv/bin/lst}
 PYTHON=${PYTHON:-.venv/bin/python}
 DEVICE=${DEVICE:-cuda}
+INIT=${INIT:-pruned}
 KEPT=${KEPT:-2,3,4,6,7,8,10,11,12}   # 9 of 12 blocks: all but blocks 0, 4, 8
 mkdir -p "$OUT/stores" "$OUT/runs"
 
 for task in $TASKS; do
-  extra=() eval_split=dev epochs=20
+  extra=() eval_split=dev epochs=20 preload=1
   case $task in
     CoLA)  extra=(--no-header --text-column 3 --label-column 1) ;;  # CoLA's TSVs have no header
-    QQP)   extra=(--label-column is_duplicate); epochs=10 ;;
-    MNLI)  extra=(--label-column gold_label); eval_split=dev_matched; epochs=10 ;;
-    QNLI)  extra=(--text-column question); epochs=10 ;;  # pair: question + sentence
+    QQP)   extra=(--label-column is_duplicate); epochs=10 preload=0 ;;
+    MNLI)  extra=(--label-column gold_label); eval_split=dev_matched; epochs=10 preload=0 ;;
+    QNLI)  extra=(--text-column question); epochs=10 preload=0 ;;  # pair: question + sentence
     SST-2) epochs=10 ;;
   esac
   store="$OUT/stores/$task.zarr"
   "$LST" extract "$MODEL" "$GLUE_DIR/$task" --out "$store" --split train --split "$eval_split" \
-    --max-length 128 --store-dtype bf16 --precision fp32 --batch-size 128 --quoting none --device "$DEVICE" \
-    ${EXTRACT_ARGS:-} "${extra[@]}"
-  "$PYTHON" - "$store" "$OUT/runs/$task" "${EPOCHS:-$epochs}" "$eval_split" "$KEPT" "$DEVICE" <<'EOF'
+    --layers "0,$KEPT" --max-length 128 --store-dtype bf16 --precision fp32 --batch-size 128 --quoting none \
+    --device "$DEVICE" ${EXTRACT_ARGS:-} "${extra[@]}"
+  "$PYTHON" - "$store" "$OUT/runs/$task" "${EPOCHS:-$epochs}" "$eval_split" "$KEPT" "$DEVICE" "$preload" "$INIT" <<'EOF'
 import sys
 from sidetrain import TrainConfig, train
-store, out, epochs, eval_split, kept, device = sys.argv[1:]
+store, out, epochs, eval_split, kept, device, preload, init = sys.argv[1:]
 summary = train(TrainConfig(store=store, out=out, epochs=int(epochs), eval_split=eval_split, lr=3e-3,
                             batch_size=100, warmup_steps=500, reduction_factor=8,
-                            layers=[int(x) for x in kept.split(",")], device=device))
+                            layers=[int(x) for x in kept.split(",")], device=device, preload=preload == "1",
+                            extra={"init": init}))
 scores = summary["splits"][eval_split]
 print(f"{out}\t{scores}\tpeak {summary['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
 EOF
