@@ -85,12 +85,27 @@ class DecoderSplit:
         targets[mask] = torch.from_numpy(self.target_ids[index])
         return targets, mask, index
 
-    def hidden(self, index: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
-        flat = self._memory[index] if self._memory is not None else self._hidden.get_orthogonal_selection(index)
+    def hidden(self, rows: np.ndarray, index: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
+        """Decoder states of `rows` (N, U, n_layers, d), zero on padding; from RAM or one read per run of rows."""
+        if self._memory is not None:
+            flat = self._memory[index]
+        else:
+            flat = np.concatenate([self._hidden[a:b] for a, b in _runs(self.offsets[rows], self.offsets[rows + 1])])
         flat_t = S.decode(flat, self.store_dtype)
         out = torch.zeros((*mask.shape, *flat_t.shape[1:]), dtype=torch.float32)
         out[mask] = flat_t
         return out
+
+
+def _runs(starts: np.ndarray, ends: np.ndarray) -> list[tuple[int, int]]:
+    """Token ranges of consecutive rows merged (an example's candidates are adjacent in the store)."""
+    runs = [[int(starts[0]), int(ends[0])]]
+    for a, b in zip(starts[1:], ends[1:]):
+        if a == runs[-1][1]:
+            runs[-1][1] = int(b)
+        else:
+            runs.append([int(a), int(b)])
+    return [(a, b) for a, b in runs]
 
 
 def open_decoder(store: StoreReader, name: str) -> DecoderSplit:
@@ -108,7 +123,7 @@ class CachedSeq2Seq:
         rows = self.dec.rows(idx)
         targets, dmask, index = self.dec.token_part(rows)
         row_example = torch.arange(len(idx)).repeat_interleave(self.dec.per_example)
-        return Seq2SeqBatch(enc.hidden, enc.mask, self.dec.hidden(index, dmask), dmask, targets, row_example,
+        return Seq2SeqBatch(enc.hidden, enc.mask, self.dec.hidden(rows, index, dmask), dmask, targets, row_example,
                             enc.labels)
 
 

@@ -255,3 +255,15 @@ def test_interrupted_extraction_resumes(tiny_t5, t5_data, t5_store, tmp_path, mo
     for name in ("train/hidden", "dev/hidden", "train/dec/hidden", "dev/dec/hidden"):
         # the session store may have run with another torch thread count: equal up to float32 rounding
         np.testing.assert_allclose(resumed[name][:], fresh[name][:], rtol=1e-5, atol=1e-5)
+
+
+def test_batches_read_from_disk_equal_preloaded(t5_store):
+    from sidetrain.seq2seq_train import CachedSeq2Seq, open_decoder
+
+    store = open_store(t5_store)
+    idx = np.array([7, 2, 3, 11])
+    on_disk = CachedSeq2Seq(open_store(t5_store).split("dev"), open_decoder(store, "dev"), preload=False)(idx)
+    in_ram = CachedSeq2Seq(store.split("dev"), open_decoder(store, "dev"), preload=True)(idx)
+    for name in ("enc_hidden", "enc_mask", "dec_hidden", "dec_mask", "targets", "row_example", "labels"):
+        assert torch.equal(getattr(on_disk, name), getattr(in_ram, name)), name
+    assert on_disk.dec_hidden.shape[0] == 12 and on_disk.row_example.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
