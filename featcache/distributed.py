@@ -74,9 +74,14 @@ class Context:
             self._owns_init = False
 
 
+def world_size() -> int:
+    """How many processes torchrun started for this job (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def context() -> Context:
     """The distributed context of this process (a world of one outside torchrun)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         return Context()
     import torch.distributed as dist

@@ -169,6 +169,10 @@ def extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict[str, A
     if getattr(loaded[1], "is_encoder_decoder", False):  # T5: encoder + teacher-forced decoder states
         from .seq2seq import extract_seq2seq
 
+        if distributed.world_size() > 1:  # every rank would write every shard: zarr loses data that way
+            raise StoreError(expected("one process for an encoder-decoder backbone",
+                                      f"WORLD_SIZE={distributed.world_size()}", "Run lst extract without torchrun."))
+
         return extract_seq2seq(cfg, backbone)
     ctx = distributed.context()
     try:

@@ -143,3 +143,14 @@ def test_manifest_is_json(tiny_bert, tiny_dataset, tmp_path):
     extract(settings(tiny_bert, tiny_dataset, tmp_path / "s"))
     manifest = json.loads((tmp_path / "s" / "zarr.json").read_text())["attributes"]["lst"]
     assert manifest["complete"] and manifest["layout_complete"] and manifest["shard_tokens"] == 64
+
+
+def test_url_that_holds_something_else(tiny_bert, tiny_dataset):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/lst-errors/notes/readme.txt", b"precious")
+    r = invoke("extract", tiny_bert, tiny_dataset, "--out", "memory://lst-errors/notes", "--overwrite",
+               "--device", "cpu")
+    assert_user_error(r, "something else")
+    assert fs.cat("/lst-errors/notes/readme.txt") == b"precious"
