@@ -310,7 +310,13 @@ def extract_seq2seq(cfg, backbone: Seq2SeqBackbone | None = None) -> dict[str, A
                     "decoder_shards": math.ceil(rows[n].n_tokens / dec_shard)} for n, p in plans.items()},
         extract_config={**{k: v for k, v in asdict(cfg).items() if k != "overwrite"}, "store_dtype": store_dtype},
     )
-    if not resuming:
+    if resuming:  # measured once, when the store was laid out
+        if "fidelity" in group.attrs[S.MANIFEST_KEY]:
+            manifest["fidelity"] = group.attrs[S.MANIFEST_KEY]["fidelity"]
+    else:
+        fidelity = _fidelity(cfg, plans, rows, backbone, layers, dec_layers, store_dtype, start, pad)
+        if fidelity is not None:
+            manifest["fidelity"] = fidelity
         group.attrs[S.MANIFEST_KEY] = manifest
         _write_weights(group, backbone)
         for name, plan in plans.items():
@@ -349,6 +355,28 @@ def extract_seq2seq(cfg, backbone: Seq2SeqBackbone | None = None) -> dict[str, A
     manifest["complete"] = True
     group.attrs[S.MANIFEST_KEY] = manifest
     return manifest
+
+
+def _fidelity(cfg, plans: dict, rows: dict[str, Seq2SeqPlan], backbone: Seq2SeqBackbone, layers: list[int],
+              dec_layers: list[int], store_dtype: str, start: int, pad: int) -> dict[str, Any] | None:
+    """The writer's `fidelity` entry for the encoder states, plus the storage error of the decoder states."""
+    from .fidelity import measure, sample_indices, storage_error
+
+    name, plan = next(iter(plans.items()))
+    picks = sample_indices(len(plan.input_ids), getattr(cfg, "error_sample", 32))
+    if not picks:
+        return None
+    ids = [plan.input_ids[i] for i in picks]
+    result = measure(backbone, ids, [plan.token_type_ids[i] for i in picks], layers, store_dtype, cfg.batch_size,
+                     load_fp32=lambda: load_seq2seq_backbone(backbone.name, "fp32", str(backbone.device)))
+    targets = [rows[name].targets[i * rows[name].per_example] for i in picks]  # each example's first row
+    enc_ids, enc_mask = pad_batch(ids, pad)
+    _, enc_out = backbone.encode(enc_ids, enc_mask, layers[:1])
+    dec_ids, dec_mask = shift_right(targets, start, pad)
+    states, _ = backbone.decode(dec_ids, dec_mask, enc_out, enc_mask, dec_layers)
+    result["decoder_storage_error"] = storage_error(states[dec_mask.bool().to(states.device)].cpu())
+    result["split"] = name
+    return result
 
 
 def _write_weights(group: zarr.Group, backbone: Seq2SeqBackbone) -> None:

@@ -75,6 +75,9 @@ def test_manifest_and_layout(t5_store):
     np.testing.assert_array_equal(train_cands, store.split("train").labels)  # gold only on train
     np.testing.assert_array_equal(group["dev/dec/candidates"][:], np.tile([0, 1, 2], 12))  # every candidate on dev
     assert group["train/shard_done"][:].all() and group["dev/dec/shard_done"][:].all()
+    fidelity = m["fidelity"]  # measured storage error of encoder and decoder states, as for encoder-only stores
+    assert fidelity["storage_error"]["fp32"]["rel_error"] == 0 and fidelity["storage_error"]["bf16"]["rel_error"] < 1e-2
+    assert 0 < fidelity["decoder_storage_error"]["bf16"]["rel_error"] < 1e-2
 
 
 def test_store_equals_fresh_forward(t5_store, tiny_t5):
