@@ -59,15 +59,18 @@ def done_shards(store: Path) -> int:
 
 
 def hidden_arrays(store: Path) -> dict[str, np.ndarray]:
+    """hidden (and int8 scales) of every split."""
     group = zarr.open_group(str(store), mode="r")
-    return {name: group[name]["hidden"][:] for name in ("train", "dev", "test")}
+    return {f"{name}/{key}": group[name][key][:] for name in ("train", "dev", "test")
+            for key in ("hidden", "scales") if key in group[name]}
 
 
 def assert_same_bytes(a: Path, b: Path) -> None:
     x, y = hidden_arrays(a), hidden_arrays(b)
+    assert set(x) == set(y)
     for name in x:
         assert x[name].dtype == y[name].dtype and x[name].shape == y[name].shape
-        assert x[name].tobytes() == y[name].tobytes(), f"split {name} differs"
+        assert x[name].tobytes() == y[name].tobytes(), f"{name} differs"
 
 
 @pytest.mark.parametrize("kill_after", [0, 4])  # 0: as soon as the store appears (layout, fidelity sample)
@@ -110,7 +113,9 @@ class Crash(Exception):
     pass
 
 
-def test_crash_between_data_and_done_flag_redoes_the_shard(tiny_bert, tiny_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("store_dtype", ["fp32", "int8"])
+def test_crash_between_data_and_done_flag_redoes_the_shard(tiny_bert, tiny_dataset, tmp_path, monkeypatch,
+                                                           store_dtype):
     """A shard whose values landed but whose done flag did not is recomputed, never trusted."""
     real, calls = W._write_shard, []
 
@@ -123,10 +128,10 @@ def test_crash_between_data_and_done_flag_redoes_the_shard(tiny_bert, tiny_datas
 
     monkeypatch.setattr(W, "_write_shard", crash_on_third)
     with pytest.raises(Crash):
-        extract(cfg(tiny_bert, tiny_dataset, tmp_path / "s"))
+        extract(cfg(tiny_bert, tiny_dataset, tmp_path / "s", store_dtype=store_dtype))
     monkeypatch.setattr(W, "_write_shard", real)
-    extract(cfg(tiny_bert, tiny_dataset, tmp_path / "s"))
-    extract(cfg(tiny_bert, tiny_dataset, tmp_path / "ref"))
+    extract(cfg(tiny_bert, tiny_dataset, tmp_path / "s", store_dtype=store_dtype))
+    extract(cfg(tiny_bert, tiny_dataset, tmp_path / "ref", store_dtype=store_dtype))
     assert_same_bytes(tmp_path / "s", tmp_path / "ref")
 
 
