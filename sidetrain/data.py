@@ -6,13 +6,21 @@ one seed are the same computation (the core equivalence test of the project).
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from featcache.backbone import Backbone
+from featcache.errors import StoreError
 from featcache.reader import Batch, SplitReader
+
+log = logging.getLogger(__name__)
+PRELOAD_RAM_FRACTION = 0.5  # auto preload: a split may take at most this share of the available RAM
 
 
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
@@ -33,15 +41,51 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epo
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-class CachedBatches:
-    """Backbone states read from the store (kept in memory when `preload`)."""
+def available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
-    def __init__(self, split: SplitReader, layers: list[int] | None, preload: bool = True) -> None:
-        self.split = split.load() if preload else split
+
+def should_preload(split: SplitReader, asked: bool | None) -> bool:
+    """--preload/--no-preload as given; by default preload when the split fits in RAM with room to spare."""
+    if asked is not None:
+        return asked
+    fits = split.nbytes() <= PRELOAD_RAM_FRACTION * available_ram()
+    if not fits:
+        log.info("split '%s' (%.1f GiB) does not fit in RAM: streaming it from the store", split.name,
+                 split.nbytes() / 2**30)
+    return fits
+
+
+def check_finite(batch: Batch, split: SplitReader, indices: np.ndarray) -> None:
+    """Refuse NaN/inf activations, naming the split and the first bad example."""
+    bad = ~torch.isfinite(batch.hidden).flatten(1).all(1)
+    if bad.any():
+        i = int(np.asarray(indices)[int(bad.nonzero()[0, 0])])
+        raise StoreError(f"Expected finite activations in the store. Got NaN/inf in split '{split.name}', "
+                         f"example {i}. Re-extract the store (check --precision: fp16 can overflow).")
+
+
+class CachedBatches:
+    """Backbone states read from the store (kept in memory when `preload`, default: when it fits)."""
+
+    def __init__(self, split: SplitReader, layers: list[int] | None, preload: bool | None = None,
+                 check_nan: bool = True) -> None:
+        self.split = split.load() if should_preload(split, preload) else split
         self.layers = layers
+        self.check_nan = check_nan
 
     def __call__(self, indices: np.ndarray) -> Batch:
-        return self.split.batch(indices, self.layers)
+        b = self.split.batch(indices, self.layers)
+        if self.check_nan:
+            check_finite(b, self.split, indices)
+        return b
 
 
 class OnlineBatches:
@@ -60,8 +104,79 @@ class OnlineBatches:
         return Batch(hidden, ids_only.mask, ids_only.input_ids, ids_only.token_type_ids, ids_only.labels)
 
 
+def _to_device(b: Batch, device: torch.device) -> Batch:
+    return Batch(b.hidden.to(device, non_blocking=True), b.mask.to(device), b.input_ids, b.token_type_ids,
+                 None if b.labels is None else b.labels.to(device))
+
+
 def iterate(source, batches: list[np.ndarray], device: torch.device) -> Iterator[Batch]:
     for idx in batches:
-        b = source(idx)
-        yield Batch(b.hidden.to(device, non_blocking=True), b.mask.to(device), b.input_ids, b.token_type_ids,
-                    None if b.labels is None else b.labels.to(device))
+        yield _to_device(source(idx), device)
+
+
+class Prefetcher:
+    """Reads batches in a background thread, `depth` ahead; counts the seconds the consumer waits.
+
+    Reading is numpy/zarr/torch work that releases the GIL, so it overlaps the side step. Only reads
+    happen in the thread: no random numbers are drawn there, so a run stays reproducible.
+    """
+
+    _DONE = object()
+
+    def __init__(self, source, batches: list[np.ndarray], device: torch.device, depth: int = 3) -> None:
+        self.wait_seconds = 0.0
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source, batches, device), daemon=True)
+        self._thread.start()
+
+    def _run(self, source, batches, device) -> None:
+        try:
+            for idx in batches:
+                if self._stop.is_set():
+                    return
+                self._q.put(_to_device(source(idx), device))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+            self._q.put(err)
+            return
+        self._q.put(self._DONE)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            t0 = time.perf_counter()
+            item = self._q.get()
+            self.wait_seconds += time.perf_counter() - t0
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop the thread early (a run that stops mid-epoch)."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                self._thread.join(0.01)
+
+
+def batch_stream(source, batches: list[np.ndarray], device: torch.device, prefetch: bool):
+    """An iterable of batches with a `wait_seconds` counter (prefetched in a thread, or read inline)."""
+    return Prefetcher(source, batches, device) if prefetch else _Inline(source, batches, device)
+
+
+class _Inline:
+    def __init__(self, source, batches, device) -> None:
+        self.source, self.batches, self.device, self.wait_seconds = source, batches, device, 0.0
+
+    def __iter__(self) -> Iterator[Batch]:
+        for idx in self.batches:
+            t0 = time.perf_counter()
+            b = _to_device(self.source(idx), self.device)
+            self.wait_seconds += time.perf_counter() - t0
+            yield b
+
+    def close(self) -> None:
+        pass

@@ -28,15 +28,20 @@ def side_config(backbone_config, reduction_factor: int, num_blocks: int, attenti
     """The backbone config with width, feed-forward width (and head size) divided by r."""
     d = int(backbone_config.hidden_size)
     heads = int(num_heads or backbone_config.num_attention_heads)
+    flag = "--side-heads" if num_heads else "the backbone's head count"
+
+    def good() -> list[int]:
+        return [r for r in range(2, 65) if d % r == 0 and (d // r) % heads == 0]
+
     if d % reduction_factor:
-        good = [r for r in range(2, 65) if d % r == 0 and (d // r) % heads == 0]
         raise TrainConfigError(expected(f"--reduction-factor dividing the width {d}", reduction_factor,
-                                        f"Try one of {good}."))
+                                        f"Try --reduction-factor in {good()}."))
     width = d // reduction_factor
     if width % heads:
-        good = [r for r in range(2, 65) if d % r == 0 and (d // r) % heads == 0]
-        raise TrainConfigError(expected(f"a side width {width} (= {d}/r) divisible by the {heads} heads",
-                                        reduction_factor, f"Try --reduction-factor in {good}."))
+        divisors = [h for h in range(1, width + 1) if width % h == 0]
+        raise TrainConfigError(expected(f"a side width {width} (= {d}/r) divisible by {heads} heads ({flag})",
+                                        reduction_factor, f"Try --reduction-factor in {good()}, "
+                                        f"or --side-heads in {divisors}."))
     cfg = copy.deepcopy(backbone_config)
     cfg.hidden_size = width
     cfg.num_attention_heads = heads
@@ -70,10 +75,15 @@ class LadderSideNetwork(nn.Module):
         if 0 not in stored_layers:
             raise TrainConfigError(expected("layer 0 (the embedding output) in the store for the embedding ladder",
                                             f"stored layers {stored_layers}"))
-        bad = [k for k in kept_layers if k not in stored_layers or k == 0]
+        blocks = [x for x in stored_layers if x]
+        bad = [k for k in kept_layers if k not in blocks]
         if bad or not kept_layers:
-            raise TrainConfigError(expected(f"--layers among the stored block layers {[x for x in stored_layers if x]}",
-                                            kept_layers or "none"))
+            raise TrainConfigError(expected(f"--layers among the stored block layers {blocks}",
+                                            f"{kept_layers or 'none'} ({bad or 'none'} out of range)",
+                                            "Pick stored layers (0, the embedding output, always feeds the "
+                                            "embedding ladder), or re-extract with more --layers."))
+        if sorted(set(kept_layers)) != list(kept_layers):
+            raise TrainConfigError(expected("--layers in increasing order without repeats", kept_layers))
         self.config = side_config(backbone_config, reduction_factor, len(kept_layers), attention_dropout,
                                   dropout, num_heads)
         d, ds = int(backbone_config.hidden_size), self.config.hidden_size

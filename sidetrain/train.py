@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,12 +23,15 @@ from featcache.reader import SplitReader, StoreReader, open_store
 from featcache.store import check_match
 
 from . import metrics as M
-from .data import CachedBatches, OnlineBatches, iterate, length_bucketed_batches
+from .data import CachedBatches, OnlineBatches, batch_stream, iterate, length_bucketed_batches
 from .memory import PeakMemory
 from .model import LadderSideNetwork
 
 log = logging.getLogger(__name__)
 EVAL_SPLIT_NAMES = ("dev", "validation", "valid", "val")
+CHECKPOINT = "checkpoint.pt"
+# Options that change where/how a run executes but not its result: a resumed run may differ in them.
+RESUME_FREE = {"out", "device", "preload", "prefetch", "resume", "compile", "extra"}
 
 
 @dataclass
@@ -36,24 +40,30 @@ class TrainConfig:
 
     store: str
     out: str
-    reduction_factor: int = 8
+    reduction_factor: int = 8  # side width = backbone width / r
     layers: list[int] | None = None  # kept ladders (hidden_states indices >= 1); None = every stored block
-    epochs: int = 10
-    lr: float = 3e-3
-    batch_size: int = 32
-    weight_decay: float = 0.01
+    epochs: int = 10  # passes over the training split
+    lr: float = 3e-3  # AdamW peak learning rate (paper: 3e-3 for LST)
+    batch_size: int = 32  # examples per step
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
     warmup_steps: int = -1  # -1: the paper's 500, scaled down to 10% of the steps on small data
-    grad_clip: float = 1.0
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    pooling: str = "mean"
-    seed: int = 0
-    device: str = "auto"
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    dropout: float = 0.1  # side network hidden and head dropout
+    attention_dropout: float = 0.0  # off by default: its random (B, heads, T, T) masks dominate a CPU step
+    pooling: str = "mean"  # mean | cls: how the side output is pooled for the head
+    side_heads: int | None = None  # attention heads of the side blocks; None = the backbone's (paper)
+    head: str = "lst"  # lst (the side network) | probe (logistic regression on the last stored layer)
+    amp: str = "auto"  # auto (bf16 autocast on CUDA, off on CPU) | bf16 | off
+    compile: bool = False  # torch.compile the side network (pays compile time once per run)
+    seed: int = 0  # seeds the initialisation, dropout and batch order: same seed, same losses
+    device: str = "auto"  # auto, cpu or cuda
     train_split: str = "train"
     eval_split: str | None = None  # None: the first of dev/validation/valid/val in the store
-    metric: str | None = None
-    online: bool = False
-    preload: bool = True
+    metric: str | None = None  # selection metric; None: accuracy (classification) / pearson (regression)
+    online: bool = False  # recompute the activations with the live backbone (classic LST, the baseline)
+    preload: bool | None = None  # keep splits in RAM; None: when a split fits in half the available RAM
+    prefetch: bool = True  # read the next batches in a background thread
+    resume: bool = True  # continue from RUN/checkpoint.pt when --out holds one for the same options
     max_steps: int = 0  # 0: no limit (tests use it to pin short runs)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -68,6 +78,14 @@ class TrainConfig:
             raise TrainConfigError(expected("--pooling mean or cls", self.pooling))
         if self.metric is not None and self.metric not in M.METRICS:
             raise TrainConfigError(expected(f"--metric one of {sorted(M.METRICS)}", self.metric))
+        if self.side_heads is not None and self.side_heads < 1:
+            raise TrainConfigError(expected("--side-heads of at least 1", self.side_heads))
+        if self.head not in ("lst", "probe"):
+            raise TrainConfigError(expected("--head lst or probe", self.head))
+        if self.amp not in ("auto", "bf16", "off"):
+            raise TrainConfigError(expected("--amp auto, bf16 or off", self.amp))
+        if not 0 <= self.dropout < 1 or not 0 <= self.attention_dropout < 1:
+            raise TrainConfigError(expected("--dropout in [0, 1)", (self.dropout, self.attention_dropout)))
 
 
 def backbone_config(manifest: dict[str, Any]):
@@ -88,26 +106,42 @@ def build_model(cfg: TrainConfig, manifest: dict[str, Any]) -> LadderSideNetwork
     stored = manifest["layers"]
     kept = cfg.layers if cfg.layers is not None else [x for x in stored if x > 0]
     return LadderSideNetwork(backbone_config(manifest), manifest["task"]["num_labels"], stored, kept,
-                             cfg.reduction_factor, cfg.dropout, cfg.attention_dropout, cfg.pooling)
+                             cfg.reduction_factor, cfg.dropout, cfg.attention_dropout, cfg.pooling, cfg.side_heads)
 
 
 def _loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
     if task == "regression":
         return F.mse_loss(logits.squeeze(-1), labels.float())
     return F.cross_entropy(logits, labels)
 
 
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast when asked (or on CUDA with --amp auto); a no-op context otherwise."""
+    on = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def predict_split(model: LadderSideNetwork, source, split: SplitReader, batch_size: int, task: str,
-                  device: torch.device) -> np.ndarray:
+                  device: torch.device, amp=None) -> np.ndarray:
     """Predictions for every example of a split, in the split's order."""
     model.eval()
     batches = length_bucketed_batches(split.lengths, batch_size * 2, seed=0, epoch=0, shuffle=False)
     out = np.zeros(len(split), dtype=np.float32 if task == "regression" else np.int64)
     for idx, b in zip(batches, iterate(source, batches, device)):
-        logits = model(b.hidden, b.mask)
+        with amp or contextlib.nullcontext():
+            logits = model(b.hidden, b.mask).float()
         out[idx] = (logits.squeeze(-1) if task == "regression" else logits.argmax(-1)).cpu().numpy()
     return out
+
+
+def check_labels(store: StoreReader, split_name: str) -> SplitReader:
+    split = store.split(split_name)
+    if split.labels is None:
+        raise StoreError(expected(f"labels in split '{split_name}' to train on", "a split without labels",
+                                  "Re-extract with --label-column, or pick a labelled --train-split."))
+    return split
 
 
 def train(cfg: TrainConfig, store: StoreReader | None = None,
@@ -126,90 +160,145 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
         from .seq2seq_train import train_seq2seq
 
         return train_seq2seq(cfg, store, on_epoch)
+    if cfg.head == "probe":
+        from .probe import train_probe
+
+        return train_probe(cfg, store)
     task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
     metric = cfg.metric or M.default_metric(task)
-    train_split = store.split(cfg.train_split)
-    if train_split.labels is None:
-        raise StoreError(f"Split '{cfg.train_split}' of the store has no labels; training needs labels.")
+    if (metric in M.REGRESSION) != (task == "regression"):
+        raise TrainConfigError(expected(f"a --metric for a {task} task", metric,
+                                        f"Use one of {sorted(M.REGRESSION if task == 'regression' else M.CLASSIFICATION)}."))
+    train_split = check_labels(store, cfg.train_split)
     eval_name = pick_eval_split(store, cfg.eval_split, cfg.train_split)
     model = build_model(cfg, manifest).to(device)
-    sources = _sources(cfg, store, manifest, device, model)
+    sources = _sources(cfg, store, manifest, device)
+    amp = autocast(cfg, device)
+    forward = torch.compile(model, dynamic=True) if cfg.compile else model
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(_resolved(cfg, manifest, metric, eval_name), indent=2, sort_keys=True))
+    resolved = _resolved(cfg, manifest, metric, eval_name)
     steps_per_epoch = -(-len(train_split) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else min(500, total // 10)
-    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # foreach: one kernel per op over all ~100 small tensors instead of ~100 tiny ones (CPU step time)
+    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
 
-    step, best, best_state, history, losses = 0, -np.inf, None, [], []
-    train_seconds = 0.0
+    state = {"epoch": 0, "step": 0, "best": -np.inf, "best_state": None, "history": [], "losses": [],
+             "train_seconds": 0.0, "wait_seconds": 0.0}
+    if cfg.resume and (out / CHECKPOINT).exists():
+        state = _load_checkpoint(out / CHECKPOINT, resolved, model, optim, sched)
+    (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+    params = list(model.parameters())
     with PeakMemory(device) as mem, progress_bar("train", total, unit="step") as bar:
-        for epoch in range(cfg.epochs):
+        bar.advance(state["step"])
+        for epoch in range(state["epoch"], cfg.epochs):
+            if state["step"] >= total:
+                break
             model.train()
             t0 = time.perf_counter()
             batches = length_bucketed_batches(train_split.lengths, cfg.batch_size, cfg.seed, epoch)
-            for b in iterate(sources[cfg.train_split], batches, device):
-                loss = _loss(task, model(b.hidden, b.mask), b.labels)
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optim.step()
-                sched.step()
-                losses.append(loss.item())
-                step += 1
-                bar.advance()
-                if step >= total:
-                    break
-            train_seconds += time.perf_counter() - t0
-            record = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses[-len(batches):]))}
+            stream = batch_stream(sources[cfg.train_split], batches, device, cfg.prefetch and not cfg.online)
+            try:
+                for b in stream:
+                    with amp:
+                        loss = _loss(task, forward(b.hidden, b.mask), b.labels)
+                    optim.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+                    optim.step()
+                    sched.step()
+                    state["losses"].append(loss.item())
+                    state["step"] += 1
+                    bar.advance()
+                    if state["step"] >= total:
+                        break
+            finally:
+                stream.close()
+            seconds = time.perf_counter() - t0
+            state["train_seconds"] += seconds
+            state["wait_seconds"] += stream.wait_seconds
+            record = {"epoch": epoch + 1, "step": state["step"], "seconds": seconds,
+                      "data_wait_fraction": stream.wait_seconds / max(seconds, 1e-9),
+                      "train_loss": float(np.mean(state["losses"][-len(batches):]))}
             if eval_name:
-                scores = _evaluate(model, sources[eval_name], store.split(eval_name), cfg, task, num_labels, device)
+                scores = M.compute(task, predict_split(model, sources[eval_name], store.split(eval_name),
+                                                       cfg.batch_size, task, device, amp), store.split(eval_name).labels,
+                                   num_labels)
                 record.update({f"eval_{k}": v for k, v in scores.items()})
-                if scores[metric] > best:
-                    best, best_state = scores[metric], {k: v.detach().clone() for k, v in model.state_dict().items()}
-            history.append(record)
+                if scores[metric] > state["best"]:
+                    state["best"] = scores[metric]
+                    state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            state["history"].append(record)
+            state["epoch"] = epoch + 1
+            _save_checkpoint(out / CHECKPOINT, state, resolved, model, optim, sched)
             if on_epoch is not None:
                 on_epoch(epoch + 1, record)
-            log.info("epoch %d: %s", epoch + 1, record)
-            if step >= total:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+            log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v
+                                                 for k, v in record.items()})
+    if state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])
     results, predictions = {}, {}
     for name in store.split_names:
         split = store.split(name)
         if name == cfg.train_split or split.labels is None or name not in sources:
             continue
-        pred = predict_split(model, sources[name], split, cfg.batch_size, task, device)
+        pred = predict_split(model, sources[name], split, cfg.batch_size, task, device, amp)
         predictions[name] = pred.tolist()
         results[name] = M.compute(task, pred, split.labels, num_labels)
+    step, history, best = state["step"], state["history"], state["best"]
     examples = len(train_split) * len(history) if not cfg.max_steps else step * cfg.batch_size
+    seconds = state["train_seconds"]
     summary = {"metric": metric, "eval_split": eval_name, "best_eval": None if best == -np.inf else best,
-               "splits": results, "history": history, "steps": step, "train_seconds": train_seconds,
-               "examples_per_second": examples / max(train_seconds, 1e-9), "peak_memory_bytes": mem.peak_bytes,
-               "peak_memory_kind": mem.kind, "mode": "online" if cfg.online else "cached",
+               "splits": results, "history": history, "steps": step, "train_seconds": seconds,
+               "seconds_per_epoch": seconds / max(1, len(history)),
+               "examples_per_second": examples / max(seconds, 1e-9),
+               "data_wait_fraction": state["wait_seconds"] / max(seconds, 1e-9),
+               "peak_memory_bytes": mem.peak_bytes, "peak_memory_kind": mem.kind,
+               "mode": "online" if cfg.online else "cached", "head": "lst",
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     (out / "predictions.json").write_text(json.dumps(predictions))
     (out / "train_log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
-                                                 for i, v in enumerate(losses)))
+                                                 for i, v in enumerate(state["losses"])))
     return summary
 
 
-def _evaluate(model, source, split: SplitReader, cfg: TrainConfig, task: str, num_labels: int,
-              device: torch.device) -> dict[str, float]:
-    pred = predict_split(model, source, split, cfg.batch_size, task, device)
-    return M.compute(task, pred, split.labels, num_labels)
+def _identity(resolved: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resolved.items() if k not in RESUME_FREE}
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any], resolved: dict[str, Any], model, optim, sched) -> None:
+    """Everything needed to continue after the last finished epoch; written whole, then renamed (atomic)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state": state, "config": json.loads(json.dumps(_identity(resolved))), "model": model.state_dict(),
+                "optim": optim.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state()}, tmp)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, resolved: dict[str, Any], model, optim, sched) -> dict[str, Any]:
+    ckpt = torch.load(path, weights_only=False)
+    mine = json.loads(json.dumps(_identity(resolved)))
+    if ckpt["config"] != mine:
+        diff = sorted(k for k in set(mine) | set(ckpt["config"]) if mine.get(k) != ckpt["config"].get(k))
+        raise TrainConfigError(expected(f"the options of the run being resumed in '{path.parent}'",
+                                        f"different {', '.join(diff)}",
+                                        "Use a new --out, or --no-resume to start over in this one."))
+    model.load_state_dict(ckpt["model"])
+    optim.load_state_dict(ckpt["optim"])
+    sched.load_state_dict(ckpt["sched"])
+    torch.set_rng_state(ckpt["rng"])
+    log.info("resuming %s after epoch %d (step %d)", path.parent, ckpt["state"]["epoch"], ckpt["state"]["step"])
+    return ckpt["state"]
 
 
 def _sources(cfg: TrainConfig, store: StoreReader, manifest: dict[str, Any], device: torch.device,
-             model: LadderSideNetwork) -> dict[str, Any]:
+             model: LadderSideNetwork | None = None) -> dict[str, Any]:
     """One batch source per labelled split: the store, or the live backbone for --online."""
     names = [n for n in store.split_names if store.split(n).labels is not None]
     if not cfg.online:

@@ -1,0 +1,121 @@
+"""The floor every side network must beat: a linear probe on the mean-pooled last stored layer.
+
+Multinomial logistic regression (or least squares for regression tasks) on the same store, splits and
+metrics as `lst train`; full-batch L-BFGS, with the L2 strength picked on the eval split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from featcache.reader import SplitReader, StoreReader
+
+from . import metrics as M
+from .data import CachedBatches, length_bucketed_batches
+from .memory import PeakMemory
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+log = logging.getLogger(__name__)
+L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2)  # per-example L2 penalty on the weights
+
+
+def pooled_features(split: SplitReader, layer: int, preload: bool | None, batch_size: int = 256) -> torch.Tensor:
+    """(n_examples, d): the mean over real tokens of stored layer `layer`, in the split's order."""
+    source = CachedBatches(split, [layer], preload)
+    out = torch.zeros(len(split), int(split.manifest["hidden_size"]))
+    for idx in length_bucketed_batches(split.lengths, batch_size, 0, 0, shuffle=False):
+        b = source(idx)
+        m = b.mask.unsqueeze(-1).float()
+        out[torch.as_tensor(idx)] = (b.hidden[:, :, 0] * m).sum(1) / m.sum(1).clamp(min=1)
+    return out
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, n_out: int, l2: float, task: str, steps: int = 200) -> torch.nn.Linear:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(x.shape[1], n_out)
+    torch.nn.init.zeros_(lin.weight)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        out = lin(x)
+        loss = F.mse_loss(out.squeeze(-1), y) if task == "regression" else F.cross_entropy(out, y)
+        loss = loss + l2 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return lin
+
+
+def _predict(lin: torch.nn.Linear, x: torch.Tensor, task: str) -> np.ndarray:
+    with torch.no_grad():
+        out = lin(x)
+    return (out.squeeze(-1) if task == "regression" else out.argmax(-1)).numpy()
+
+
+def train_probe(cfg: TrainConfig, store: StoreReader) -> dict[str, Any]:
+    from .train import _resolved, check_labels, pick_eval_split
+
+    manifest = store.manifest
+    task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
+    metric = cfg.metric or M.default_metric(task)
+    layer = manifest["layers"][-1]
+    train_split = check_labels(store, cfg.train_split)
+    eval_name = pick_eval_split(store, cfg.eval_split, cfg.train_split)
+    names = [n for n in store.split_names if store.split(n).labels is not None]
+    t0 = time.perf_counter()
+    with PeakMemory(torch.device("cpu")) as mem:
+        feats = {n: pooled_features(store.split(n), layer, cfg.preload) for n in names}
+        # standardise with the training statistics: L-BFGS converges in far fewer steps
+        mean, std = feats[cfg.train_split].mean(0), feats[cfg.train_split].std(0).clamp(min=1e-6)
+        feats = {n: (f - mean) / std for n, f in feats.items()}
+        y_train = torch.as_tensor(train_split.labels)
+        y_train = y_train.float() if task == "regression" else y_train.long()
+        history, best, best_lin = [], -np.inf, None
+        for l2 in L2_GRID if eval_name else L2_GRID[1:2]:
+            lin = _fit(feats[cfg.train_split], y_train, num_labels, l2, task)
+            record = {"l2": l2}
+            if eval_name:
+                scores = M.compute(task, _predict(lin, feats[eval_name], task), store.split(eval_name).labels, num_labels)
+                record.update({f"eval_{k}": v for k, v in scores.items()})
+                if scores[metric] > best:
+                    best, best_lin = scores[metric], lin
+            history.append(record)
+            log.info("probe: %s", record)
+        best_lin = best_lin or lin
+    seconds = time.perf_counter() - t0
+    results, predictions = {}, {}
+    for name in names:
+        if name == cfg.train_split:
+            continue
+        pred = _predict(best_lin, feats[name], task)
+        predictions[name] = pred.tolist()
+        results[name] = M.compute(task, pred, store.split(name).labels, num_labels)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = _resolved(cfg, manifest, metric, eval_name)
+    resolved.update(probe_layer=layer, probe_l2_grid=list(L2_GRID))
+    (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
+    summary = {"metric": metric, "eval_split": eval_name, "best_eval": None if best == -np.inf else best,
+               "splits": results, "history": history, "steps": len(history), "train_seconds": seconds,
+               "examples_per_second": len(train_split) * len(history) / max(seconds, 1e-9),
+               "peak_memory_bytes": mem.peak_bytes, "peak_memory_kind": mem.kind, "mode": "cached",
+               "head": "probe", "probe_layer": layer,
+               "trainable_parameters": sum(p.numel() for p in best_lin.parameters())}
+    torch.save({"weight": best_lin.weight.detach(), "bias": best_lin.bias.detach(), "mean": mean, "std": std},
+               out / "probe.pt")
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (out / "predictions.json").write_text(json.dumps(predictions))
+    return summary
