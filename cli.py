@@ -181,6 +181,19 @@ def train(
     metric: Annotated[str | None, typer.Option(help="Model selection metric (default per task).")] = None,
     online: Annotated[bool, typer.Option("--online", help="Recompute activations with the live backbone "
                                                           "(classic LST; the baseline).")] = False,
+    head: Annotated[str, typer.Option(help="lst (side network) or probe (logistic regression on the "
+                                           "mean-pooled last stored layer: the floor to beat).")] = "lst",
+    side_heads: Annotated[int | None, typer.Option(help="Side attention heads (default: the backbone's).")] = None,
+    dropout: Annotated[float, typer.Option(help="Side network dropout.")] = 0.1,
+    attention_dropout: Annotated[float, typer.Option(help="Side attention dropout (costly on CPU).")] = 0.0,
+    weight_decay: Annotated[float, typer.Option()] = 0.01,
+    warmup_steps: Annotated[int, typer.Option(help="-1: min(500, 10% of the steps).")] = -1,
+    pooling: Annotated[str, typer.Option(help="mean or cls.")] = "mean",
+    amp: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA), bf16 or off.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the side network.")] = False,
+    preload: Annotated[bool | None, typer.Option("--preload/--no-preload", help="Keep splits in RAM "
+                                                 "(default: when they fit).")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the run in --out.")] = True,
 ) -> None:
     """Train an LST side network from the stored activations (no backbone needed)."""
     from sidetrain import TrainConfig
@@ -189,7 +202,10 @@ def train(
     kept = parse_layers(layers)
     cfg = TrainConfig(store=store, out=out, reduction_factor=reduction_factor, layers=kept, epochs=epochs, lr=lr,
                       batch_size=batch_size, seed=seed, device=device, train_split=train_split,
-                      eval_split=eval_split, metric=metric, online=online)
+                      eval_split=eval_split, metric=metric, online=online, head=head, side_heads=side_heads,
+                      dropout=dropout, attention_dropout=attention_dropout, weight_decay=weight_decay,
+                      warmup_steps=warmup_steps, pooling=pooling, amp=amp, compile=compile, preload=preload,
+                      resume=resume)
     summary = run_train(cfg)
     _print_results(summary, title=f"lst train ({summary['mode']})")
 
@@ -236,6 +252,27 @@ def sweep(
     Console().print(f"best: trial {best.get('number')} -> {summary.get('best_dir')}  summary: "
                     f"{Path(summary['plot'] or '').parent / 'summary.json' if summary.get('plot') else 'summary.json'}"
                     f"  plot: {summary.get('plot')}")
+
+
+@app.command()
+@user_errors
+def predict(
+    run: Annotated[str, typer.Argument(help="A run folder written by `lst train`.")],
+    input: Annotated[str | None, typer.Argument(help="A text file, one example per line (pairs: text<TAB>text).")]
+    = None,
+    text: Annotated[list[str] | None, typer.Option("--text", help="A text to label (repeatable).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Label raw text with a trained run: the backbone named in its store manifest + its side network."""
+    from featcache.errors import LstError
+    from sidetrain.predict import Predictor, read_texts
+
+    texts = (read_texts(input) if input else []) + list(text or [])
+    if not texts:
+        raise LstError("Expected INPUT (a text file) or --text. Got neither.")
+    predictor = Predictor(run, device)
+    for t, label in zip(texts, predictor.label_names(predictor.predict(texts))):
+        typer.echo(f"{label}\t{t}")
 
 
 def _print_results(summary: dict, title: str, extra: dict[str, str] | None = None) -> None:
