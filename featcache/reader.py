@@ -57,6 +57,7 @@ class _ShardViews:
         self.array = array
         self.shard_rows = int(array.metadata.chunk_grid.chunk_shape[0])
         self._parts: dict[int, np.ndarray] = {}
+        self.mapped: set[int] = set()  # shards read as file views (the others went through zarr)
         codec = array.metadata.codecs[0]
         self.chunk_rows = int(codec.chunk_shape[0])
         self._root = Path(array.store.root) / array.path
@@ -101,6 +102,7 @@ class _ShardViews:
                     start + used * chunk_bytes <= mm.size:
                 view = np.ndarray((used * self.chunk_rows, *self.array.shape[1:]), dtype=self.array.dtype,
                                   buffer=mm, offset=start)
+                self.mapped.add(k)
                 return view[:rows]
         # an unexpected layout (or a missing shard file): read the shard through zarr, once
         log.debug("shard %d of %s is not memory-mappable; reading it through zarr", k, self._root)

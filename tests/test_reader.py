@@ -137,3 +137,18 @@ def test_remote_store_falls_back_to_zarr(stores):
     remote, local = open_store(url).split("dev"), open_store(stores["fp16"]).split("dev")
     assert remote.reader_kind == "zarr"
     assert torch.equal(remote.batch([5, 1, 9]).hidden, local.batch([5, 1, 9]).hidden)
+
+
+def test_unexpected_shard_layout_reads_through_zarr(stores, tmp_path):
+    """A shard whose chunks are not laid out in order (here: an all-zero chunk zarr leaves out) is read by zarr."""
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(stores["fp16"], copy)
+    hidden = zarr.open_group(str(copy), mode="r+")["train/hidden"]
+    hidden[8:16] = 0  # the second inner chunk of shard 0 becomes fill value, dropped from the shard file
+    split = open_store(copy).split("train")
+    everything = split.stored_rows(np.array([0]), np.array([split.n_tokens]))
+    assert np.array_equal(everything, hidden[:])
+    assert 0 not in split._hidden._shards.mapped and 1 in split._hidden._shards.mapped
+    assert torch.equal(split.batch([0, 1, 2]).hidden, open_store(copy, reader="zarr").split("train").batch([0, 1, 2]).hidden)
