@@ -72,7 +72,9 @@ class Backbone:
         """
         encoder = getattr(self.model, "encoder", None)
         blocks = getattr(encoder, "layer", None)
-        if not isinstance(blocks, torch.nn.ModuleList) or k >= len(blocks):
+        # an encoder-level norm after the blocks (XLM-R XL, ...) would touch the last state: run whole
+        final_norm = any("norm" in name.lower() for name, _ in encoder.named_children()) if encoder else True
+        if not isinstance(blocks, torch.nn.ModuleList) or k >= len(blocks) or final_norm:
             yield
             return
         encoder.layer = torch.nn.ModuleList(list(blocks)[:k])
