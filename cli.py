@@ -262,14 +262,24 @@ def predict(
     = None,
     text: Annotated[list[str] | None, typer.Option("--text", help="A text to label (repeatable).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    generate: Annotated[bool, typer.Option("--generate", help="T5 runs: generate free text (greedy) instead of "
+                                                              "scoring the label texts.")] = False,
 ) -> None:
     """Label raw text with a trained run: the backbone named in its store manifest + its side network."""
     from featcache.errors import LstError
     from sidetrain.predict import Predictor, read_texts
+    from sidetrain.seq2seq_predict import is_seq2seq_run, predict_lines
 
     texts = (read_texts(input) if input else []) + list(text or [])
     if not texts:
         raise LstError("Expected INPUT (a text file) or --text. Got neither.")
+    if is_seq2seq_run(run):  # T5: candidate scoring or generation, backbone live
+        for t, out in zip(texts, predict_lines(run, texts, generate, device)):
+            typer.echo(f"{out}\t{t}")
+        return
+    if generate:
+        raise LstError(f"Expected a run trained on a T5 store for --generate. Got '{run}' (encoder-only). "
+                       "Drop --generate.")
     predictor = Predictor(run, device)
     for t, label in zip(texts, predictor.label_names(predictor.predict(texts))):
         typer.echo(f"{label}\t{t}")

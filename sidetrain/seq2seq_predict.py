@@ -110,3 +110,21 @@ def _generate(model, backbone, s, side_enc, enc_out, mask, max_new_tokens: int) 
         if all(done):
             break
     return made
+
+
+def is_seq2seq_run(run_dir: str | Path) -> bool:
+    path = Path(run_dir) / "config.json"
+    return path.is_file() and "seq2seq" in json.loads(path.read_text()).get("store_manifest", {})
+
+
+def predict_lines(run_dir: str | Path, lines: list[str], generate: bool = False, device: str = "auto",
+                  max_new_tokens: int = 16) -> list[str]:
+    """`lst predict` for T5 runs: one label name (or generated text) per input line; a tab splits a pair."""
+    from featcache.backbone import resolve_device
+
+    split = [line.split("\t", 1) for line in lines]
+    texts = [p[0] for p in split]
+    pairs = [p[1] if len(p) > 1 else "" for p in split] if any(len(p) > 1 for p in split) else None
+    out = predict_texts(run_dir, texts, pairs, generate=generate, max_new_tokens=max_new_tokens,
+                        device=str(resolve_device(device)))
+    return [o["generated"] if generate else o["label"] for o in out]

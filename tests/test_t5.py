@@ -160,6 +160,16 @@ def test_training_learns_from_the_cache(t5_store, tmp_path):
     live = predict_texts(tmp_path / "run", texts, loaded=loaded)
     cached = json.loads((tmp_path / "run" / "predictions.json").read_text())["dev"]
     assert [int(p["label"][-1]) for p in live] == cached
+    # the same through `lst predict` (label per line), and --generate
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), "--text", texts[0], "--device", "cpu"])
+    assert result.exit_code == 0 and result.output.splitlines()[-1] == f"{live[0]['label']}\t{texts[0]}"
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), "--text", texts[0], "--generate",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0 and result.output.splitlines()[-1].endswith(f"\t{texts[0]}")
     generated = predict_texts(tmp_path / "run", texts[:3], generate=True, max_new_tokens=4, loaded=loaded)
     # greedy generation agrees with the teacher-forced side network on its own output
     from sidetrain.seq2seq_predict import _side_logits
