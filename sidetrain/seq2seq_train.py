@@ -29,7 +29,7 @@ from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone, shift_righ
 from featcache.store import check_match
 
 from . import metrics as M
-from .data import length_bucketed_batches
+from .data import length_bucketed_batches, should_preload
 from .memory import PeakMemory
 from .seq2seq_model import T5LadderSideNetwork, sequence_scores, target_loss
 
@@ -114,9 +114,12 @@ def open_decoder(store: StoreReader, name: str) -> DecoderSplit:
 
 
 class CachedSeq2Seq:
-    def __init__(self, split: SplitReader, dec: DecoderSplit, preload: bool = True) -> None:
-        self.split = split.load() if preload else split
-        self.dec = dec.load() if preload else dec
+    """Encoder and decoder states from the store; in RAM when `preload` (None: when the split fits)."""
+
+    def __init__(self, split: SplitReader, dec: DecoderSplit, preload: bool | None = None) -> None:
+        keep = should_preload(split, preload)  # decoder rows are a few tokens each: they follow the encoder
+        self.split = split.load() if keep else split
+        self.dec = dec.load() if keep else dec
 
     def __call__(self, idx: np.ndarray) -> Seq2SeqBatch:
         enc = self.split.batch(idx)
@@ -191,11 +194,24 @@ def _sources(cfg, store: StoreReader, backbone: Seq2SeqBackbone | None) -> dict[
     return {n: OnlineSeq2Seq(store.split(n), decs[n], backbone, store.manifest) for n in names}
 
 
+def _check_options(cfg) -> None:
+    """Options of the encoder-only trainer that the T5 loop does not implement: refuse or say so."""
+    if getattr(cfg, "head", "lst") != "lst":
+        raise TrainConfigError(expected("--head lst for a T5 store", cfg.head))
+    if getattr(cfg, "side_heads", None) is not None:
+        raise TrainConfigError(expected("the backbone's head count for T5 side blocks (it carries the relative "
+                                        "position bias)", f"--side-heads {cfg.side_heads}", "Drop --side-heads."))
+    for flag, on in (("--amp bf16", getattr(cfg, "amp", "auto") == "bf16"), ("--compile", getattr(cfg, "compile", False))):
+        if on:
+            log.warning("%s is not implemented for T5 runs yet; training in float32, eager.", flag)
+
+
 def train_seq2seq(cfg, store: StoreReader,
                   on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """`sidetrain.train` for encoder-decoder stores: same options, same run folder."""
     from .train import pick_eval_split
 
+    _check_options(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     manifest = store.manifest
