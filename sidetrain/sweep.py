@@ -120,7 +120,8 @@ def _study(cfg: SweepConfig, storage, create: bool = False):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep logs one line per trial itself
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2)  # epochs count from 1 if cfg.prune \
+    # Median rule from the 5th trial and the 2nd epoch (on_epoch reports epochs from 1).
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2) if cfg.prune \
         else optuna.pruners.NopPruner()
     # Unseeded: K workers with one seed would draw the same start-up trials.
     sampler = optuna.samplers.TPESampler(n_startup_trials=8)
