@@ -282,8 +282,8 @@ def extract_seq2seq(cfg, backbone: Seq2SeqBackbone | None = None) -> dict[str, A
              sum(len(r.candidates) for r in rows.values()), dec_tokens, dec_tokens * dec_bpt / 2**20)
 
     backbone = backbone or load_seq2seq_backbone(cfg.model, cfg.precision, cfg.device)
-    request = {"model": backbone.name, "revision": backbone.revision, "dataset_fingerprint": meta["dataset"]["fingerprint"],
-               "splits": sorted(plans), "max_length": cfg.max_length, "layers": layers, "decoder_layers": dec_layers,
+    request = {"model": backbone.name, "revision": backbone.revision,
+               "dataset_fingerprint": meta["dataset"]["fingerprint"], "splits": sorted(plans), "max_length": cfg.max_length, "layers": layers, "decoder_layers": dec_layers,
                "store_dtype": store_dtype, "precision": cfg.precision, "shard_tokens": enc_shard,
                "decoder_shard_tokens": dec_shard, "chunk_tokens": cfg.chunk_tokens,
                "columns": meta["dataset"]["columns"], "task": meta["task"]["type"], "label_texts": texts}

@@ -53,8 +53,9 @@ def fisher_scores(store: StoreReader, backbone: Seq2SeqBackbone | None = None, n
             targets, mask, _ = dec.token_part(dec.rows(idx))
             labels = targets.masked_fill(~mask, -100)
             model.zero_grad(set_to_none=True)
-            loss = model(input_ids=enc.input_ids.to(backbone.device), attention_mask=enc.mask.long().to(backbone.device),
-                         labels=labels.to(backbone.device)).loss
+            dev = backbone.device
+            loss = model(input_ids=enc.input_ids.to(dev), attention_mask=enc.mask.long().to(dev),
+                         labels=labels.to(dev)).loss
             loss.backward()
             for name, p in model.named_parameters():
                 if p.grad is not None:

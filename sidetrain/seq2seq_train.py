@@ -201,7 +201,8 @@ def _check_options(cfg) -> None:
     if getattr(cfg, "side_heads", None) is not None:
         raise TrainConfigError(expected("the backbone's head count for T5 side blocks (it carries the relative "
                                         "position bias)", f"--side-heads {cfg.side_heads}", "Drop --side-heads."))
-    for flag, on in (("--amp bf16", getattr(cfg, "amp", "auto") == "bf16"), ("--compile", getattr(cfg, "compile", False))):
+    unused = (("--amp bf16", getattr(cfg, "amp", "auto") == "bf16"), ("--compile", getattr(cfg, "compile", False)))
+    for flag, on in unused:
         if on:
             log.warning("%s is not implemented for T5 runs yet; training in float32, eager.", flag)
 

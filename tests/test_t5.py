@@ -228,8 +228,8 @@ def test_pruned_init(t5_store, tiny_t5, tmp_path):
         q = side.dec_blocks[0].layer[1].EncDecAttention.q.weight
         full = backbone.model.decoder.block[1].layer[1].EncDecAttention.q.weight
         if r == 1:
-            assert torch.equal(q, full) and torch.equal(side.enc_blocks[0].layer[1].DenseReluDense.wo.weight,
-                                                        backbone.model.encoder.block[1].layer[1].DenseReluDense.wo.weight)
+            wo = side.enc_blocks[0].layer[1].DenseReluDense.wo.weight
+            assert torch.equal(q, full) and torch.equal(wo, backbone.model.encoder.block[1].layer[1].DenseReluDense.wo.weight)
         else:
             assert q.shape == (16, 16)  # 4 heads x d_kv 4, d_model 16
             model_idx = torch.sort(torch.argsort(scores["model"], descending=True)[:16]).values  # top-16 channels
