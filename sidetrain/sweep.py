@@ -37,7 +37,6 @@ from . import space as S
 from .train import TrainConfig, pick_eval_split, train
 
 log = logging.getLogger(__name__)
-FINISHED = ("COMPLETE", "PRUNED")
 MAX_FAILURES_IN_A_ROW = 3
 
 
