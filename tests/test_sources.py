@@ -20,7 +20,7 @@ def test_quoted_newlines_need_csv_quoting(tmp_path):
 
 def test_stray_quotes_kept_without_quote_handling(tmp_path):
     f = tmp_path / "train.tsv"
-    f.write_text('sentence\tlabel\n" the witness " said\t1\nit "was\t0\nok"\t1\n', encoding="utf-8")
+    f.write_text('sentence\tlabel\n" the witness " said\t1\n"an unclosed quote\t0\nok"\t1\n', encoding="utf-8")
     table = load_dataset_path(f, Quoting.auto).splits["train"]
     assert table.quoting == "none" and len(table.frame) == 3 and table.rejected_rows == 0
     # forced csv quoting merges rows, which is what the auto mode avoids
