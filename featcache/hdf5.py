@@ -1,10 +1,10 @@
 """HDF5 interchange (h5py): export a store for tools that read HDF5, and import such a file back.
 
-File layout: one HDF5 group per split holding the store's arrays under the same names, dtypes and
-shapes (`hidden`, `offsets`, `input_ids`, `token_type_ids`, `labels`, `shard_done`, and `scales` for
-int8 stores; bf16 stays uint16 bits, as in the store). The root attribute `lst_manifest` holds the
-manifest as JSON; each dataset records its Zarr chunk and shard shapes so an import rebuilds the
-same layout. Both directions copy one Zarr shard at a time: memory stays bounded by a shard
+File layout: every array of the store at the same path, dtype and shape (per split `hidden`, `offsets`,
+`input_ids`, `token_type_ids`, `labels`, `shard_done`, `scales` for int8 stores, `dec/...` and
+`backbone_weights/...` for encoder-decoder stores; bf16 stays uint16 bits, as in the store). The root
+attribute `lst_manifest` holds the manifest as JSON; each dataset records its Zarr chunk and shard
+shapes (and each group its Zarr attributes) so an import rebuilds the same layout. Both directions copy one Zarr shard at a time: memory stays bounded by a shard
 (~64 MiB by default), whatever the store size.
 """
 
@@ -31,6 +31,7 @@ FORMATS = ("hdf5",)
 H5_FORMAT = "lst-hdf5"
 H5_FORMAT_VERSION = 1
 MANIFEST_ATTR = "lst_manifest"
+ZARR_ATTRS = "zarr_attributes"  # JSON of a Zarr node's own attributes (the root's are the manifest)
 BLOCK_BYTES = 64 << 20  # rows copied per step when an array is not sharded
 
 
@@ -65,20 +66,30 @@ def export_hdf5(store: str | Path, out: str | Path, overwrite: bool = False, fmt
     out = Path(out)
     _check_out_file(out, overwrite)
     tmp = out.with_name(out.name + ".partial")
-    arrays = [(split, name, group[split][name]) for split in manifest["splits"] for name in sorted(group[split].array_keys())]
-    total = sum(a.nbytes for _, _, a in arrays)
+    nodes = list(group.members(max_depth=None))
+    arrays = [(path, node) for path, node in nodes if isinstance(node, zarr.Array)]
+    total = sum(a.nbytes for _, a in arrays)
     try:
         with h5py.File(tmp, "w") as f, progress_bar("export", total / 2**20, unit="MiB") as bar:
             f.attrs["format"] = H5_FORMAT
             f.attrs["format_version"] = H5_FORMAT_VERSION
             f.attrs[MANIFEST_ATTR] = json.dumps(manifest, sort_keys=True)
-            for split, name, array in arrays:
-                dset = f.require_group(split).create_dataset(
-                    name, shape=array.shape, dtype=array.dtype,
-                    chunks=_h5_chunks(array) if array.size else None)
+            for path, node in nodes:
+                if isinstance(node, zarr.Group):
+                    h5_group = f.require_group(path)
+                    if dict(node.attrs):
+                        h5_group.attrs[ZARR_ATTRS] = json.dumps(dict(node.attrs), sort_keys=True)
+            for path, array in arrays:
+                dset = f.create_dataset(path, shape=array.shape, dtype=array.dtype,
+                                        chunks=_h5_chunks(array) if array.size else None)
                 dset.attrs["zarr_chunks"] = list(array.chunks)
                 if array.shards is not None:
                     dset.attrs["zarr_shards"] = list(array.shards)
+                if dict(array.attrs):
+                    dset.attrs[ZARR_ATTRS] = json.dumps(dict(array.attrs), sort_keys=True)
+                if not array.ndim:
+                    dset[()] = array[...]
+                    continue
                 step = _block_rows(array)
                 for a in range(0, array.shape[0], step):
                     block = array[a:a + step]
@@ -134,36 +145,50 @@ def _prepare_out_store(out: str, overwrite: bool) -> None:
     shutil.rmtree(path)
 
 
+def _import_dataset(root: zarr.Group, path: str, dset, bar) -> None:
+    parent, _, name = path.rpartition("/")
+    g = root.require_group(parent) if parent else root
+    shards, chunks = dset.attrs.get("zarr_shards"), dset.attrs.get("zarr_chunks")
+    array = g.create_array(name, shape=dset.shape, dtype=dset.dtype, fill_value=0,
+                           chunks=tuple(int(c) for c in chunks) if chunks is not None else "auto",
+                           shards=tuple(int(c) for c in shards) if shards is not None else None, compressors=None)
+    if ZARR_ATTRS in dset.attrs:
+        array.attrs.update(json.loads(dset.attrs[ZARR_ATTRS]))
+    if not dset.ndim:
+        array[...] = dset[()]
+        return
+    step = _block_rows(array)
+    for a in range(0, dset.shape[0], step):
+        block = dset[a:a + step]
+        array[a:a + len(block)] = block  # one whole shard per write
+        bar.advance(block.nbytes / 2**20)
+
+
 def import_hdf5(h5_path: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Rebuild a Zarr store from an exported HDF5 file; returns the manifest (the same as the source's)."""
     import h5py
 
     manifest = read_h5_manifest(h5_path)
     out = str(out)
-    _prepare_out_store(out, overwrite)
-    root = zarr.open_group(out, mode="w")
-    # incomplete until every array is in: a crashed import is never mistaken for a store
-    root.attrs[S.MANIFEST_KEY] = {**manifest, "complete": False}
     with h5py.File(h5_path, "r") as f:
-        total = sum(f[s][n].nbytes for s in manifest["splits"] for n in f[s])
+        missing = [split for split in manifest["splits"] if split not in f]
+        if missing:
+            raise StoreError(expected(f"split(s) {missing} (named in the manifest) in '{h5_path}'", f"groups {sorted(f)}"))
+        _prepare_out_store(out, overwrite)
+        root = zarr.open_group(out, mode="w")
+        # incomplete until every array is in: a crashed import is never mistaken for a store
+        root.attrs[S.MANIFEST_KEY] = {**manifest, "complete": False}
+        nodes: list[tuple[str, Any]] = []
+        f.visititems(lambda path, node: nodes.append((path, node)))
+        total = sum(n.nbytes for _, n in nodes if isinstance(n, h5py.Dataset))
         with progress_bar("import", total / 2**20, unit="MiB") as bar:
-            for split in manifest["splits"]:
-                if split not in f:
-                    raise StoreError(expected(f"split '{split}' (named in the manifest) in '{h5_path}'",
-                                              f"groups {sorted(f)}"))
-                g = root.require_group(split)
-                for name, dset in f[split].items():
-                    shards = dset.attrs.get("zarr_shards")
-                    chunks = dset.attrs.get("zarr_chunks")
-                    array = g.create_array(name, shape=dset.shape, dtype=dset.dtype, fill_value=0,
-                                           chunks=tuple(int(c) for c in chunks) if chunks is not None else "auto",
-                                           shards=tuple(int(c) for c in shards) if shards is not None else None,
-                                           compressors=None)
-                    step = _block_rows(array)
-                    for a in range(0, dset.shape[0], step):
-                        block = dset[a:a + step]
-                        array[a:a + len(block)] = block  # one whole shard per write
-                        bar.advance(block.nbytes / 2**20)
+            for path, node in nodes:  # parents come before their children
+                if isinstance(node, h5py.Group):
+                    g = root.require_group(path)
+                    if ZARR_ATTRS in node.attrs:
+                        g.attrs.update(json.loads(node.attrs[ZARR_ATTRS]))
+                    continue
+                _import_dataset(root, path, node, bar)
     root.attrs[S.MANIFEST_KEY] = manifest
     log.info("Imported %s into %s", h5_path, out)
     return manifest

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zarr
 
 from . import store as S
@@ -89,15 +88,20 @@ def inspect_store(path: str | Path) -> dict[str, Any]:
     splits: dict[str, Any] = {}
     for name, facts in manifest.get("splits", {}).items():
         entry = {k: facts.get(k) for k in ("examples", "tokens", "truncated", "rejected_rows", "labelled")}
-        entry["shards_total"] = int(facts.get("shards", 0))
+        # encoder-decoder stores keep the decoder states in S/dec with their own shards
+        parts = [("", int(facts.get("shards", 0))), ("dec", int(facts.get("decoder_shards", 0)))]
+        entry["shards_total"] = sum(n for _, n in parts)
+        entry["shards_done"], entry["bytes_on_disk"] = 0, 0
         if name in group:
             g = group[name]
-            done = g["shard_done"][:] if "shard_done" in g else np.zeros(0, np.uint8)
-            # an empty split has one placeholder flag and nothing to write
-            entry["shards_done"] = min(int(done.sum()), entry["shards_total"])
+            for sub, n in parts:
+                if not n or (sub and sub not in g):
+                    continue
+                node = g[sub] if sub else g
+                if "shard_done" in node:
+                    # an empty split has one placeholder flag and nothing to write
+                    entry["shards_done"] += min(int(node["shard_done"][:n].sum()), n)
             entry["bytes_on_disk"] = _stored_bytes(g)
-        else:
-            entry["shards_done"], entry["bytes_on_disk"] = 0, 0
         entry["complete"] = entry["shards_done"] >= entry["shards_total"]
         splits[name] = entry
     tokens = sum(int(s["tokens"] or 0) for s in splits.values())

@@ -169,3 +169,48 @@ def test_export_import_errors(store, tmp_path):
     assert (mine / "notes.txt").read_text() == "precious"
     with pytest.raises(LstError, match="no such file"):
         import_hdf5(tmp_path / "gone.h5", tmp_path / "t")
+
+
+@pytest.fixture(scope="module")
+def t5_store(tmp_path_factory) -> str:
+    """An encoder-decoder store: nested S/dec groups and a backbone_weights group (a tiny random T5)."""
+    from conftest import synthetic_rows, write_tsv
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from featcache.bundled import minilm_path
+
+    root = tmp_path_factory.mktemp("t5")
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=30522, d_model=16, d_ff=32, d_kv=4, num_layers=1, num_decoder_layers=1,
+                      num_heads=4, pad_token_id=0, eos_token_id=102, decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).save_pretrained(root / "model")
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(root / "model")
+    write_tsv(root / "data" / "train.tsv", synthetic_rows(16, 1))
+    write_tsv(root / "data" / "dev.tsv", synthetic_rows(6, 2))
+    out = str(root / "store.zarr")
+    extract(ExtractConfig(model=str(root / "model"), dataset=str(root / "data"), out=out, store_dtype="fp16",
+                          max_length=16, device="cpu", shard_tokens=64, chunk_tokens=16))
+    return out
+
+
+def all_arrays(path) -> dict[str, zarr.Array]:
+    return {p: a for p, a in zarr.open_group(str(path), mode="r").members(max_depth=None) if isinstance(a, zarr.Array)}
+
+
+def test_encoder_decoder_store_round_trip(t5_store, tmp_path):
+    info = inspect_store(t5_store)
+    manifest = open_store(t5_store).manifest
+    decoder = sum(s.get("decoder_shards", 0) for s in manifest["splits"].values())
+    assert decoder > 0 and info["complete"] and info["shards_done"] == info["shards_total"]
+    assert info["shards_total"] == decoder + sum(s["shards"] for s in manifest["splits"].values())
+    h5, back = tmp_path / "t5.h5", tmp_path / "back.zarr"
+    export_hdf5(t5_store, h5)
+    import_hdf5(h5, back)
+    src, dst = all_arrays(t5_store), all_arrays(back)
+    assert "train/dec/hidden" in src and any(p.startswith("backbone_weights/") for p in src)
+    assert sorted(src) == sorted(dst)
+    for p, a in src.items():
+        b = dst[p]
+        assert (a.dtype, a.shape, a.shards) == (b.dtype, b.shape, b.shards) and np.array_equal(a[:], b[:]), p
+    assert zarr.open_group(str(back), mode="r").attrs[S.MANIFEST_KEY] == manifest
+    assert len(open_store(back).split("train")) == manifest["splits"]["train"]["examples"]
