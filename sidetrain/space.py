@@ -23,7 +23,7 @@ from .train import TrainConfig
 
 # TrainConfig fields that describe where and how a run executes, not the side network: never searched.
 NOT_SEARCHABLE = {"store", "out", "device", "train_split", "eval_split", "metric", "online", "preload",
-                  "max_steps", "extra"}
+                  "prefetch", "resume", "compile", "amp", "max_steps", "extra"}
 RANGE_KEYS = {"low", "high", "log", "step"}
 
 
@@ -38,7 +38,12 @@ def known_parameters() -> dict[str, type]:
     for f in dataclasses.fields(TrainConfig):
         if f.name in NOT_SEARCHABLE or f.default is dataclasses.MISSING:
             continue
-        out[f.name] = str if f.name == "layers" else type(f.default)
+        if f.name == "layers":
+            out[f.name] = str  # 'all', '2,4,6': parsed per trial
+        elif f.default is None:  # an optional field: its type from the annotation ('int | None')
+            out[f.name] = next((t for t in (int, float, bool) if t.__name__ in str(f.type)), str)
+        else:
+            out[f.name] = type(f.default)
     return out
 
 
