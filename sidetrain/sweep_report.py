@@ -118,7 +118,10 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
         if not numeric:
             ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
         elif name == "lr":
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short log axis
         imp = summary["importance"].get(name)
         ax.set(xlabel=name, ylabel=summary["metric"],
                title=f"{name}" + (f" (importance {imp:.2f})" if imp is not None else ""))
