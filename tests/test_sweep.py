@@ -65,6 +65,8 @@ def test_four_trials_write_summary_best_and_resume(store, tmp_path):
     assert {"config.json", "metrics.json", "model.safetensors"} <= {p.name for p in (out / "best").iterdir()}
     run_cfg = json.loads((out / "best" / "config.json").read_text())
     assert run_cfg["reduction_factor"] == best["params"]["reduction_factor"] and run_cfg["epochs"] == 2
+    r = invoke("predict", out / "best", "--text", "card payment refund", "--device", "cpu")
+    assert r.exit_code == 0 and "class_" in r.output, r.output  # the best run is a usable run folder
     for t in trials_of(out):  # the study alone is enough to compare trials
         assert t.user_attrs["run"] == f"trials/{t.number}" and "dev" in t.user_attrs["splits"]
     # the same command resumes (nothing to do); a larger budget adds exactly the missing trial
