@@ -129,6 +129,15 @@ def _rates(cases: dict[str, tuple[Any, Any, int]], rounds: int) -> tuple[dict[st
     return {name: max(r[name] for r in per_round) for name in cases}, per_round
 
 
+def _tensorstore_array(path: Path):
+    """The hidden array opened with tensorstore when it is installed (not a dependency of lst), else None."""
+    try:
+        import tensorstore as ts
+    except ImportError:
+        return None
+    return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, read=True).result()
+
+
 def bench_read(store: Path, backbone: Backbone) -> dict[str, Any]:
     split = open_store(store).split("train")
     mapped = open_store(store, reader="shards").split("train")
@@ -157,11 +166,15 @@ def bench_read(store: Path, backbone: Backbone) -> dict[str, Any]:
     zarr_hidden = via_zarr._hidden.array
     per_example = [[(a, z) for a, z in zip(lo, hi)] for lo, hi in ranges[:few]]
     every = range(len(batches))
-    raw, raw_rounds = _rates({  # bytes/s of the stored (fp16) bytes, no decode
+    cases = {  # bytes/s of the stored (fp16) bytes, no decode
         "numpy_fancy_index_from_ram": (lambda i: memory[token_index[i]], every, nbytes),
         "numpy_slices_from_ram": (lambda i: numpy_slices(ranges[i]), every, nbytes),
         "store_mmap_shards": (lambda i: mapped.stored_rows(*ranges[i]), every, nbytes),
-    }, rounds=7)
+    }
+    tensorstore = _tensorstore_array(store / "train" / "hidden")
+    if tensorstore is not None:  # optional: the other reader of zarr v3 the issue names
+        cases["store_tensorstore_index_array"] = (lambda i: tensorstore[token_index[i]].read().result(), every, nbytes)
+    raw, raw_rounds = _rates(cases, rounds=7)
     slow, _ = _rates({
         "store_zarr_python_batch": (lambda i: via_zarr.stored_rows(*ranges[i]), range(few), few_bytes),
         "store_zarr_python_per_example": (
@@ -278,7 +291,12 @@ def main() -> int:
         sizes = bench_bytes(root, subset(root, DTYPE_EXAMPLES), backbone)
         fidelity = open_store(store).manifest.get("fidelity")
     results = {"extraction": extraction, "read": read, "bytes": sizes, "fidelity": fidelity}
-    write_results("store", results, markdown(results), COMMAND)
+    command = COMMAND
+    if "store_tensorstore_index_array" in read["raw_bytes_per_s"]:
+        import tensorstore
+
+        command += f"  with tensorstore {tensorstore.__version__} importable (not an lst dependency)"
+    write_results("store", results, markdown(results), command)
     ok = sizes.get("fp16", {}).get("overhead_vs_ideal", 1) < 0.02
     log.info("extract/forward %.2f (CPU %.2f), store/numpy %.2f, batch/forward %.0fx, fp16 overhead %+.2f%%%s",
              extraction["ratio_median"], extraction["ratio_cpu_median"], read["ratio_store_vs_numpy"], read["ratio_batch_vs_forward"],
