@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,7 @@ if TYPE_CHECKING:
     from .train import TrainConfig
 
 log = logging.getLogger(__name__)
-L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2)  # per-example L2 penalty on the weights
+L2_GRID = (1e-4, 1e-3, 1e-2)  # per-example L2 penalty on the weights
 
 
 def pooled_features(split: SplitReader, layer: int, preload: bool | None, batch_size: int = 256) -> torch.Tensor:
@@ -41,7 +40,7 @@ def pooled_features(split: SplitReader, layer: int, preload: bool | None, batch_
     return out
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, n_out: int, l2: float, task: str, steps: int = 200) -> torch.nn.Linear:
+def _fit(x: torch.Tensor, y: torch.Tensor, n_out: int, l2: float, task: str, steps: int = 100) -> torch.nn.Linear:
     torch.manual_seed(0)
     lin = torch.nn.Linear(x.shape[1], n_out)
     torch.nn.init.zeros_(lin.weight)
