@@ -293,9 +293,13 @@ def main() -> int:
     results = {"extraction": extraction, "read": read, "bytes": sizes, "fidelity": fidelity}
     command = COMMAND
     if "store_tensorstore_index_array" in read["raw_bytes_per_s"]:
-        import tensorstore
+        from importlib.metadata import PackageNotFoundError, version
 
-        command += f"  with tensorstore {tensorstore.__version__} importable (not an lst dependency)"
+        try:
+            ts_version = version("tensorstore")
+        except PackageNotFoundError:  # importable from a path pip does not know
+            ts_version = "(unknown version)"
+        command += f"  with tensorstore {ts_version} importable (not an lst dependency)"
     write_results("store", results, markdown(results), command)
     ok = sizes.get("fp16", {}).get("overhead_vs_ideal", 1) < 0.02
     log.info("extract/forward %.2f (CPU %.2f), store/numpy %.2f, batch/forward %.0fx, fp16 overhead %+.2f%%%s",
