@@ -123,3 +123,30 @@ def test_nan_in_store_is_named(tiny_bert, tiny_dataset, tmp_path):
     hidden[int(offsets[7]), 1, 3] = np.nan  # example 7, layer 1
     with pytest.raises(StoreError, match="split 'train', example 7"):
         train(cfg(path, tmp_path / "r", preload=False))
+
+
+def test_sentence_pair_regression(tiny_bert, tmp_path):
+    """STS-B-like: two texts per row, a float score; Pearson/Spearman selected, accuracy refused."""
+    import random
+
+    from conftest import WORDS
+
+    rng = random.Random(0)
+
+    def rows(n: int) -> list[tuple]:
+        out = []
+        for _ in range(n):
+            a = [rng.choice(WORDS) for _ in range(6)]
+            k = rng.randint(0, 6)  # the score is how many words the pair shares
+            out.append((" ".join(a), " ".join(a[:k] + [rng.choice(WORDS) for _ in range(6 - k)]), f"{k * 5 / 6:.2f}"))
+        return out
+
+    data = tmp_path / "data"
+    write_tsv(data / "train.tsv", rows(64), header=("sentence1", "sentence2", "score"))
+    write_tsv(data / "dev.tsv", rows(16), header=("sentence1", "sentence2", "score"))
+    extract(ExtractConfig(model=str(tiny_bert), dataset=str(data), out=str(tmp_path / "s"), device="cpu",
+                          max_length=32))
+    s = train(cfg(tmp_path / "s", tmp_path / "r"))
+    assert s["metric"] == "pearson" and set(s["splits"]["dev"]) == {"pearson", "spearman"}
+    with pytest.raises(TrainConfigError, match="--metric"):
+        train(cfg(tmp_path / "s", tmp_path / "r2", metric="accuracy"))
