@@ -286,7 +286,8 @@ def predict(
 
 
 def _print_results(summary: dict, title: str, extra: dict[str, str] | None = None) -> None:
-    table = Table(title=title)
+    Console().print(f"[bold]{title}[/bold]")  # a table title would wrap to the table's narrow width
+    table = Table()
     table.add_column("split")
     table.add_column(summary["metric"], justify="right")
     for name, scores in summary["splits"].items():
