@@ -46,9 +46,9 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from featcache.errors import LstError
-
         from rich.logging import RichHandler
+
+        from featcache.errors import LstError
 
         # the console looks up sys.stderr at each write, so test runners that swap streams stay safe
         logging.basicConfig(level=logging.INFO, format="%(message)s", force=True,

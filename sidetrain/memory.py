@@ -6,6 +6,7 @@ import os
 import threading
 
 import torch
+from typing_extensions import Self
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -28,7 +29,7 @@ class PeakMemory:
         while not self._stop.wait(self.interval):
             self._peak = max(self._peak, rss_bytes())
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Self:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:

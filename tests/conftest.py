@@ -12,8 +12,16 @@ from featcache.bundled import bolt_dataset_path, minilm_path
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
-WORDS = ("card payment refund transfer account balance exchange fee cash atm pin lost stolen top up "
-         "limit verify identity country currency delivery arrive charge pending declined").split()
+WORDS = ["card", "payment", "refund", "transfer", "account", "balance", "exchange", "fee", "cash", "atm", "pin", "lost", "stolen", "top", "up", "limit", "verify", "identity", "country", "currency", "delivery", "arrive", "charge", "pending", "declined"]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread on a shared machine, and every process does the same sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
+from conftest import write_tsv
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import write_tsv
 
 runner = CliRunner()
 

@@ -22,8 +22,8 @@ def test_cached_equals_online(backbone, request, tiny_dataset, banking_small, tm
     store = tmp_path / "store"
     extract(ExtractConfig(model=str(model_dir), dataset=str(data), out=str(store), store_dtype="fp32",
                           max_length=24, device="cpu"))
-    common = dict(store=str(store), epochs=2, batch_size=8, seed=3, device="cpu", dropout=0.1,
-                  reduction_factor=4 if backbone == "tiny_bert" else 8)
+    common = {"store": str(store), "epochs": 2, "batch_size": 8, "seed": 3, "device": "cpu", "dropout": 0.1,
+                  "reduction_factor": 4 if backbone == "tiny_bert" else 8}
     cached = train(TrainConfig(out=str(tmp_path / "cached"), **common))
     online = train(TrainConfig(out=str(tmp_path / "online"), online=True, **common))
     a, b = losses(tmp_path / "cached"), losses(tmp_path / "online")

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from conftest import synthetic_rows, write_tsv
 from typer.testing import CliRunner
@@ -17,14 +16,7 @@ from featcache import ExtractConfig, extract, open_store
 from featcache import writer as W
 from featcache.errors import DatasetError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread on a shared machine, and every process does the same sums."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 runner = CliRunner()
 

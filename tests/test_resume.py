@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from featcache import ExtractConfig, extract, open_store
@@ -23,13 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Run in a child process: the same extraction, optionally slowed down so the parent can kill it mid-way.
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread on a shared machine, and every process does the same sums."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCRIPT = textwrap.dedent("""
     import sys, time

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import GLUE
+
 from featcache.errors import DatasetError
 from featcache.sources import Quoting, load_dataset_path, resolve_columns
 

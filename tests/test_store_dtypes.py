@@ -12,14 +12,7 @@ from featcache import store as S
 from featcache.backbone import load_backbone
 from featcache.errors import BackboneError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread on a shared machine, and every process does the same sums."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_cfg(model, data, out, **kw) -> ExtractConfig:
     base = {"model": str(model), "dataset": str(data), "out": str(out), "max_length": 16, "batch_size": 16, "device": "cpu",
