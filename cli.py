@@ -194,6 +194,8 @@ def train(
     preload: Annotated[bool | None, typer.Option("--preload/--no-preload", help="Keep splits in RAM "
                                                  "(default: when they fit).")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the run in --out.")] = True,
+    init: Annotated[str, typer.Option(help="Side blocks start random, or 'pruned': backbone blocks pruned to 1/r "
+                                           "by Fisher information (encoder-decoder stores so far).")] = "random",
 ) -> None:
     """Train an LST side network from the stored activations (no backbone needed)."""
     from sidetrain import TrainConfig
@@ -205,7 +207,7 @@ def train(
                       eval_split=eval_split, metric=metric, online=online, head=head, side_heads=side_heads,
                       dropout=dropout, attention_dropout=attention_dropout, weight_decay=weight_decay,
                       warmup_steps=warmup_steps, pooling=pooling, amp=amp, compile=compile, preload=preload,
-                      resume=resume)
+                      resume=resume, extra={"init": init})
     summary = run_train(cfg)
     _print_results(summary, title=f"lst train ({summary['mode']})")
 

@@ -156,10 +156,16 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
     torch.manual_seed(cfg.seed)
     store = store or open_store(cfg.store)
     manifest = store.manifest
+    init = cfg.extra.get("init", "random")
+    if init not in ("random", "pruned"):
+        raise TrainConfigError(expected("--init random or pruned", init))
     if "seq2seq" in manifest:  # encoder-decoder store (T5): its own side network and loop
         from .seq2seq_train import train_seq2seq
 
         return train_seq2seq(cfg, store, on_epoch)
+    if init == "pruned":
+        raise TrainConfigError("--init pruned is implemented for encoder-decoder (T5) stores only so far; "
+                               "use --init random for this encoder-only store.")
     if cfg.head == "probe":
         from .probe import train_probe
 

@@ -77,3 +77,10 @@ def test_refuses_to_clobber_other_files(tiny_bert, tiny_dataset, tmp_path):
     (other / "notes.txt").write_text("precious")
     assert_user_error(invoke("extract", tiny_bert, tiny_dataset, "--out", other, "--overwrite"), "something else")
     assert (other / "notes.txt").read_text() == "precious"
+
+
+def test_init_pruned_is_refused_for_encoder_only_stores(tiny_bert, tiny_dataset, tmp_path):
+    store = tmp_path / "store"
+    assert invoke("extract", tiny_bert, tiny_dataset, "--out", store, "--device", "cpu").exit_code == 0
+    assert_user_error(invoke("train", store, "--out", tmp_path / "r", "--init", "pruned"), "--init pruned")
+    assert_user_error(invoke("train", store, "--out", tmp_path / "r", "--init", "fisher"), "--init")
