@@ -35,7 +35,7 @@ import torch
 import zarr
 
 from . import store as S
-from .backbone import TORCH_DTYPES, resolve_device, weights_hash
+from .backbone import TORCH_DTYPES, Backbone, resolve_device, weights_hash
 from .errors import BackboneError, DatasetError, StoreError, expected
 from .progress import progress_bar
 
@@ -62,19 +62,8 @@ def is_encoder_decoder(config) -> bool:
 
 
 @dataclass
-class Seq2SeqBackbone:
+class Seq2SeqBackbone(Backbone):
     """A frozen encoder-decoder (T5ForConditionalGeneration) in eval mode, with its tokenizer."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    name: str
-    revision: str
-    precision: str
-    device: torch.device
-
-    @property
-    def config(self):
-        return self.model.config
 
     @property
     def hidden_size(self) -> int:
