@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from safetensors.torch import save_file
 
 from featcache import store as S
 from featcache.backbone import resolve_device
@@ -31,6 +30,7 @@ from featcache.store import check_match
 from . import metrics as M
 from .data import length_bucketed_batches, should_preload
 from .memory import PeakMemory
+from .run_files import write_run
 from .seq2seq_model import T5LadderSideNetwork, sequence_scores, target_loss
 
 log = logging.getLogger(__name__)
@@ -310,9 +310,5 @@ def train_seq2seq(cfg, store: StoreReader,
                "examples_per_second": examples / max(train_seconds, 1e-9), "peak_memory_bytes": mem.peak_bytes,
                "peak_memory_kind": mem.kind, "mode": "online" if cfg.online else "cached",
                "trainable_parameters": sum(p.numel() for p in params)}
-    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (out / "predictions.json").write_text(json.dumps(predictions))
-    (out / "train_log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
-                                                 for i, v in enumerate(losses)))
+    write_run(out, model, summary, predictions, losses)
     return summary

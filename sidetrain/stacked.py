@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from featcache.backbone import resolve_device
 from featcache.errors import TrainConfigError, expected
@@ -33,6 +32,7 @@ from featcache.reader import StoreReader, open_store
 
 from . import metrics as M
 from .data import CachedBatches, iterate, length_bucketed_batches
+from .run_files import write_run
 from .train import TrainConfig, _resolved, build_model, pick_eval_split, predict_split
 
 log = logging.getLogger(__name__)
@@ -220,9 +220,5 @@ def _finish(cfg: TrainConfig, model, store, sources, task, num_labels, metric, e
                "stacked_with": k_n,
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     out = Path(cfg.out)
-    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (out / "predictions.json").write_text(json.dumps(predictions))
-    (out / "train_log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
-                                                 for i, v in enumerate(losses)))
+    write_run(out, model, summary, predictions, losses)
     return summary

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from featcache.backbone import load_backbone, resolve_device
 from featcache.errors import StoreError, TrainConfigError, expected
@@ -26,6 +25,7 @@ from . import metrics as M
 from .data import CachedBatches, OnlineBatches, batch_stream, iterate, length_bucketed_batches
 from .memory import PeakMemory
 from .model import LadderSideNetwork
+from .run_files import write_run
 
 log = logging.getLogger(__name__)
 EVAL_SPLIT_NAMES = ("dev", "validation", "valid", "val")
@@ -267,11 +267,7 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
                "peak_memory_bytes": mem.peak_bytes, "peak_memory_kind": mem.kind,
                "mode": "online" if cfg.online else "cached", "head": "lst",
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (out / "predictions.json").write_text(json.dumps(predictions))
-    (out / "train_log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
-                                                 for i, v in enumerate(state["losses"])))
+    write_run(out, model, summary, predictions, state["losses"])
     return summary
 
 
