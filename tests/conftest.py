@@ -43,6 +43,23 @@ def tiny_bert(tmp_path_factory) -> Path:
     return path
 
 
+def invoke(*args):
+    """Run `lst ARGS...` through typer's test runner (arguments may be paths or numbers)."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    """A user mistake: exit code 1, one 'Error:' line, no traceback, and the given words in it."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "Error:" in result.output
+    for f in fragments:
+        assert f in result.output, result.output
+
+
 def write_tsv(path: Path, rows: list[tuple], header: tuple = ("text", "label")) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join("\t".join(map(str, r)) for r in [header, *rows]) + "\n", encoding="utf-8")

@@ -4,24 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import write_tsv
-from typer.testing import CliRunner
-
-from cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    assert "Error:" in result.output
-    for f in fragments:
-        assert f in result.output, result.output
+from conftest import assert_user_error, invoke, write_tsv
 
 
 def test_extract_then_train(tiny_bert, tiny_dataset, tmp_path):

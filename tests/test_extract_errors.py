@@ -8,28 +8,14 @@ import json
 import numpy as np
 import pytest
 import zarr
-from conftest import synthetic_rows, write_tsv
-from typer.testing import CliRunner
+from conftest import assert_user_error, invoke, synthetic_rows, write_tsv
 
-from cli import app
 from featcache import ExtractConfig, extract, open_store
 from featcache import writer as W
 from featcache.errors import DatasetError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and "Error:" in result.output
-    for f in fragments:
-        assert f in result.output, result.output
 
 
 def test_nonexistent_model_path(tiny_dataset, tmp_path):

@@ -10,26 +10,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from typer.testing import CliRunner
+from conftest import assert_user_error, invoke
 
-from cli import app
 from featcache import ExtractConfig, LstError, extract, open_store
 from featcache import store as S
 from featcache.hdf5 import export_hdf5, import_hdf5
 from featcache.inspect import inspect_store
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and "Error:" in result.output
-    for f in fragments:
-        assert f in result.output, result.output
 
 
 @pytest.fixture(scope="module")
