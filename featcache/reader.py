@@ -267,9 +267,14 @@ class SplitReader:
         """Examples `indices` with their hidden states, right-padded (zeros) to the longest."""
         out = self.token_batch(indices)
         idx = self._indices(indices)
-        flat = self.hidden_rows(self.offsets[idx], self.offsets[idx + 1], layers)  # (n_tok, n_layers, d)
-        out.hidden = torch.zeros((*out.mask.shape, *flat.shape[1:]), dtype=torch.float32)
-        out.hidden[out.mask] = flat
+        lo, hi = self.offsets[idx], self.offsets[idx + 1]
+        pos = self.layer_positions(layers)
+        cols = None if len(pos) == len(self.layers) else pos
+        lengths = self.lengths[idx]
+        # pad in the storage dtype, then decode once: half the bytes moved of padding decoded floats
+        raw = _pad(self._hidden.gather(lo, hi, cols), lengths)
+        scales = None if self._scales is None else _pad(self._scales.gather(lo, hi, cols), lengths)
+        out.hidden = S.decode(raw, self.store_dtype, scales)
         return out
 
     def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0,
@@ -278,6 +283,16 @@ class SplitReader:
         order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
         for b in range(0, len(order), batch_size):
             yield self.batch(order[b:b + batch_size], layers)
+
+
+def _pad(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated rows of each example (sum(lengths), ...) -> zero right-padded (B, max(lengths), ...)."""
+    out = np.zeros((len(lengths), int(lengths.max()), *flat.shape[1:]), dtype=flat.dtype)
+    pos = 0
+    for i, n in enumerate(lengths.tolist()):
+        out[i, :n] = flat[pos:pos + n]
+        pos += n
+    return out
 
 
 class StoreReader:

