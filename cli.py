@@ -233,6 +233,8 @@ def sweep(
     = None,
     stack: Annotated[int, typer.Option(help="Train up to K trials in one pass over the data (they share the "
                                             "network shape and batches; lr differs).")] = 1,
+    seed: Annotated[int | None, typer.Option(help="Seed the sampler (same seed, same store -> same trials on one "
+                                                  "worker; default: unseeded).")] = None,
     report: Annotated[bool, typer.Option("--report", help="Reprint the results of the sweep in TARGET.")] = False,
 ) -> None:
     """Search side-network settings with Optuna; every trial reads the same store (no backbone)."""
@@ -247,7 +249,7 @@ def sweep(
             raise typer.BadParameter("--out is required (the sweep folder).")
         cfg = SweepConfig(store=target, out=out, trials=trials, space=load_space_file(space) if space else None,
                           storage=storage, study_name=study_name, workers=workers, prune=prune, device=device,
-                          metric=metric, threads=threads, stack=stack)
+                          metric=metric, threads=threads, stack=stack, seed=seed)
         summary = run_sweep(cfg)
     Console().print(results_table(summary))
     best = summary.get("best") or {}

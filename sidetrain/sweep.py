@@ -63,6 +63,7 @@ class SweepConfig:
     heartbeat_s: float = 10.0
     stale_after_s: float = 120.0  # a trial of another host with no heartbeat for this long is retried
     max_retries: int = 2  # retries of one killed trial's parameters
+    seed: int | None = None  # sampler seed (None: unseeded); worker k and a resumed study draw from derived seeds
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -115,15 +116,27 @@ def _redact(url: str) -> str:
     return url
 
 
-def _study(cfg: SweepConfig, storage, create: bool = False):
+def _sampler_seed(cfg: SweepConfig, storage, worker: int) -> int | None:
+    """A seed per worker and per resumption: one shared seed would make K workers (or a resumed study)
+    redraw the start-up trials already drawn. Same seed + same history -> same suggestions."""
+    if cfg.seed is None:
+        return None
+    import optuna
+
+    held = 0
+    if cfg.name in [s.study_name for s in optuna.get_all_study_summaries(storage)]:
+        held = len(optuna.load_study(study_name=cfg.name, storage=storage).get_trials(deepcopy=False))
+    return cfg.seed + 100_003 * worker + held
+
+
+def _study(cfg: SweepConfig, storage, create: bool = False, worker: int = 0):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep logs one line per trial itself
     # Median rule from the 5th trial and the 2nd epoch (on_epoch reports epochs from 1).
     pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2) if cfg.prune \
         else optuna.pruners.NopPruner()
-    # Unseeded: K workers with one seed would draw the same start-up trials.
-    sampler = optuna.samplers.TPESampler(n_startup_trials=8)
+    sampler = optuna.samplers.TPESampler(n_startup_trials=8, seed=_sampler_seed(cfg, storage, worker))
     if create:
         return optuna.create_study(storage=storage, study_name=cfg.name, direction="maximize", sampler=sampler,
                                    pruner=pruner, load_if_exists=True)
@@ -432,7 +445,7 @@ def _worker_main(cfg: SweepConfig, worker: int, threads: int) -> None:
     torch.set_num_threads(threads)
     try:
         ctx = _prepare(cfg)
-        study = _study(cfg, open_storage(cfg.storage_url))
+        study = _study(cfg, open_storage(cfg.storage_url), worker=worker)
         log.info("worker %d ran %d trials", worker, work(ctx, study, worker))
     except BaseException:
         log.exception("worker %d stopped", worker)

@@ -203,3 +203,17 @@ def test_sweep_stacks_trials_that_share_a_batch_shape(store, tmp_path):
     for t, k in ((first, 2), (second, 2), (third, 1)):
         metrics = json.loads((out / "trials" / str(t.number) / "metrics.json").read_text())
         assert metrics.get("stacked_with", 1) == k
+
+
+def test_seeded_sampler_repeats_and_resumes_with_new_draws(store, tmp_path):
+    space = {"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "epochs": 1, "batch_size": 32}
+    lrs = []
+    for name in ("a", "b"):
+        run_sweep(SweepConfig(store=str(store), out=str(tmp_path / name), trials=2, space=space, device="cpu",
+                              threads=1, seed=7, prune=False))
+        lrs.append([t.params["lr"] for t in trials_of(tmp_path / name)])
+    assert lrs[0] == lrs[1] and lrs[0][0] != lrs[0][1]  # same seed, same draws
+    run_sweep(SweepConfig(store=str(store), out=str(tmp_path / "a"), trials=3, space=space, device="cpu",
+                          threads=1, seed=7, prune=False))
+    resumed = [t.params["lr"] for t in trials_of(tmp_path / "a")]
+    assert resumed[:2] == lrs[0] and resumed[2] not in lrs[0]  # a resumed study does not redraw trial 0
