@@ -256,7 +256,8 @@ def _claim(study, cfg: SweepConfig, worker: int):
     if _budget_left(study, cfg) <= 0:
         return None
     trial = study.ask()
-    for key, value in {"host": socket.gethostname(), "pid": os.getpid(), "worker": worker,
+    for key, value in {"host": socket.gethostname(), "dir": str(Path(cfg.out).resolve()), "pid": os.getpid(),
+                       "worker": worker,
                        "heartbeat": time.time(), "run": f"trials/{trial.number}"}.items():
         trial.set_user_attr(key, value)
     return trial

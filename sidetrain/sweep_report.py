@@ -25,7 +25,7 @@ def _trial_record(t) -> dict[str, Any]:
         if t.datetime_complete and t.datetime_start else None
     return {"number": t.number, "state": t.state.name, "value": value, "params": t.params,
             "run": a.get("run"), "epochs_run": a.get("epochs_run"), "duration_s": duration,
-            "worker": a.get("worker"), "host": a.get("host"), "retry_of": a.get("retry_of"),
+            "worker": a.get("worker"), "host": a.get("host"), "dir": a.get("dir"), "retry_of": a.get("retry_of"),
             "splits": a.get("splits"), "error": a.get("error"),
             "intermediate": {int(k): v for k, v in sorted(t.intermediate_values.items())}}
 
@@ -73,6 +73,10 @@ def link_best(out: Path, best: dict[str, Any] | None) -> Path | None:
         link.unlink()
     elif link.is_dir():
         shutil.rmtree(link)
+    if not target.is_dir():  # run by a worker on another machine (journal storage): its folder is there
+        log.info("the best trial (%s) ran on %s, in %s", best["run"], best.get("host", "another host"),
+                 best.get("dir", "its own sweep folder"))
+        return None
     try:
         os.symlink(best["run"], link, target_is_directory=True)
     except OSError:

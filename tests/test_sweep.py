@@ -217,3 +217,32 @@ def test_seeded_sampler_repeats_and_resumes_with_new_draws(store, tmp_path):
                           threads=1, seed=7, prune=False))
     resumed = [t.params["lr"] for t in trials_of(tmp_path / "a")]
     assert resumed[:2] == lrs[0] and resumed[2] not in lrs[0]  # a resumed study does not redraw trial 0
+
+
+def test_two_machines_share_a_journal_file(store, tmp_path):
+    """Two `lst sweep` commands with their own folders (as on two machines) join one journal-file study."""
+    journal, n = tmp_path / "shared" / "study.log", 4
+    journal.parent.mkdir()
+    space = space_file(tmp_path, FAST)
+    procs, logs = [], []
+    for machine in ("m1", "m2"):
+        logs.append((tmp_path / f"{machine}.log").open("w"))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "cli", "sweep", str(store), "--out", str(tmp_path / machine), "--trials", str(n),
+             "--space", str(space), "--storage", f"journal://{journal}", "--study-name", "shared", "--no-prune",
+             *map(str, CPU)], stdout=logs[-1], stderr=logs[-1]))
+    for p, f in zip(procs, logs):
+        p.wait(timeout=600)
+        f.close()
+    assert [p.returncode for p in procs] == [0, 0], (tmp_path / "m2.log").read_text()[-800:]
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    trials = optuna.load_study(study_name="shared", storage=JournalStorage(JournalFileBackend(str(journal)))).get_trials()
+    # without a shared folder the claim lock is per machine: at most one trial per extra machine over budget
+    assert n <= len(trials) <= n + 1 and all(t.state.name == "COMPLETE" for t in trials)
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    for t in trials:  # each trial's run folder is on the machine that ran it, and only there
+        where = [m for m in ("m1", "m2") if (tmp_path / m / "trials" / str(t.number) / "metrics.json").exists()]
+        assert where == [Path(t.user_attrs["dir"]).name]
+    best = json.loads((tmp_path / "m1" / "summary.json").read_text())["best"]
+    assert (tmp_path / "m1" / "best").exists() == (Path(best["dir"]).name == "m1")  # no dangling link
