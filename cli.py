@@ -195,7 +195,7 @@ def train(
                                                  "(default: when they fit).")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the run in --out.")] = True,
     init: Annotated[str, typer.Option(help="Side blocks start random, or 'pruned': backbone blocks pruned to 1/r "
-                                           "by Fisher information (encoder-decoder stores so far).")] = "random",
+                                           "by Fisher information (scores cached beside the store).")] = "random",
 ) -> None:
     """Train an LST side network from the stored activations (no backbone needed)."""
     from sidetrain import TrainConfig

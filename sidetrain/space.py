@@ -44,6 +44,7 @@ def known_parameters() -> dict[str, type]:
             out[f.name] = next((t for t in (int, float, bool) if t.__name__ in str(f.type)), str)
         else:
             out[f.name] = type(f.default)
+    out["init"] = str  # random | pruned: travels in TrainConfig.extra (see to_train_kwargs)
     return out
 
 
@@ -218,6 +219,8 @@ def check_against_store(space: dict[str, Param], manifest: dict[str, Any]) -> No
         if p.name == "layers":
             for v in values:
                 parse_layer_spec(str(v), blocks)
+        if p.name == "init" and set(values) - {"random", "pruned"}:
+            raise SpaceError(expected("init values among random, pruned", sorted(set(values) - {"random", "pruned"})))
         if p.name == "reduction_factor":
             good = valid_reduction_factors(hidden, heads)
             bad = [v for v in values if v not in good] if values else \
@@ -253,6 +256,8 @@ def suggest(trial, space: dict[str, Param]) -> dict[str, Any]:
 
 def to_train_kwargs(values: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     kwargs = dict(values)
+    if "init" in kwargs:  # not a TrainConfig field: train() reads it from extra, as `lst train --init` passes it
+        kwargs["extra"] = {"init": kwargs.pop("init")}
     if "layers" in kwargs:
         kwargs["layers"] = parse_layer_spec(str(kwargs["layers"]), [x for x in manifest["layers"] if x > 0])
     return kwargs

@@ -107,6 +107,10 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
     for c in cfgs:  # as train(): the seed fixes the initial weights
         torch.manual_seed(c.seed)
         models.append(build_model(c, manifest).to(device))
+        if c.extra.get("init", "random") == "pruned":  # as train(): Fisher-pruned backbone blocks (cached scores)
+            from .pruning import init_from_backbone
+
+            init_from_backbone(models[-1], store, c.train_split, str(device))
     for c, model in zip(cfgs, models):
         Path(c.out).mkdir(parents=True, exist_ok=True)
         (Path(c.out) / "config.json").write_text(

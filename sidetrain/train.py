@@ -163,9 +163,6 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
         from .seq2seq_train import train_seq2seq
 
         return train_seq2seq(cfg, store, on_epoch)
-    if init == "pruned":
-        raise TrainConfigError("--init pruned is implemented for encoder-decoder (T5) stores only so far; "
-                               "use --init random for this encoder-only store.")
     if cfg.head == "probe":
         from .probe import train_probe
 
@@ -178,6 +175,10 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
     train_split = check_labels(store, cfg.train_split)
     eval_name = pick_eval_split(store, cfg.eval_split, cfg.train_split)
     model = build_model(cfg, manifest).to(device)
+    if init == "pruned":  # side blocks = backbone blocks pruned to 1/r by Fisher information (cached)
+        from .pruning import init_from_backbone
+
+        init_from_backbone(model, store, cfg.train_split, str(device))
     sources = _sources(cfg, store, manifest, device)
     amp = autocast(cfg, device)
     forward = torch.compile(model, dynamic=True) if cfg.compile else model

@@ -62,8 +62,7 @@ def test_refuses_to_clobber_other_files(tiny_bert, tiny_dataset, tmp_path):
     assert (other / "notes.txt").read_text() == "precious"
 
 
-def test_init_pruned_is_refused_for_encoder_only_stores(tiny_bert, tiny_dataset, tmp_path):
+def test_unknown_init_is_refused(tiny_bert, tiny_dataset, tmp_path):
     store = tmp_path / "store"
     assert invoke("extract", tiny_bert, tiny_dataset, "--out", store, "--device", "cpu").exit_code == 0
-    assert_user_error(invoke("train", store, "--out", tmp_path / "r", "--init", "pruned"), "--init pruned")
     assert_user_error(invoke("train", store, "--out", tmp_path / "r", "--init", "fisher"), "--init")
