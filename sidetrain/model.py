@@ -7,13 +7,16 @@
         s = SideBlock_j(s, mask)                          # a backbone-kind block at width d/r
     out = Head(LayerNorm(s))
 
-Side blocks are built by transformers from a copy of the backbone config scaled by 1/r, so the
-block type follows the backbone's family instead of being re-written here.
+The side blocks are a transformers model of the backbone's family, built from a copy of its config
+scaled by 1/r (BERT, RoBERTa, ELECTRA, MPNet, DistilBERT, DeBERTa, ...), so the block type, its mask
+format and whatever else its blocks need (relative positions) follow the family instead of being
+re-written here; hooks feed the ladders in.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -21,6 +24,11 @@ from torch import nn
 from featcache.errors import TrainConfigError, expected
 
 GATE_TEMPERATURE = 0.1
+# Config fields that families use for the same quantity (BERT-style first, then DistilBERT-style, ...):
+FF_WIDTH_FIELDS = ("intermediate_size", "hidden_dim", "ffn_dim", "d_ff", "encoder_ffn_dim")
+HEAD_SIZE_FIELDS = ("head_dim", "attention_head_size")
+HIDDEN_DROPOUT_FIELDS = ("hidden_dropout_prob", "dropout")
+ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout")
 
 
 def side_config(backbone_config, reduction_factor: int, num_blocks: int, attention_dropout: float,
@@ -42,17 +50,46 @@ def side_config(backbone_config, reduction_factor: int, num_blocks: int, attenti
         raise TrainConfigError(expected(f"a side width {width} (= {d}/r) divisible by {heads} heads ({flag})",
                                         reduction_factor, f"Try --reduction-factor in {good()}, "
                                         f"or --side-heads in {divisors}."))
+    ff_field = next((f for f in FF_WIDTH_FIELDS if isinstance(getattr(backbone_config, f, None), int)), None)
+    if ff_field is None:
+        raise TrainConfigError(expected(f"a feed-forward width in the backbone config (one of {FF_WIDTH_FIELDS})",
+                                        f"a {type(backbone_config).__name__} without any",
+                                        "This backbone family is not supported by the encoder side network."))
     cfg = copy.deepcopy(backbone_config)
-    cfg.hidden_size = width
+    cfg.hidden_size = width  # families with other field names map these through config.attribute_map
     cfg.num_attention_heads = heads
-    cfg.intermediate_size = max(1, int(backbone_config.intermediate_size) // reduction_factor)
     cfg.num_hidden_layers = num_blocks
-    cfg.hidden_dropout_prob = dropout
-    cfg.attention_probs_dropout_prob = attention_dropout
+    setattr(cfg, ff_field, max(1, int(getattr(backbone_config, ff_field)) // reduction_factor))
+    for field in HEAD_SIZE_FIELDS:  # families that store the head size explicitly
+        if isinstance(getattr(cfg, field, None), int):
+            setattr(cfg, field, width // heads)
+    for fields, value in ((HIDDEN_DROPOUT_FIELDS, dropout), (ATTENTION_DROPOUT_FIELDS, attention_dropout)):
+        for field in fields:
+            if hasattr(cfg, field):
+                setattr(cfg, field, value)
+    if hasattr(cfg, "embedding_size"):  # factorised embeddings (ELECTRA): the side model's are never used
+        cfg.embedding_size = width
     cfg.vocab_size = 2  # the side model's own embeddings are never used: keep them tiny
     cfg.pad_token_id = 0
-    cfg._attn_implementation = "sdpa"
     return cfg
+
+
+def _build_side_model(config) -> nn.Module:
+    """A transformers model of the backbone's family at the side width (SDPA where the family has it,
+    eager otherwise). Its own embeddings and pooler are never used: the embedding ladder replaces them."""
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_config(config, attn_implementation="sdpa")
+    except ValueError:  # "does not support an attention implementation through ... sdpa"
+        model = AutoModel.from_config(config, attn_implementation="eager")
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    if not isinstance(getattr(model, "embeddings", None), nn.Module):
+        raise TrainConfigError(f"{type(model).__name__} has no `embeddings` module for the embedding ladder to "
+                               "replace; this backbone family is not supported by the encoder side network.")
+    model.embeddings.requires_grad_(False)
+    return model
 
 
 def _block_list(model: nn.Module, n: int) -> nn.ModuleList:
@@ -69,9 +106,6 @@ class LadderSideNetwork(nn.Module):
                  reduction_factor: int = 8, dropout: float = 0.1, attention_dropout: float = 0.0,
                  pooling: str = "mean", num_heads: int | None = None) -> None:
         super().__init__()
-        from transformers import AutoModel
-        from transformers.masking_utils import create_bidirectional_mask
-
         if 0 not in stored_layers:
             raise TrainConfigError(expected("layer 0 (the embedding output) in the store for the embedding ladder",
                                             f"stored layers {stored_layers}"))
@@ -98,23 +132,42 @@ class LadderSideNetwork(nn.Module):
         self.ladder_bias = nn.Parameter(torch.zeros(len(kept_layers), ds))
         nn.init.normal_(self.ladder_weight, std=d ** -0.5)
         self.gate_alpha = nn.Parameter(torch.zeros(len(kept_layers)))  # mu = 0.5 at init
-        self.blocks = _block_list(AutoModel.from_config(self.config), len(kept_layers))
+        # The side blocks run inside the family's own model forward, so whatever its blocks need besides
+        # (hidden, mask) (relative positions in MPNet/DeBERTa, its mask format) is computed the family's way.
+        # Hooks put the ladders in: the embeddings' output becomes the embedding ladder's, and block j's
+        # input is mixed with ladder j.
+        self.side = _build_side_model(self.config)
+        self.__dict__["blocks"] = _block_list(self.side, len(kept_layers))  # a view, not a second registration
+        # bound methods (not closures): a deep copy of the network then calls its own copy's hooks
+        self.side.embeddings.register_forward_hook(self._embedding_ladder_output)
+        for j, block in enumerate(self.blocks):
+            block.register_forward_pre_hook(functools.partial(self._mix_ladder, j), with_kwargs=True)
+        self._run: dict[str, torch.Tensor] = {}
         self.norm = nn.LayerNorm(ds, eps=getattr(backbone_config, "layer_norm_eps", 1e-12))
         self.up = nn.Linear(ds, d)
         self.head_dropout = nn.Dropout(dropout)
         self.head = nn.Linear(d, num_outputs)
-        self._make_mask = create_bidirectional_mask
+
+    def _embedding_ladder_output(self, module, args, output) -> torch.Tensor:
+        return self._run["s"]
+
+    def _mix_ladder(self, j: int, module, args, kwargs):
+        """Block j's input s -> mu_j * s + (1 - mu_j) * ladder_j."""
+        gate, ladder = self._run["gates"][j], self._run["ladders"][:, :, j]
+        if args:
+            return (gate * args[0] + (1 - gate) * ladder, *args[1:]), kwargs
+        kwargs["hidden_states"] = gate * kwargs["hidden_states"] + (1 - gate) * ladder
+        return args, kwargs
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, n_stored, d) backbone states; mask (B, T) bool -> (B, num_outputs)."""
         s = self.embed_ladder(hidden[:, :, self.emb_pos])  # (B, T, ds)
         ladders = torch.einsum("btkd,kds->btks", hidden[:, :, self.ladder_pos], self.ladder_weight) + self.ladder_bias
-        attn_mask = self._make_mask(config=self.config, inputs_embeds=s, attention_mask=mask.long())
-        gates = torch.sigmoid(self.gate_alpha / GATE_TEMPERATURE)
-        for j, block in enumerate(self.blocks):
-            s = gates[j] * s + (1 - gates[j]) * ladders[:, :, j]
-            out = block(s, attn_mask)
-            s = out[0] if isinstance(out, tuple) else out
+        self._run = {"s": s, "ladders": ladders, "gates": torch.sigmoid(self.gate_alpha / GATE_TEMPERATURE)}
+        try:
+            s = self.side(inputs_embeds=s, attention_mask=mask.long())[0]  # (B, T, ds) after the last block
+        finally:
+            self._run = {}
         s = self.norm(s)
         if self.pooling == "cls":
             pooled = s[:, 0]

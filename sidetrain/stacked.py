@@ -116,6 +116,9 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
         (Path(c.out) / "config.json").write_text(
             json.dumps({**_resolved(c, manifest, metric, eval_name), "stacked_with": k_n}, indent=2, sort_keys=True))
     params, buffers = stack_module_state(models)  # {name: (K, ...)} leaves with requires_grad
+    frozen = {n for n, p in models[0].named_parameters() if not p.requires_grad}  # unused side embeddings
+    params = {n: p.detach() if n in frozen else p for n, p in params.items()}
+    trained = {n: p for n, p in params.items() if n not in frozen}
     base = copy.deepcopy(models[0]).to("meta")
     for module in base.modules():  # vmap has no batching rule for CPU flash attention; eager batches well
         if getattr(module, "config", None) is not None:
@@ -125,7 +128,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
         return functional_call(base, (p, b), (hidden, mask))
 
     vforward = torch.vmap(forward, in_dims=(0, 0, None, None), randomness="different")
-    optim = _StackedAdamW(params, torch.tensor([c.lr for c in cfgs], device=device),
+    optim = _StackedAdamW(trained, torch.tensor([c.lr for c in cfgs], device=device),
                           torch.tensor([c.weight_decay for c in cfgs], device=device))
     clips = torch.tensor([c.grad_clip or 0.0 for c in cfgs], device=device)
     steps_per_epoch = -(-len(train_split) // cfg0.batch_size)
@@ -153,7 +156,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
             else:
                 per = F.cross_entropy(logits.flatten(0, 1), b.labels.repeat(k_n), reduction="none").view(k_n, -1).mean(1)
             per.sum().backward()  # members share no parameter: each gets its own gradient
-            _clip(params, clips)
+            _clip(trained, clips)
             optim.step(factor(step))
             losses.append(per.detach().cpu().numpy())
             step += 1
