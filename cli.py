@@ -241,9 +241,9 @@ def sweep(
     report: Annotated[bool, typer.Option("--report", help="Reprint the results of the sweep in TARGET.")] = False,
 ) -> None:
     """Search side-network settings with Optuna; every trial reads the same store (no backbone)."""
-    from sidetrain.space import load_space_file
-    from sidetrain.sweep import SweepConfig, run_sweep
-    from sidetrain.sweep_report import load_summary, results_table
+    from sidetrain.search.report import load_summary, results_table
+    from sidetrain.search.space import load_space_file
+    from sidetrain.search.sweep import SweepConfig, run_sweep
 
     if report:
         summary = load_summary(target)
@@ -275,7 +275,7 @@ def predict(
     """Label raw text with a trained run: the backbone named in its store manifest + its side network."""
     from featcache.errors import LstError
     from sidetrain.predict import Predictor, read_texts
-    from sidetrain.seq2seq_predict import is_seq2seq_run, predict_lines
+    from sidetrain.seq2seq.predict import is_seq2seq_run, predict_lines
 
     texts = (read_texts(input) if input else []) + list(text or [])
     if not texts:

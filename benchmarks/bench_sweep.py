@@ -6,7 +6,7 @@
    same settings, measured in this process. T online trials are EXTRAPOLATED, not run:
        online_sweep ~= sum(cached trial times in the sweep) + T * (online run - cached run)
    i.e. each trial pays the measured backbone overhead on top of its own side-network cost.
-3. Stacked: K trials of one network shape and batch size trained in one pass (sidetrain.stacked),
+3. Stacked: K trials of one network shape and batch size trained in one pass (sidetrain.search.stacked),
    against the same K trials one after the other; then the whole sweep again with --stack K.
 
 Sizes: LST_BENCH_SWEEP_TRIALS (16), LST_BENCH_SWEEP_TRAIN (1000 banking77 train rows, seeded sample),
@@ -30,7 +30,7 @@ from common import log, setup_logging, timed, write_results
 from featcache import ExtractConfig, extract, open_store
 from featcache.bundled import bolt_dataset_path, minilm_path
 from sidetrain import TrainConfig, train
-from sidetrain.sweep import SweepConfig, run_sweep
+from sidetrain.search.sweep import SweepConfig, run_sweep
 
 TRIALS = int(os.environ.get("LST_BENCH_SWEEP_TRIALS", "16"))
 N_TRAIN = int(os.environ.get("LST_BENCH_SWEEP_TRAIN", "1000"))
@@ -61,7 +61,7 @@ def subset(root: Path) -> Path:
 
 def stacked_speedup(store_path: Path, root: Path, k: int) -> dict[str, Any] | None:
     try:
-        from sidetrain.stacked import train_stacked
+        from sidetrain.search.stacked import train_stacked
     except ImportError:
         return None
     store = open_store(store_path)

@@ -34,7 +34,7 @@ from featcache.store import check_match
 
 from .model import LadderSideNetwork, _block_list
 from .probe import _fit
-from .seq2seq_prune import _head_top, _top
+from .seq2seq.prune import _head_top, _top
 
 log = logging.getLogger(__name__)
 N_EXAMPLES = 1024  # the paper's budget

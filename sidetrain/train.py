@@ -164,7 +164,7 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
     if init not in ("random", "pruned"):
         raise TrainConfigError(expected("--init random or pruned", init))
     if "seq2seq" in manifest:  # encoder-decoder store (T5): its own side network and loop
-        from .seq2seq_train import train_seq2seq
+        from .seq2seq.train import train_seq2seq
 
         return train_seq2seq(cfg, store, on_epoch)
     if cfg.head == "probe":

@@ -195,7 +195,7 @@ def test_block_layouts_of_other_families(family):
 @pytest.mark.parametrize("stack", [1, 2])
 def test_sweep_trials_with_pruned_init(store, tmp_path, monkeypatch, stack):
     pytest.importorskip("optuna")
-    from sidetrain.sweep import SweepConfig, run_sweep
+    from sidetrain.search.sweep import SweepConfig, run_sweep
 
     calls, real = [], P.init_from_backbone
     monkeypatch.setattr(P, "init_from_backbone", lambda side, *a, **k: calls.append(a) or real(side, *a, **k))
@@ -210,7 +210,7 @@ def test_sweep_trials_with_pruned_init(store, tmp_path, monkeypatch, stack):
 
 
 def test_sweep_space_refuses_an_unknown_init(store):
-    from sidetrain.space import SpaceError, resolve_space
+    from sidetrain.search.space import SpaceError, resolve_space
 
     with pytest.raises(SpaceError, match="init values among random, pruned.*fisher"):
         resolve_space(open_store(store).manifest, {"init": ["random", "fisher"]})

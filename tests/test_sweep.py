@@ -20,8 +20,8 @@ from featcache import ExtractConfig, extract
 
 optuna = pytest.importorskip("optuna")
 
-from sidetrain.space import SpaceError, parse_space, resolve_space
-from sidetrain.sweep import SweepConfig, run_sweep
+from sidetrain.search.space import SpaceError, parse_space, resolve_space
+from sidetrain.search.sweep import SweepConfig, run_sweep
 
 runner = CliRunner()
 CPU = ("--device", "cpu", "--threads", 1)  # one thread: a busy shared CPU makes torch's thread pool spin
@@ -174,7 +174,7 @@ def test_stacked_members_match_separate_runs(store, tmp_path):
     import torch
 
     from sidetrain import TrainConfig, train
-    from sidetrain.stacked import train_stacked
+    from sidetrain.search.stacked import train_stacked
 
     kw = {"store": str(store), "device": "cpu", "epochs": 2, "batch_size": 32, "reduction_factor": 4, "dropout": 0.0}
     cfgs = [TrainConfig(out=str(tmp_path / f"sep{i}"), lr=lr, **kw) for i, lr in enumerate((1e-3, 5e-3))]

@@ -27,11 +27,11 @@ from featcache.reader import SplitReader, StoreReader
 from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone, shift_right
 from featcache.store import check_match
 
-from . import metrics as M
-from .data import length_bucketed_batches, should_preload
-from .memory import PeakMemory
-from .run_files import write_run
-from .seq2seq_model import T5LadderSideNetwork, sequence_scores, target_loss
+from .. import metrics as M
+from ..data import length_bucketed_batches, should_preload
+from ..memory import PeakMemory
+from ..run_files import write_run
+from .model import T5LadderSideNetwork, sequence_scores, target_loss
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def store_weights(store: StoreReader) -> dict[str, torch.Tensor]:
 
 
 def build_seq2seq_model(cfg, manifest: dict[str, Any], weights: dict[str, torch.Tensor]) -> T5LadderSideNetwork:
-    from .train import backbone_config
+    from ..train import backbone_config
 
     s = manifest["seq2seq"]
     kept = cfg.layers  # layer dropping: the same kept block indices for encoder and decoder
@@ -210,7 +210,7 @@ def _check_options(cfg) -> None:
 def train_seq2seq(cfg, store: StoreReader,
                   on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """`sidetrain.train` for encoder-decoder stores: same options, same run folder."""
-    from .train import pick_eval_split
+    from ..train import pick_eval_split
 
     _check_options(cfg)
     device = resolve_device(cfg.device)
@@ -236,7 +236,7 @@ def train_seq2seq(cfg, store: StoreReader,
         backbone = load_seq2seq_backbone(manifest["backbone"]["name"], "fp32", str(device))
         check_match("backbone weights", manifest["backbone"]["revision"], backbone.revision)
     if init == "pruned":  # side blocks = backbone blocks pruned to 1/r by Fisher information (cached)
-        from .seq2seq_prune import fisher_scores, pruned_init
+        from .prune import fisher_scores, pruned_init
 
         pruned_init(model, backbone, fisher_scores(store, backbone))
     model = model.to(device)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from featcache.reader import StoreReader
 from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone
 
-from .seq2seq_model import T5LadderSideNetwork
+from .model import T5LadderSideNetwork
 
 log = logging.getLogger(__name__)
 ATTN = re.compile(r"layer\.(\d)\.(SelfAttention|EncDecAttention)\.([qkvo])\.weight$")
@@ -37,7 +37,7 @@ def fisher_scores(store: StoreReader, backbone: Seq2SeqBackbone | None = None, n
     path = fisher_path(store)
     if path is not None and path.exists():
         return load_file(str(path))
-    from .seq2seq_train import open_decoder
+    from .train import open_decoder
 
     m = store.manifest
     backbone = backbone or load_seq2seq_backbone(m["backbone"]["name"], "fp32", "auto")

@@ -30,10 +30,10 @@ from featcache.backbone import resolve_device
 from featcache.errors import TrainConfigError, expected
 from featcache.reader import StoreReader, open_store
 
-from . import metrics as M
-from .data import CachedBatches, iterate, length_bucketed_batches
-from .run_files import write_run
-from .train import TrainConfig, _resolved, build_model, pick_eval_split, predict_split
+from .. import metrics as M
+from ..data import CachedBatches, iterate, length_bucketed_batches
+from ..run_files import write_run
+from ..train import TrainConfig, _resolved, build_model, pick_eval_split, predict_split
 
 log = logging.getLogger(__name__)
 PER_MEMBER = {"out", "lr", "weight_decay", "grad_clip", "extra"}  # may differ inside a stack
@@ -108,7 +108,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
         torch.manual_seed(c.seed)
         models.append(build_model(c, manifest).to(device))
         if c.extra.get("init", "random") == "pruned":  # as train(): Fisher-pruned backbone blocks (cached scores)
-            from .pruning import init_from_backbone
+            from ..pruning import init_from_backbone
 
             init_from_backbone(models[-1], store, c.train_split, str(device))
     for c, model in zip(cfgs, models):

@@ -32,9 +32,9 @@ from featcache.errors import LstError, expected
 from featcache.progress import progress_bar
 from featcache.reader import StoreReader, open_store
 
-from . import metrics as M
+from .. import metrics as M
+from ..train import TrainConfig, pick_eval_split, train
 from . import space as S
-from .train import TrainConfig, pick_eval_split, train
 
 log = logging.getLogger(__name__)
 MAX_FAILURES_IN_A_ROW = 3
@@ -59,7 +59,7 @@ class SweepConfig:
     device: str = "auto"
     metric: str | None = None
     threads: int | None = None  # torch CPU threads per worker; None: torch's default, or cores / workers
-    stack: int = 1  # trials trained together in one pass (sharing network shape and batches; see stacked.py)
+    stack: int = 1  # trials trained together in one pass (sharing network shape and batches; see sidetrain/search/stacked.py)
     heartbeat_s: float = 10.0
     stale_after_s: float = 120.0  # a trial of another host with no heartbeat for this long is retried
     max_retries: int = 2  # retries of one killed trial's parameters
@@ -377,7 +377,7 @@ def _run_trial(ctx: _Context, study, trial, values: dict[str, Any]) -> bool:
 
 
 def _run_stack(ctx: _Context, study, group: list[tuple[Any, dict[str, Any]]]) -> list[bool]:
-    """Train a group of trials in one pass over the data (sidetrain.stacked) and tell each."""
+    """Train a group of trials in one pass over the data (sidetrain.search.stacked) and tell each."""
     from .stacked import stack_key, train_stacked
 
     cfgs = [_train_config(ctx, t, v) for t, v in group]
@@ -528,6 +528,6 @@ def run_sweep(cfg: SweepConfig, store: StoreReader | None = None) -> dict[str, A
             work(ctx, study, 0, bar)
     else:
         _run_workers(cfg, study)
-    from .sweep_report import write_results
+    from .report import write_results
 
     return write_results(study, out, ctx.metric, wall_seconds=time.perf_counter() - t0)
