@@ -34,7 +34,6 @@ from featcache.store import check_match
 
 from .model import LadderSideNetwork, _block_list
 from .probe import _fit
-from .seq2seq.prune import _head_top, _top
 
 log = logging.getLogger(__name__)
 N_EXAMPLES = 1024  # the paper's budget
@@ -48,6 +47,18 @@ ATTENTION = [("qk", re.compile(r"(attention\.self\.(pos_)?(query|key)(_proj)?|\.
 # (out axis, in axis) of each role's weight; a bias has the out axis only.
 AXES = {"qk": ("qk", "model"), "vo": ("vo", "model"), "out": ("model", "vo"),
         "ff_in": ("ff", "model"), "ff_out": ("model", "ff")}
+
+
+def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best-scored channels, in their original order (r = 1 keeps a block exactly as it is)."""
+    return torch.sort(torch.topk(scores, k).indices).values
+
+
+def top_per_head(scores: torch.Tensor, heads: int, k: int) -> torch.Tensor:
+    """The k best-scored dims inside every head (scores: heads * head_dim), so the head count is kept."""
+    per_head = scores.view(heads, -1)
+    idx = torch.sort(torch.topk(per_head, k, dim=1).indices, dim=1).values
+    return (idx + torch.arange(heads)[:, None] * per_head.shape[1]).reshape(-1)
 
 
 # ---------------------------------------------------------------- which channel each axis indexes
@@ -217,7 +228,7 @@ def pruned_init(side: LadderSideNetwork, backbone: Backbone, scores: dict[str, t
     """Overwrite every side block with the slices of the backbone block it sits beside."""
     d, heads = backbone.hidden_size, int(backbone.config.num_attention_heads)
     source = _block_list(backbone.model, backbone.num_layers)
-    keep_model = _top(scores["model"], side.config.hidden_size)
+    keep_model = top_channels(scores["model"], side.config.hidden_size)
     with torch.no_grad():
         for j, layer in enumerate(side.kept_layers):
             b = layer - 1  # hidden_states index i is the output of block i - 1
@@ -241,11 +252,11 @@ def pruned_init(side: LadderSideNetwork, backbone: Backbone, scores: dict[str, t
 
 def _keep(scores: torch.Tensor, group: str, k: int, heads: int) -> torch.Tensor:
     if group == "ff":
-        return _top(scores, k)
+        return top_channels(scores, k)
     if k % heads:  # attention dims are picked inside each backbone head
         raise TrainConfigError(expected(f"side attention width {k} divisible by the backbone's {heads} heads for "
                                         "--init pruned", k, "Drop --side-heads or use --init random."))
-    return _head_top(scores, heads, k // heads)
+    return top_per_head(scores, heads, k // heads)
 
 
 def init_from_backbone(side: LadderSideNetwork, store: StoreReader, train_split: str, device: str = "auto") -> None:

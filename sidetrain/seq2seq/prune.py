@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from featcache.reader import StoreReader
 from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone
 
+from ..pruning import top_channels, top_per_head
 from .model import T5LadderSideNetwork
 
 log = logging.getLogger(__name__)
@@ -100,20 +101,10 @@ def _channel_scores(fisher: dict[str, torch.Tensor], d: int) -> dict[str, torch.
     return out
 
 
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.sort(torch.topk(scores, k).indices).values  # original order: r = 1 keeps the block as is
-
-
-def _head_top(scores: torch.Tensor, heads: int, k: int) -> torch.Tensor:
-    per_head = scores.view(heads, -1)  # (heads, d_kv)
-    idx = torch.sort(torch.topk(per_head, k, dim=1).indices, dim=1).values
-    return (idx + torch.arange(heads)[:, None] * per_head.shape[1]).reshape(-1)
-
-
 def pruned_init(side: T5LadderSideNetwork, backbone: Seq2SeqBackbone, scores: dict[str, torch.Tensor]) -> None:
     """Overwrite the side blocks (and final norms) with slices of the backbone blocks they sit beside."""
     cfg = side.config
-    keep_model = _top(scores["model"], cfg.d_model)
+    keep_model = top_channels(scores["model"], cfg.d_model)
     with torch.no_grad():
         for stack, blocks, kept in (("encoder", side.enc_blocks, side.enc_kept),
                                     ("decoder", side.dec_blocks, side.dec_kept)):
@@ -121,7 +112,7 @@ def pruned_init(side: T5LadderSideNetwork, backbone: Seq2SeqBackbone, scores: di
             for j, layer in enumerate(kept):
                 b = layer - 1  # hidden_states index i is the output of block i - 1
                 key = f"{stack}.{b}"
-                ff = _top(scores[f"{key}.ff"], cfg.d_ff)
+                ff = top_channels(scores[f"{key}.ff"], cfg.d_ff)
                 src = dict(source.block[b].named_parameters())
                 for name, p in blocks[j].named_parameters():
                     if name.endswith("relative_attention_bias.weight"):
@@ -129,7 +120,7 @@ def pruned_init(side: T5LadderSideNetwork, backbone: Seq2SeqBackbone, scores: di
                     w = src[name].detach().float().cpu()
                     att = ATTN.search(name)
                     if att:
-                        inner = _head_top(scores[f"{key}.layer.{att.group(1)}"], cfg.num_heads, cfg.d_kv)
+                        inner = top_per_head(scores[f"{key}.layer.{att.group(1)}"], cfg.num_heads, cfg.d_kv)
                         w = w[inner][:, keep_model] if att.group(3) != "o" else w[keep_model][:, inner]
                     elif re.search(r"\.wi(_\d)?\.weight$", name):
                         w = w[ff][:, keep_model]
