@@ -189,9 +189,6 @@ def train(
     weight_decay: Annotated[float, typer.Option()] = 0.01,
     warmup_steps: Annotated[int, typer.Option(help="-1: min(500, 10% of the steps).")] = -1,
     pooling: Annotated[str, typer.Option(help="mean or cls.")] = "mean",
-    head_input: Annotated[str, typer.Option(help="side (the paper's head: pooled side output only) or "
-                                                 "side+backbone (the head also sees the pooled last stored layer, "
-                                                 "so the side network learns a correction to it).")] = "side",
     amp: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA), bf16 or off.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the side network.")] = False,
     preload: Annotated[bool | None, typer.Option("--preload/--no-preload", help="Keep splits in RAM "
@@ -209,8 +206,8 @@ def train(
                       batch_size=batch_size, seed=seed, device=device, train_split=train_split,
                       eval_split=eval_split, metric=metric, online=online, head=head, side_heads=side_heads,
                       dropout=dropout, attention_dropout=attention_dropout, weight_decay=weight_decay,
-                      warmup_steps=warmup_steps, pooling=pooling, head_input=head_input, amp=amp, compile=compile,
-                      preload=preload, resume=resume, extra={"init": init})
+                      warmup_steps=warmup_steps, pooling=pooling, amp=amp, compile=compile, preload=preload,
+                      resume=resume, extra={"init": init})
     summary = run_train(cfg)
     _print_results(summary, title=f"lst train ({summary['mode']})")
 

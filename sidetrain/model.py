@@ -104,7 +104,7 @@ def _block_list(model: nn.Module, n: int) -> nn.ModuleList:
 class LadderSideNetwork(nn.Module):
     def __init__(self, backbone_config, num_outputs: int, stored_layers: list[int], kept_layers: list[int],
                  reduction_factor: int = 8, dropout: float = 0.1, attention_dropout: float = 0.0,
-                 pooling: str = "mean", num_heads: int | None = None, head_input: str = "side") -> None:
+                 pooling: str = "mean", num_heads: int | None = None) -> None:
         super().__init__()
         if 0 not in stored_layers:
             raise TrainConfigError(expected("layer 0 (the embedding output) in the store for the embedding ladder",
@@ -126,8 +126,6 @@ class LadderSideNetwork(nn.Module):
                              persistent=False)
         self.kept_layers = list(kept_layers)
         self.pooling = pooling
-        self.head_input = head_input
-        self.last_pos = len(stored_layers) - 1  # the last stored layer (layers are stored in increasing order)
         self.embed_ladder = nn.Linear(d, ds)
         # All ladder projections in one contraction: (K, d, d/r) weights, (K, d/r) biases.
         self.ladder_weight = nn.Parameter(torch.empty(len(kept_layers), d, ds))
@@ -174,14 +172,6 @@ class LadderSideNetwork(nn.Module):
         if self.pooling == "cls":
             pooled = s[:, 0]
         else:
-            pooled = _masked_mean(s, mask)  # (B, ds)
-        z = torch.tanh(self.up(pooled))  # (B, d)
-        if self.head_input == "side+backbone":  # the side network learns a correction to the backbone's own
-            z = z + _masked_mean(hidden[:, :, self.last_pos], mask)  # pooled last layer (the probe's input)
-        return self.head(self.head_dropout(z))
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, w) -> (B, w): the mean over real tokens."""
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+            m = mask.unsqueeze(-1).to(s.dtype)
+            pooled = (s * m).sum(1) / m.sum(1).clamp(min=1)  # (B, ds)
+        return self.head(self.head_dropout(torch.tanh(self.up(pooled))))

@@ -51,7 +51,6 @@ class TrainConfig:
     dropout: float = 0.1  # side network hidden and head dropout
     attention_dropout: float = 0.0  # off by default: its random (B, heads, T, T) masks dominate a CPU step
     pooling: str = "mean"  # mean | cls: how the side output is pooled for the head
-    head_input: str = "side"  # side (paper) | side+backbone: the head also sees the pooled last stored layer
     side_heads: int | None = None  # attention heads of the side blocks; None = the backbone's (paper)
     head: str = "lst"  # lst (the side network) | probe (logistic regression on the last stored layer)
     amp: str = "auto"  # auto (bf16 autocast on CUDA, off on CPU) | bf16 | off
@@ -75,8 +74,6 @@ class TrainConfig:
                 raise TrainConfigError(expected(f"{flag} of at least {low}", value))
         if self.lr <= 0:
             raise TrainConfigError(expected("--lr above 0", self.lr))
-        if self.head_input not in ("side", "side+backbone"):
-            raise TrainConfigError(expected("--head-input side or side+backbone", self.head_input))
         if self.pooling not in ("mean", "cls"):
             raise TrainConfigError(expected("--pooling mean or cls", self.pooling))
         if self.metric is not None and self.metric not in M.METRICS:
@@ -109,8 +106,7 @@ def build_model(cfg: TrainConfig, manifest: dict[str, Any]) -> LadderSideNetwork
     stored = manifest["layers"]
     kept = cfg.layers if cfg.layers is not None else [x for x in stored if x > 0]
     return LadderSideNetwork(backbone_config(manifest), manifest["task"]["num_labels"], stored, kept,
-                             cfg.reduction_factor, cfg.dropout, cfg.attention_dropout, cfg.pooling, cfg.side_heads,
-                             cfg.head_input)
+                             cfg.reduction_factor, cfg.dropout, cfg.attention_dropout, cfg.pooling, cfg.side_heads)
 
 
 def _loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

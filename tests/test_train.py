@@ -150,23 +150,3 @@ def test_sentence_pair_regression(tiny_bert, tmp_path):
     assert s["metric"] == "pearson" and set(s["splits"]["dev"]) == {"pearson", "spearman"}
     with pytest.raises(TrainConfigError, match="--metric"):
         train(cfg(tmp_path / "s", tmp_path / "r2", metric="accuracy"))
-
-
-def test_head_input_side_plus_backbone_sees_the_last_layer(one_thread):
-    """--head-input side+backbone: the head input is the upsampled side output plus the pooled last layer."""
-    import torch
-    from transformers import AutoConfig
-
-    from sidetrain.model import LadderSideNetwork
-
-    cfg = AutoConfig.for_model("bert", hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
-                               intermediate_size=64)
-    torch.manual_seed(0)
-    net = LadderSideNetwork(cfg, 3, [0, 1, 2], [1, 2], reduction_factor=2, dropout=0.0, head_input="side+backbone")
-    hidden, mask = torch.randn(2, 5, 3, 32), torch.ones(2, 5, dtype=torch.bool)
-    mask[1, 3:] = False
-    with torch.no_grad():
-        net.up.weight.zero_()
-        net.up.bias.zero_()  # side contribution tanh(0) = 0: the head sees the pooled last layer alone
-        pooled = (hidden[:, :, 2] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        assert torch.allclose(net(hidden, mask), net.head(pooled), atol=1e-6)
