@@ -10,8 +10,8 @@
    against the same K trials one after the other; then the whole sweep again with --stack K.
 
 Sizes: LST_BENCH_SWEEP_TRIALS (16), LST_BENCH_SWEEP_TRAIN (1000 banking77 train rows, seeded sample),
-LST_BENCH_SWEEP_DEV (200), LST_BENCH_SWEEP_EPOCHS (3), LST_BENCH_SWEEP_STACK (4), LST_BENCH_THREADS (1: the machine is shared; torch's
-thread pool spins when oversubscribed). Results: benchmarks/results/sweep.json and sweep.md.
+LST_BENCH_SWEEP_DEV (200), LST_BENCH_SWEEP_EPOCHS (3), LST_BENCH_SWEEP_STACK (4), LST_BENCH_THREADS (torch's default; set 1 on a
+shared, loaded machine: torch's thread pool spins when oversubscribed). Results: benchmarks/results/sweep.json and sweep.md.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ TRIALS = int(os.environ.get("LST_BENCH_SWEEP_TRIALS", "16"))
 N_TRAIN = int(os.environ.get("LST_BENCH_SWEEP_TRAIN", "1000"))
 N_DEV = int(os.environ.get("LST_BENCH_SWEEP_DEV", "200"))
 EPOCHS = int(os.environ.get("LST_BENCH_SWEEP_EPOCHS", "3"))
-THREADS = int(os.environ.get("LST_BENCH_THREADS", "1"))
+THREADS = int(os.environ.get("LST_BENCH_THREADS", str(torch.get_num_threads())))
 STACK = int(os.environ.get("LST_BENCH_SWEEP_STACK", "4"))
 BATCH = 32
 MAX_LENGTH = 64  # as `lst demo`
-COMMAND = "make bench  (python benchmarks/run_all.py sweep)"
+COMMAND = "python benchmarks/run_all.py sweep  (part of make bench)"
 SPACE = {"lr": {"low": 3e-4, "high": 1e-2, "log": True}, "reduction_factor": [4, 8, 16],
          "batch_size": BATCH, "epochs": EPOCHS, "seed": 0}
 REFERENCE = {"reduction_factor": 8, "lr": 3e-3, "batch_size": BATCH, "epochs": EPOCHS, "seed": 0}
