@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -15,13 +16,33 @@ GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 WORDS = ["card", "payment", "refund", "transfer", "account", "balance", "exchange", "fee", "cash", "atm", "pin", "lost", "stolen", "top", "up", "limit", "verify", "identity", "country", "currency", "delivery", "arrive", "charge", "pending", "declined"]
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Tiny models run faster on one thread on a shared machine (a second one only spins), and every
+    process does the same sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
-    """Tiny models run faster on one thread on a shared machine, and every process does the same sums."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_bert, tiny_dataset, tmp_path_factory) -> Path:
+    """An fp32 store of the tiny dataset (max length 16), shared read-only by the training tests."""
+    from featcache import ExtractConfig, extract
+
+    path = tmp_path_factory.mktemp("tiny_store") / "store"
+    extract(ExtractConfig(model=str(tiny_bert), dataset=str(tiny_dataset), out=str(path), store_dtype="fp32",
+                          max_length=16, device="cpu"))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import torch_threads
 from torch import nn
 
-from featcache import ExtractConfig, extract
 from featcache.backbone import Backbone, load_backbone
 from featcache.errors import TrainConfigError
 from featcache.reader import open_store
@@ -24,19 +24,13 @@ N = 32  # examples scored in these tests (1024 in real runs)
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    """Tiny models on a shared 2-core machine: a second torch thread only spins (50x slower measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):  # tiny models on a shared 2-core machine: a second thread only spins
+        yield
 
 
 @pytest.fixture(scope="module")
-def store(tiny_bert, tiny_dataset, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("prune") / "store"
-    extract(ExtractConfig(model=str(tiny_bert), dataset=str(tiny_dataset), out=str(path), store_dtype="fp32",
-                          max_length=16, device="cpu"))
-    return path
+def store(tiny_store) -> Path:
+    return tiny_store
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import synthetic_rows, write_tsv
+from conftest import synthetic_rows, torch_threads, write_tsv
 
 from featcache import ExtractConfig, extract, open_store
 from featcache.bundled import minilm_path
@@ -24,11 +24,8 @@ from sidetrain import TrainConfig, train
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny matmuls: one thread is ~10x faster than several on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):  # tiny matmuls: one thread is ~10x faster than several on a shared, busy CPU
+        yield
 
 
 @pytest.fixture(scope="session")

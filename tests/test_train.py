@@ -27,11 +27,8 @@ def losses(run: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def store(tiny_bert, tiny_dataset, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("train") / "store"
-    extract(ExtractConfig(model=str(tiny_bert), dataset=str(tiny_dataset), out=str(path), store_dtype="fp32",
-                          max_length=16, device="cpu"))
-    return path
+def store(tiny_store) -> Path:
+    return tiny_store
 
 
 def cfg(store: Path, out: Path, **kw) -> TrainConfig:
