@@ -213,17 +213,19 @@ class SplitReader:
 
     def stored_rows(self, lo: np.ndarray, hi: np.ndarray, layers: list[int] | None = None) -> np.ndarray:
         """The stored values (storage dtype, undecoded; no int8 scales) of token ranges lo[i]:hi[i], concatenated."""
-        pos = self.layer_positions(layers)
-        return self._hidden.gather(lo, hi, None if len(pos) == len(self.layers) else pos)
+        return self._raw_rows(lo, hi, layers, with_scales=False)[0]
 
     def hidden_rows(self, lo: np.ndarray, hi: np.ndarray, layers: list[int] | None = None) -> torch.Tensor:
         """Decoded float32 hidden states of token ranges lo[i]:hi[i], concatenated: (n, n_layers, d)."""
+        return S.decode(*self._raw_rows(lo, hi, layers))  # int8: value = q * scale
+
+    def _raw_rows(self, lo: np.ndarray, hi: np.ndarray, layers: list[int] | None,
+                  with_scales: bool = True) -> tuple[np.ndarray, str, np.ndarray | None]:
+        """(stored values, storage dtype, int8 scales or None) of token ranges lo[i]:hi[i], concatenated."""
         pos = self.layer_positions(layers)
         cols = None if len(pos) == len(self.layers) else pos
-        raw = self._hidden.gather(lo, hi, cols)
-        if self._scales is None:
-            return S.decode(raw, self.store_dtype)
-        return S.decode(raw, self.store_dtype, self._scales.gather(lo, hi, cols))  # int8: value = q * scale
+        scales = self._scales.gather(lo, hi, cols) if with_scales and self._scales is not None else None
+        return self._hidden.gather(lo, hi, cols), self.store_dtype, scales
 
     def example(self, i: int, layers: list[int] | None = None) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
@@ -267,14 +269,10 @@ class SplitReader:
         """Examples `indices` with their hidden states, right-padded (zeros) to the longest."""
         out = self.token_batch(indices)
         idx = self._indices(indices)
-        lo, hi = self.offsets[idx], self.offsets[idx + 1]
-        pos = self.layer_positions(layers)
-        cols = None if len(pos) == len(self.layers) else pos
+        raw, dtype, scales = self._raw_rows(self.offsets[idx], self.offsets[idx + 1], layers)
         lengths = self.lengths[idx]
-        # pad in the storage dtype, then decode once: half the bytes moved of padding decoded floats
-        raw = _pad(self._hidden.gather(lo, hi, cols), lengths)
-        scales = None if self._scales is None else _pad(self._scales.gather(lo, hi, cols), lengths)
-        out.hidden = S.decode(raw, self.store_dtype, scales)
+        # padded in the storage dtype, then decoded once: ~3x cheaper than padding decoded float32 rows
+        out.hidden = S.decode(_pad(raw, lengths), dtype, None if scales is None else _pad(scales, lengths))
         return out
 
     def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0,

@@ -208,7 +208,8 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
             model.train()
             t0 = time.perf_counter()
             batches = length_bucketed_batches(train_split.lengths, cfg.batch_size, cfg.seed, epoch)
-            stream = batch_stream(sources[cfg.train_split], batches, device, _prefetch(cfg, sources[cfg.train_split], device))
+            source = sources[cfg.train_split]
+            stream = batch_stream(source, batches, device, _prefetch(cfg, source, device))
             try:
                 for b in stream:
                     with amp:
