@@ -207,7 +207,7 @@ def train(
                       eval_split=eval_split, metric=metric, online=online, head=head, side_heads=side_heads,
                       dropout=dropout, attention_dropout=attention_dropout, weight_decay=weight_decay,
                       warmup_steps=warmup_steps, pooling=pooling, amp=amp, compile=compile, preload=preload,
-                      resume=resume, extra={"init": init})
+                      resume=resume, init=init)
     summary = run_train(cfg)
     _print_results(summary, title=f"lst train ({summary['mode']})")
 

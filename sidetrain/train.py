@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 EVAL_SPLIT_NAMES = ("dev", "validation", "valid", "val")
 CHECKPOINT = "checkpoint.pt"
 # Options that change where/how a run executes but not its result: a resumed run may differ in them.
-RESUME_FREE = {"out", "device", "preload", "prefetch", "resume", "compile", "extra"}
+RESUME_FREE = {"out", "device", "preload", "prefetch", "resume", "compile"}
 
 
 @dataclass
@@ -65,7 +65,7 @@ class TrainConfig:
     prefetch: bool | None = None  # read batches in a background thread; None: unless preloaded on a CPU
     resume: bool = True  # continue from RUN/checkpoint.pt when --out holds one for the same options
     max_steps: int = 0  # 0: no limit (tests use it to pin short runs)
-    extra: dict[str, Any] = field(default_factory=dict)
+    init: str = "random"  # random | pruned: side blocks start as Fisher-pruned backbone blocks (cached scores)
 
     def __post_init__(self) -> None:
         for flag, value, low in [("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
@@ -80,6 +80,8 @@ class TrainConfig:
             raise TrainConfigError(expected(f"--metric one of {sorted(M.METRICS)}", self.metric))
         if self.side_heads is not None and self.side_heads < 1:
             raise TrainConfigError(expected("--side-heads of at least 1", self.side_heads))
+        if self.init not in ("random", "pruned"):
+            raise TrainConfigError(expected("--init random or pruned", self.init))
         if self.head not in ("lst", "probe"):
             raise TrainConfigError(expected("--head lst or probe", self.head))
         if self.amp not in ("auto", "bf16", "off"):
@@ -156,9 +158,6 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
     torch.manual_seed(cfg.seed)
     store = store or open_store(cfg.store)
     manifest = store.manifest
-    init = cfg.extra.get("init", "random")
-    if init not in ("random", "pruned"):
-        raise TrainConfigError(expected("--init random or pruned", init))
     if "seq2seq" in manifest:  # encoder-decoder store (T5): its own side network and loop
         from .seq2seq.train import train_seq2seq
 
@@ -175,7 +174,7 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
     train_split = check_labels(store, cfg.train_split)
     eval_name = pick_eval_split(store, cfg.eval_split, cfg.train_split)
     model = build_model(cfg, manifest).to(device)
-    if init == "pruned":  # side blocks = backbone blocks pruned to 1/r by Fisher information (cached)
+    if cfg.init == "pruned":  # side blocks = backbone blocks pruned to 1/r by Fisher information (cached)
         from .pruning import init_from_backbone
 
         init_from_backbone(model, store, cfg.train_split, str(device))

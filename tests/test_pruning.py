@@ -113,13 +113,13 @@ def test_scores_are_cached_per_split_and_count(store, backbone, scores, monkeypa
 def test_train_with_pruned_init(store, tmp_path):
     def run(name: str, init: str) -> np.ndarray:
         train(TrainConfig(store=str(store), out=str(tmp_path / name), epochs=1, batch_size=16, reduction_factor=4,
-                          device="cpu", seed=3, max_steps=3, extra={"init": init}))
+                          device="cpu", seed=3, max_steps=3, init=init))
         lines = (tmp_path / name / "train_log.jsonl").read_text().splitlines()
         return np.array([json.loads(line)["loss"] for line in lines])
 
     pruned, rand = run("pruned", "pruned"), run("random", "random")
     assert len(pruned) == 3 and pruned[0] != rand[0]
-    assert json.loads((tmp_path / "pruned" / "config.json").read_text())["extra"] == {"init": "pruned"}
+    assert json.loads((tmp_path / "pruned" / "config.json").read_text())["init"] == "pruned"
     n = min(P.N_EXAMPLES, len(open_store(store).split("train")))
     assert P.fisher_path(open_store(store), "train", n).exists()
     np.testing.assert_array_equal(run("again", "pruned"), pruned)  # scores now cached: same run
@@ -200,7 +200,7 @@ def test_sweep_trials_with_pruned_init(store, tmp_path, monkeypatch, stack):
     assert summary["finished"] == 2 and len(calls) == 2  # plain trials and stacked ones alike
     for run in (out / "trials").iterdir():
         cfg = json.loads((run / "config.json").read_text())
-        assert cfg["extra"] == {"init": "pruned"} and cfg.get("stacked_with", 1) == stack
+        assert cfg["init"] == "pruned" and cfg.get("stacked_with", 1) == stack
 
 
 def test_sweep_space_refuses_an_unknown_init(store):

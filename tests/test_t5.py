@@ -235,7 +235,7 @@ def test_pruned_init(t5_store, tiny_t5, tmp_path):
                                for h in range(4)])  # top half of each head's dims
             assert torch.equal(q, full[inner][:, model_idx])
     summary = train(TrainConfig(store=str(t5_store), out=str(tmp_path / "pruned"), epochs=1, batch_size=8,
-                                reduction_factor=4, device="cpu", extra={"init": "pruned"}))
+                                reduction_factor=4, device="cpu", init="pruned"))
     assert summary["steps"] == 5 and json.loads((tmp_path / "pruned" / "config.json").read_text())["init"] == "pruned"
 
 

@@ -23,7 +23,7 @@ from ..train import TrainConfig
 
 # TrainConfig fields that describe where and how a run executes, not the side network: never searched.
 NOT_SEARCHABLE = {"store", "out", "device", "train_split", "eval_split", "metric", "online", "preload",
-                  "prefetch", "resume", "compile", "amp", "max_steps", "extra"}
+                  "prefetch", "resume", "compile", "amp", "max_steps"}
 RANGE_KEYS = {"low", "high", "log", "step"}
 
 
@@ -44,7 +44,6 @@ def known_parameters() -> dict[str, type]:
             out[f.name] = next((t for t in (int, float, bool) if t.__name__ in str(f.type)), str)
         else:
             out[f.name] = type(f.default)
-    out["init"] = str  # random | pruned: travels in TrainConfig.extra (see to_train_kwargs)
     return out
 
 
@@ -256,8 +255,6 @@ def suggest(trial, space: dict[str, Param]) -> dict[str, Any]:
 
 def to_train_kwargs(values: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     kwargs = dict(values)
-    if "init" in kwargs:  # not a TrainConfig field: train() reads it from extra, as `lst train --init` passes it
-        kwargs["extra"] = {"init": kwargs.pop("init")}
     if "layers" in kwargs:
         kwargs["layers"] = parse_layer_spec(str(kwargs["layers"]), [x for x in manifest["layers"] if x > 0])
     return kwargs

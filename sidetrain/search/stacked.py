@@ -36,7 +36,7 @@ from ..run_files import write_run
 from ..train import TrainConfig, _resolved, build_model, pick_eval_split, predict_split
 
 log = logging.getLogger(__name__)
-PER_MEMBER = {"out", "lr", "weight_decay", "grad_clip", "extra"}  # may differ inside a stack
+PER_MEMBER = {"out", "lr", "weight_decay", "grad_clip", "init"}  # may differ inside a stack
 
 
 def stack_key(cfg: TrainConfig) -> tuple:
@@ -107,7 +107,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
     for c in cfgs:  # as train(): the seed fixes the initial weights
         torch.manual_seed(c.seed)
         models.append(build_model(c, manifest).to(device))
-        if c.extra.get("init", "random") == "pruned":  # as train(): Fisher-pruned backbone blocks (cached scores)
+        if c.init == "pruned":  # as train(): Fisher-pruned backbone blocks (cached scores)
             from ..pruning import init_from_backbone
 
             init_from_backbone(models[-1], store, c.train_split, str(device))

@@ -227,15 +227,12 @@ def train_seq2seq(cfg, store: StoreReader,
         raise TrainConfigError(expected(f"--train-split {manifest['seq2seq']['train_split']} (the split whose gold "
                                         "targets were decoded)", cfg.train_split))
     eval_name = pick_eval_split(store, cfg.eval_split, cfg.train_split)
-    init = cfg.extra.get("init", "random")
-    if init not in ("random", "pruned"):
-        raise TrainConfigError(expected("init 'random' or 'pruned'", init))
     model = build_seq2seq_model(cfg, manifest, store_weights(store))
     backbone = None
-    if init == "pruned" or cfg.online:
+    if cfg.init == "pruned" or cfg.online:
         backbone = load_seq2seq_backbone(manifest["backbone"]["name"], "fp32", str(device))
         check_match("backbone weights", manifest["backbone"]["revision"], backbone.revision)
-    if init == "pruned":  # side blocks = backbone blocks pruned to 1/r by Fisher information (cached)
+    if cfg.init == "pruned":  # side blocks = backbone blocks pruned to 1/r by Fisher information (cached)
         from .prune import fisher_scores, pruned_init
 
         pruned_init(model, backbone, fisher_scores(store, backbone))
@@ -244,7 +241,7 @@ def train_seq2seq(cfg, store: StoreReader,
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = {**asdict(cfg), "init": init, "metric": metric, "eval_split": eval_name, "layers": model.enc_kept,
+    resolved = {**asdict(cfg), "metric": metric, "eval_split": eval_name, "layers": model.enc_kept,
                 "decoder_layers": model.dec_kept, "store_manifest": {k: manifest[k] for k in (
                     "backbone", "tokenizer", "layers", "task", "max_length", "store_dtype", "precision",
                     "hidden_size", "seq2seq")}}
