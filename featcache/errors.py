@@ -21,6 +21,10 @@ class TrainConfigError(LstError):
     """A training option is invalid for this store or backbone."""
 
 
+class SweepError(LstError):
+    """A sweep cannot start or go on (storage, study, store or its trials)."""
+
+
 def expected(what: str, got: object, hint: str = "") -> str:
     """The house style for messages: 'Expected X. Got Y. Hint.'"""
     msg = f"Expected {what}. Got {got}."

@@ -47,6 +47,11 @@ class Batch:
     token_type_ids: torch.Tensor  # (B, T) long
     labels: torch.Tensor | None  # (B,)
 
+    def to(self, device: torch.device) -> Batch:
+        """What a side network reads, on `device` (the token ids stay on the host)."""
+        return Batch(None if self.hidden is None else self.hidden.to(device, non_blocking=True), self.mask.to(device),
+                     self.input_ids, self.token_type_ids, None if self.labels is None else self.labels.to(device))
+
 
 class _ShardViews:
     """A token-major sharded Zarr array read by memory-mapping its shard files (local, uncompressed).

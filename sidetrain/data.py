@@ -107,9 +107,8 @@ class OnlineBatches:
         return Batch(hidden, ids_only.mask, ids_only.input_ids, ids_only.token_type_ids, ids_only.labels)
 
 
-def _to_device(b: Batch, device: torch.device) -> Batch:
-    return Batch(b.hidden.to(device, non_blocking=True), b.mask.to(device), b.input_ids, b.token_type_ids,
-                 None if b.labels is None else b.labels.to(device))
+def _to_device(b, device: torch.device):
+    return b.to(device)  # a store Batch, or another trainer's batch type (T5) with the same method
 
 
 def iterate(source, batches: list[np.ndarray], device: torch.device) -> Iterator[Batch]:

@@ -146,6 +146,42 @@ def check_labels(store: StoreReader, split_name: str) -> SplitReader:
     return split
 
 
+@dataclass
+class Recipe:
+    """What the training loop needs from one kind of store: the encoder-only one here, T5's in
+    seq2seq/train.py. The loop itself (steps, schedule, checkpoints, selection, run files) is shared."""
+
+    model: torch.nn.Module
+    sources: dict[str, Any]  # labelled split -> batch source: a callable on example indices
+    task: str  # classification | regression: which metrics apply
+    metric: str  # the one the best epoch is picked on
+    num_labels: int
+    resolved: dict[str, Any]  # the options as run: RUN/config.json, and what a resume must match
+    loss: Callable[[Callable, Any], torch.Tensor]  # (forward, batch on the device) -> scalar loss
+    predict: Callable[[str, Any], np.ndarray]  # (split name, autocast) -> predictions in the split's order
+
+
+def encoder_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:
+    manifest = store.manifest
+    task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
+    metric = cfg.metric or M.default_metric(task)
+    if (metric in M.REGRESSION) != (task == "regression"):
+        raise TrainConfigError(expected(f"a --metric for a {task} task", metric,
+                                        f"Use one of {sorted(M.REGRESSION if task == 'regression' else M.CLASSIFICATION)}."))
+    model = build_model(cfg, manifest).to(device)
+    if cfg.init == "pruned":  # side blocks = backbone blocks pruned to 1/r by Fisher information (cached)
+        from .pruning import init_from_backbone
+
+        init_from_backbone(model, store, cfg.train_split, str(device))
+    sources = _sources(cfg, store, manifest, device)
+
+    def predict(name: str, amp) -> np.ndarray:
+        return predict_split(model, sources[name], store.split(name), cfg.batch_size, task, device, amp)
+
+    return Recipe(model, sources, task, metric, num_labels, _resolved(cfg, manifest, metric, eval_name),
+                  lambda forward, b: _loss(task, forward(b.hidden, b.mask), b.labels), predict)
+
+
 def train(cfg: TrainConfig, store: StoreReader | None = None,
           on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train, select the best epoch on the eval split, evaluate every labelled split, write RUN/.
@@ -157,48 +193,38 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     store = store or open_store(cfg.store)
-    manifest = store.manifest
-    if "seq2seq" in manifest:  # encoder-decoder store (T5): its own side network and loop
-        from .seq2seq.train import train_seq2seq
-
-        return train_seq2seq(cfg, store, on_epoch)
-    if cfg.head == "probe":
+    if cfg.head == "probe" and "seq2seq" not in store.manifest:
         from .probe import train_probe
 
         return train_probe(cfg, store)
-    task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
-    metric = cfg.metric or M.default_metric(task)
-    if (metric in M.REGRESSION) != (task == "regression"):
-        raise TrainConfigError(expected(f"a --metric for a {task} task", metric,
-                                        f"Use one of {sorted(M.REGRESSION if task == 'regression' else M.CLASSIFICATION)}."))
     train_split = check_labels(store, cfg.train_split)
     eval_name = pick_eval_split(store, cfg.eval_split, cfg.train_split)
-    model = build_model(cfg, manifest).to(device)
-    if cfg.init == "pruned":  # side blocks = backbone blocks pruned to 1/r by Fisher information (cached)
-        from .pruning import init_from_backbone
+    if "seq2seq" in store.manifest:  # encoder-decoder store (T5): its own side network, batches and scoring
+        from .seq2seq.train import seq2seq_recipe
 
-        init_from_backbone(model, store, cfg.train_split, str(device))
-    sources = _sources(cfg, store, manifest, device)
+        recipe = seq2seq_recipe(cfg, store, device, eval_name)
+    else:
+        recipe = encoder_recipe(cfg, store, device, eval_name)
+    model, sources, metric = recipe.model, recipe.sources, recipe.metric
     amp = autocast(cfg, device)
     forward = torch.compile(model, dynamic=True) if cfg.compile else model
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = _resolved(cfg, manifest, metric, eval_name)
     steps_per_epoch = -(-len(train_split) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else min(500, total // 10)
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen: side embeddings, T5's LM head
     # fused: one kernel per parameter instead of ~10 per parameter (~100 small tensors: CPU step time)
-    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
 
     state = {"epoch": 0, "step": 0, "best": -np.inf, "best_state": None, "history": [], "losses": [],
              "train_seconds": 0.0, "wait_seconds": 0.0}
     if cfg.resume and (out / CHECKPOINT).exists():
-        state = _load_checkpoint(out / CHECKPOINT, resolved, model, optim, sched)
-    (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
-    params = list(model.parameters())
+        state = _load_checkpoint(out / CHECKPOINT, recipe.resolved, model, optim, sched)
+    (out / "config.json").write_text(json.dumps(recipe.resolved, indent=2, sort_keys=True))
     with PeakMemory(device) as mem, progress_bar("train", total, unit="step") as bar:
         bar.advance(state["step"])
         for epoch in range(state["epoch"], cfg.epochs):
@@ -212,7 +238,7 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
             try:
                 for b in stream:
                     with amp:
-                        loss = _loss(task, forward(b.hidden, b.mask), b.labels)
+                        loss = recipe.loss(forward, b)
                     optim.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.grad_clip:
@@ -233,16 +259,14 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
                       "data_wait_fraction": stream.wait_seconds / max(seconds, 1e-9),
                       "train_loss": float(np.mean(state["losses"][-len(batches):]))}
             if eval_name:
-                scores = M.compute(task, predict_split(model, sources[eval_name], store.split(eval_name),
-                                                       cfg.batch_size, task, device, amp), store.split(eval_name).labels,
-                                   num_labels)
+                scores = _scores(recipe, eval_name, recipe.predict(eval_name, amp), store)
                 record.update({f"eval_{k}": v for k, v in scores.items()})
                 if scores[metric] > state["best"]:
                     state["best"] = scores[metric]
                     state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             state["history"].append(record)
             state["epoch"] = epoch + 1
-            _save_checkpoint(out / CHECKPOINT, state, resolved, model, optim, sched)
+            _save_checkpoint(out / CHECKPOINT, state, recipe.resolved, model, optim, sched)
             if on_epoch is not None:
                 on_epoch(epoch + 1, record)
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v
@@ -250,13 +274,12 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
     results, predictions = {}, {}
-    for name in store.split_names:
-        split = store.split(name)
-        if name == cfg.train_split or split.labels is None or name not in sources:
+    for name in sources:
+        if name == cfg.train_split:
             continue
-        pred = predict_split(model, sources[name], split, cfg.batch_size, task, device, amp)
+        pred = recipe.predict(name, amp)
         predictions[name] = pred.tolist()
-        results[name] = M.compute(task, pred, split.labels, num_labels)
+        results[name] = _scores(recipe, name, pred, store)
     step, history, best = state["step"], state["history"], state["best"]
     examples = len(train_split) * len(history) if not cfg.max_steps else step * cfg.batch_size
     seconds = state["train_seconds"]
@@ -267,9 +290,13 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
                "data_wait_fraction": state["wait_seconds"] / max(seconds, 1e-9),
                "peak_memory_bytes": mem.peak_bytes, "peak_memory_kind": mem.kind,
                "mode": "online" if cfg.online else "cached", "head": "lst",
-               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+               "trainable_parameters": sum(p.numel() for p in params)}
     write_run(out, model, summary, predictions, state["losses"])
     return summary
+
+
+def _scores(recipe: Recipe, name: str, pred: np.ndarray, store: StoreReader) -> dict[str, float]:
+    return M.compute(recipe.task, pred, store.split(name).labels, recipe.num_labels)
 
 
 def _prefetch(cfg: TrainConfig, source, device: torch.device) -> bool:

@@ -277,3 +277,32 @@ def test_batches_read_from_disk_equal_preloaded(t5_store):
     for name in ("enc_hidden", "enc_mask", "dec_hidden", "dec_mask", "targets", "row_example", "labels"):
         assert torch.equal(getattr(on_disk, name), getattr(in_ram, name)), name
     assert on_disk.dec_hidden.shape[0] == 12 and on_disk.row_example.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+def test_crashed_run_resumes_to_the_uninterrupted_result(t5_store, tmp_path):
+    """T5 runs share the encoder loop: a checkpoint each epoch, and a resumed run equals an uninterrupted one."""
+    kw = {"store": str(t5_store), "epochs": 3, "batch_size": 8, "reduction_factor": 4, "device": "cpu", "seed": 1}
+    full = train(TrainConfig(out=str(tmp_path / "full"), **kw))
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first_epoch(epoch, record):
+        if epoch == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(TrainConfig(out=str(tmp_path / "crashed"), **kw), on_epoch=crash_after_first_epoch)
+    trained = []
+    resumed = train(TrainConfig(out=str(tmp_path / "crashed"), **kw), on_epoch=lambda e, r: trained.append(e))
+    assert trained == [2, 3]  # epoch 1 came from the checkpoint
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    np.testing.assert_array_equal(losses(tmp_path / "crashed"), losses(tmp_path / "full"))
+    assert resumed["splits"] == full["splits"]
+    # bf16 autocast (the GPU default) runs the T5 side network too
+    amp = train(TrainConfig(out=str(tmp_path / "bf16"), amp="bf16", max_steps=2, **kw))
+    assert np.isfinite(amp["history"][-1]["train_loss"])

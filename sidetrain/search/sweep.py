@@ -5,43 +5,36 @@
 Layout of OUT: study.db (default storage), space.json, trials/<number>/ (one `lst train` run folder
 per trial), logs/ (one log per spawned worker), summary.json, summary.png, best -> trials/<best>.
 
-Robustness without help from the storage backend (so SQLite, RDB servers and journal files behave
-alike): each running trial records its host, pid and a heartbeat in its user attributes. Before a
-worker claims a trial it fails RUNNING trials whose process is dead (same host) or whose heartbeat
-is stale (another host), and enqueues their parameters again, so a killed trial is retried, not lost.
-Claims (count + ask) happen under a lock file in OUT, so K workers never overshoot the trial budget.
+Here: the options, running trials (alone or stacked) and worker processes. The Optuna study and its
+storage are in study.py; which worker runs which trial, heartbeats and recovery of killed trials in
+claims.py; summary.json and the plot in report.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import multiprocessing
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from featcache.errors import LstError, expected
+from featcache.errors import LstError, SweepError, expected
 from featcache.progress import progress_bar
 from featcache.reader import StoreReader, open_store
 
 from .. import metrics as M
 from ..train import TrainConfig, pick_eval_split, train
 from . import space as S
+from .claims import claim, claim_group, claim_lock, heartbeat, recover_stale
+from .study import check_identity, identity, open_storage, open_study, redact
 
 log = logging.getLogger(__name__)
 MAX_FAILURES_IN_A_ROW = 3
-
-
-class SweepError(LstError):
-    """The sweep cannot start or go on (storage, study, store or its trials)."""
 
 
 @dataclass
@@ -82,93 +75,6 @@ class SweepConfig:
         return self.study_name or Path(self.out).resolve().name
 
 
-# ---------------------------------------------------------------- storage and study
-
-def open_storage(url: str):
-    """An Optuna storage for `url`; journal:///path/file.log is a JournalFileBackend (shared filesystems)."""
-    import optuna
-
-    hint = ("Give sqlite:///path.db, an RDB URL (postgresql://..., mysql://...) whose server and driver are "
-            "reachable, or journal:///shared/path/file.log.")
-    try:
-        if url.startswith("journal://"):
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-            path = Path(url[len("journal://"):])
-            if not path.parent.is_dir():
-                raise FileNotFoundError(f"no folder {path.parent}")
-            return JournalStorage(JournalFileBackend(str(path)))
-        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except Exception as err:  # noqa: BLE001 - drivers raise many types; the user needs the one line
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise SweepError(expected("a reachable Optuna storage", f"'{_redact(url)}' ({type(err).__name__}: {detail})",
-                                  hint)) from None
-
-
-def _redact(url: str) -> str:
-    if "@" not in url:
-        return url
-    with contextlib.suppress(Exception):
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    return url
-
-
-def _sampler_seed(cfg: SweepConfig, storage, worker: int) -> int | None:
-    """A seed per worker and per resumption: one shared seed would make K workers (or a resumed study)
-    redraw the start-up trials already drawn. Same seed + same history -> same suggestions."""
-    if cfg.seed is None:
-        return None
-    import optuna
-
-    held = 0
-    if cfg.name in [s.study_name for s in optuna.get_all_study_summaries(storage)]:
-        held = len(optuna.load_study(study_name=cfg.name, storage=storage).get_trials(deepcopy=False))
-    return cfg.seed + 100_003 * worker + held
-
-
-def _study(cfg: SweepConfig, storage, create: bool = False, worker: int = 0):
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep logs one line per trial itself
-    # Median rule from the 5th trial and the 2nd epoch (on_epoch reports epochs from 1).
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2) if cfg.prune \
-        else optuna.pruners.NopPruner()
-    sampler = optuna.samplers.TPESampler(n_startup_trials=8, seed=_sampler_seed(cfg, storage, worker))
-    if create:
-        return optuna.create_study(storage=storage, study_name=cfg.name, direction="maximize", sampler=sampler,
-                                   pruner=pruner, load_if_exists=True)
-    return optuna.load_study(study_name=cfg.name, storage=storage, sampler=sampler, pruner=pruner)
-
-
-def _identity(cfg: SweepConfig, store: StoreReader, space: dict[str, S.Param], metric: str) -> dict[str, Any]:
-    """What a resumed or joined study must agree on."""
-    m = store.manifest
-    return {"dataset_fingerprint": m["dataset"]["fingerprint"], "backbone_revision": m["backbone"]["revision"],
-            "layers": m["layers"], "metric": metric, "space": {k: p.to_json() for k, p in sorted(space.items())}}
-
-
-def _check_identity(study, ident: dict[str, Any], cfg: SweepConfig) -> None:
-    old = study.user_attrs.get("lst")
-    if old is None:
-        study.set_user_attr("lst", ident)
-        study.set_user_attr("store", str(cfg.store))
-        return
-    for key, value in ident.items():
-        was = old.get(key)
-        if was != value:
-            if key == "space":  # name only the parameters that changed
-                changed = sorted(k for k in {*value, *was} if value.get(k) != was.get(k))
-                value = {k: value.get(k) for k in changed}
-                was = {k: was.get(k) for k in changed}
-            raise SweepError(expected(f"the same {key.replace('_', ' ')} as the existing study '{cfg.name}'",
-                                      f"{value} (the study has {was})",
-                                      "Resume with the original store and space, or use a new --out or "
-                                      "--study-name."))
-
-
 @dataclass
 class _Context:
     cfg: SweepConfig
@@ -187,119 +93,6 @@ def _prepare(cfg: SweepConfig, store: StoreReader | None = None) -> _Context:
     if metric not in M.METRICS:
         raise SweepError(expected(f"--metric one of {sorted(M.METRICS)}", metric))
     return _Context(cfg, store, S.resolve_space(m, cfg.space), metric)
-
-
-# ---------------------------------------------------------------- claiming, heartbeats, recovery
-
-@contextlib.contextmanager
-def _claim_lock(out: Path) -> Iterator[None]:
-    with open(out / ".claim.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _is_stale(trial, now: float, host: str, stale_after_s: float) -> bool:
-    attrs = trial.user_attrs
-    if attrs.get("host") == host and "pid" in attrs:
-        return not _alive(int(attrs["pid"]))
-    start = trial.datetime_start.timestamp() if trial.datetime_start else now
-    return now - float(attrs.get("heartbeat", start)) > stale_after_s
-
-
-def recover_stale(study, cfg: SweepConfig) -> list[int]:
-    """Fail RUNNING trials of dead workers and enqueue their parameters again; the numbers failed."""
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import TrialState
-
-    host, now, failed = socket.gethostname(), time.time(), []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _is_stale(t, now, host, cfg.stale_after_s):
-            continue
-        try:
-            study._storage.set_trial_user_attr(t._trial_id, "error", "worker died (killed or lost) mid-trial")
-            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            continue  # another worker got there first and re-enqueued it
-        failed.append(t.number)
-        retries = int(t.user_attrs.get("retries", 0))
-        if retries < cfg.max_retries:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "retries": retries + 1})
-            log.warning("trial %d was left RUNNING by a dead worker: failed it and queued its settings again",
-                        t.number)
-        else:
-            log.warning("trial %d died %d times: not retried again", t.number, retries + 1)
-    return failed
-
-
-def _budget_left(study, cfg: SweepConfig) -> int:
-    from optuna.trial import TrialState
-
-    taken = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-    return cfg.trials - len(taken)
-
-
-def _claim(study, cfg: SweepConfig, worker: int):
-    """Ask for the next trial if the budget allows (call under the claim lock)."""
-    if _budget_left(study, cfg) <= 0:
-        return None
-    trial = study.ask()
-    for key, value in {"host": socket.gethostname(), "dir": str(Path(cfg.out).resolve()), "pid": os.getpid(),
-                       "worker": worker,
-                       "heartbeat": time.time(), "run": f"trials/{trial.number}"}.items():
-        trial.set_user_attr(key, value)
-    return trial
-
-
-def _claim_group(ctx: _Context, study, worker: int) -> list[tuple[Any, dict[str, Any]]]:
-    """Up to `stack` trials that can train in one pass: the first is sampled freely, the others get its
-    network and batch settings enqueued and sample only per-member ones (lr, ...). Under the claim lock."""
-    from optuna.trial import TrialState
-
-    from .stacked import PER_MEMBER
-
-    first = _claim(study, ctx.cfg, worker)
-    if first is None:
-        return []
-    group = [(first, S.suggest(first, ctx.space))]
-    shared = {k: v for k, v in first.params.items() if k not in PER_MEMBER}
-    while len(group) < ctx.cfg.stack and _budget_left(study, ctx.cfg) > 0:
-        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            break  # queued retries keep their own settings: they run in a later group
-        study.enqueue_trial(shared, user_attrs={"stacked_with_trial": first.number})
-        trial = _claim(study, ctx.cfg, worker)
-        group.append((trial, S.suggest(trial, ctx.space)))
-    return group
-
-
-@contextlib.contextmanager
-def _heartbeat(trial, every_s: float) -> Iterator[None]:
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(every_s):
-            with contextlib.suppress(Exception):  # a missed beat is harmless; the next one catches up
-                trial.set_user_attr("heartbeat", time.time())
-
-    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial.number}")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 # ---------------------------------------------------------------- trials
@@ -365,7 +158,7 @@ def _run_trial(ctx: _Context, study, trial, values: dict[str, Any]) -> bool:
     epochs_seen: list[int] = []
     t0 = time.perf_counter()
     try:
-        with _heartbeat(trial, ctx.cfg.heartbeat_s):
+        with heartbeat(trial, ctx.cfg.heartbeat_s):
             summary = train(_train_config(ctx, trial, values), store=ctx.store,
                             on_epoch=_pruning_hook(ctx, trial, epochs_seen))
     except KeyboardInterrupt:
@@ -389,7 +182,7 @@ def _run_stack(ctx: _Context, study, group: list[tuple[Any, dict[str, Any]]]) ->
     try:
         with contextlib.ExitStack() as beats:
             for t, _ in group:
-                beats.enter_context(_heartbeat(t, ctx.cfg.heartbeat_s))
+                beats.enter_context(heartbeat(t, ctx.cfg.heartbeat_s))
             summaries = train_stacked(cfgs, store=ctx.store, on_epoch=hooks)
     except KeyboardInterrupt:
         _interrupted(study, [t for t, _ in group])
@@ -417,10 +210,10 @@ def work(ctx: _Context, study, worker: int = 0, bar=None) -> int:
     out, done, failures = Path(ctx.cfg.out), 0, 0
     with _quiet_epochs():
         while True:
-            with _claim_lock(out):
+            with claim_lock(out):
                 recover_stale(study, ctx.cfg)
-                group = _claim_group(ctx, study, worker) if ctx.cfg.stack > 1 else \
-                    [(t, S.suggest(t, ctx.space)) for t in [_claim(study, ctx.cfg, worker)] if t is not None]
+                group = claim_group(ctx.cfg, ctx.space, study, worker) if ctx.cfg.stack > 1 else \
+                    [(t, S.suggest(t, ctx.space)) for t in [claim(study, ctx.cfg, worker)] if t is not None]
             if not group:
                 return done
             oks = _run_stack(ctx, study, group) if len(group) > 1 else [_run_trial(ctx, study, *group[0])]
@@ -446,7 +239,7 @@ def _worker_main(cfg: SweepConfig, worker: int, threads: int) -> None:
     torch.set_num_threads(threads)
     try:
         ctx = _prepare(cfg)
-        study = _study(cfg, open_storage(cfg.storage_url), worker=worker)
+        study = open_study(cfg, open_storage(cfg.storage_url), worker=worker)
         log.info("worker %d ran %d trials", worker, work(ctx, study, worker))
     except BaseException:
         log.exception("worker %d stopped", worker)
@@ -514,13 +307,13 @@ def run_sweep(cfg: SweepConfig, store: StoreReader | None = None) -> dict[str, A
     out = Path(cfg.out)
     ctx = _prepare(cfg, store)  # validates store and space before anything is created
     out.mkdir(parents=True, exist_ok=True)
-    study = _study(cfg, open_storage(cfg.storage_url), create=True)
-    _check_identity(study, _identity(cfg, ctx.store, ctx.space, ctx.metric), cfg)
-    (out / "sweep.json").write_text(json.dumps({**asdict(cfg), "storage": _redact(cfg.storage_url),
+    study = open_study(cfg, open_storage(cfg.storage_url), create=True)
+    check_identity(study, identity(cfg, ctx.store, ctx.space, ctx.metric), cfg)
+    (out / "sweep.json").write_text(json.dumps({**asdict(cfg), "storage": redact(cfg.storage_url),
                                                 "study_name": cfg.name}, indent=2, sort_keys=True))
     (out / "space.json").write_text(json.dumps({k: p.to_json() for k, p in ctx.space.items()}, indent=2))
     before = _finished(study)
-    log.info("study '%s' in %s: %d of %d trials finished", cfg.name, _redact(cfg.storage_url), before, cfg.trials)
+    log.info("study '%s' in %s: %d of %d trials finished", cfg.name, redact(cfg.storage_url), before, cfg.trials)
     t0 = time.perf_counter()
     if cfg.workers == 1:
         with progress_bar("sweep", cfg.trials, unit="trial") as bar, _torch_threads(cfg.threads):

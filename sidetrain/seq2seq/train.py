@@ -1,18 +1,15 @@
-"""Stage 2 for encoder-decoder stores (T5): batches, training, candidate scoring, live prediction.
+"""Stage 2 for encoder-decoder stores (T5): batches, loss and candidate scoring for the shared training loop.
 
-`sidetrain.train.train()` hands over here when the store's manifest has a `seq2seq` block. Training
+`sidetrain.train.train()` takes its Recipe from here when the store's manifest has a `seq2seq` block. Training
 is teacher-forced cross-entropy on the gold target's text; a classification prediction scores every
 candidate label text (sum of log-probabilities) and picks the best, from the cache on the eval splits.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,17 +17,13 @@ import torch
 import zarr
 
 from featcache import store as S
-from featcache.backbone import resolve_device
 from featcache.errors import StoreError, TrainConfigError, expected
-from featcache.progress import progress_bar
 from featcache.reader import SplitReader, StoreReader
 from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone, shift_right
 from featcache.store import check_match
 
 from .. import metrics as M
 from ..data import length_bucketed_batches, should_preload
-from ..memory import PeakMemory
-from ..run_files import write_run
 from .model import T5LadderSideNetwork, sequence_scores, target_loss
 
 log = logging.getLogger(__name__)
@@ -118,6 +111,7 @@ class CachedSeq2Seq:
 
     def __init__(self, split: SplitReader, dec: DecoderSplit, preload: bool | None = None) -> None:
         keep = should_preload(split, preload)  # decoder rows are a few tokens each: they follow the encoder
+        self.preloaded = keep
         self.split = split.load() if keep else split
         self.dec = dec.load() if keep else dec
 
@@ -195,38 +189,27 @@ def _sources(cfg, store: StoreReader, backbone: Seq2SeqBackbone | None) -> dict[
 
 
 def _check_options(cfg) -> None:
-    """Options of the encoder-only trainer that the T5 loop does not implement: refuse or say so."""
-    if getattr(cfg, "head", "lst") != "lst":
+    """Options of the encoder-only trainer that have no meaning for T5 side networks."""
+    if cfg.head != "lst":
         raise TrainConfigError(expected("--head lst for a T5 store", cfg.head))
-    if getattr(cfg, "side_heads", None) is not None:
+    if cfg.side_heads is not None:
         raise TrainConfigError(expected("the backbone's head count for T5 side blocks (it carries the relative "
                                         "position bias)", f"--side-heads {cfg.side_heads}", "Drop --side-heads."))
-    unused = (("--amp bf16", getattr(cfg, "amp", "auto") == "bf16"), ("--compile", getattr(cfg, "compile", False)))
-    for flag, on in unused:
-        if on:
-            log.warning("%s is not implemented for T5 runs yet; training in float32, eager.", flag)
 
 
-def train_seq2seq(cfg, store: StoreReader,
-                  on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """`sidetrain.train` for encoder-decoder stores: same options, same run folder."""
-    from ..train import pick_eval_split
+def seq2seq_recipe(cfg, store: StoreReader, device: torch.device, eval_name: str | None):
+    """What `sidetrain.train.train()` needs for an encoder-decoder store: the T5 side network, cached or
+    live batches, the teacher-forced loss and candidate scoring."""
+    from ..train import Recipe
 
     _check_options(cfg)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
     manifest = store.manifest
-    num_labels = manifest["task"]["num_labels"]
     metric = cfg.metric or "accuracy"
     if metric in M.REGRESSION:
         raise TrainConfigError(expected("a classification --metric for a T5 store", metric))
-    train_split = store.split(cfg.train_split)
-    if train_split.labels is None:
-        raise StoreError(f"Split '{cfg.train_split}' of the store has no labels; training needs labels.")
     if cfg.train_split != manifest["seq2seq"]["train_split"]:
         raise TrainConfigError(expected(f"--train-split {manifest['seq2seq']['train_split']} (the split whose gold "
                                         "targets were decoded)", cfg.train_split))
-    eval_name = pick_eval_split(store, cfg.eval_split, cfg.train_split)
     model = build_seq2seq_model(cfg, manifest, store_weights(store))
     backbone = None
     if cfg.init == "pruned" or cfg.online:
@@ -238,74 +221,17 @@ def train_seq2seq(cfg, store: StoreReader,
         pruned_init(model, backbone, fisher_scores(store, backbone))
     model = model.to(device)
     sources = _sources(cfg, store, backbone)
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     resolved = {**asdict(cfg), "metric": metric, "eval_split": eval_name, "layers": model.enc_kept,
                 "decoder_layers": model.dec_kept, "store_manifest": {k: manifest[k] for k in (
                     "backbone", "tokenizer", "layers", "task", "max_length", "store_dtype", "precision",
                     "hidden_size", "seq2seq")}}
-    (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
-    steps_per_epoch = -(-len(train_split) // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else min(500, total // 10)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
 
-    step, best, best_state, history, losses = 0, -np.inf, None, [], []
-    train_seconds = 0.0
-    with PeakMemory(device) as mem, progress_bar("train", total, unit="step") as bar:
-        for epoch in range(cfg.epochs):
-            model.train()
-            t0 = time.perf_counter()
-            batches = length_bucketed_batches(train_split.lengths, cfg.batch_size, cfg.seed, epoch)
-            for idx in batches:
-                b = sources[cfg.train_split](idx).to(device)
-                logits = model(b.enc_hidden, b.enc_mask, b.dec_hidden, b.dec_mask, b.row_example)
-                loss = target_loss(logits, b.targets, b.dec_mask)
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optim.step()
-                sched.step()
-                losses.append(loss.item())
-                step += 1
-                bar.advance()
-                if step >= total:
-                    break
-            train_seconds += time.perf_counter() - t0
-            record = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses[-len(batches):]))}
-            if eval_name:
-                split = store.split(eval_name)
-                pred = predict_split(model, sources[eval_name], split, cfg.batch_size, device)
-                scores = M.compute("classification", pred, split.labels, num_labels)
-                record.update({f"eval_{k}": v for k, v in scores.items()})
-                if scores[metric] > best:
-                    best, best_state = scores[metric], {k: v.detach().clone() for k, v in model.state_dict().items()}
-            history.append(record)
-            if on_epoch is not None:
-                on_epoch(epoch + 1, record)
-            log.info("epoch %d: %s", epoch + 1, record)
-            if step >= total:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    results, predictions = {}, {}
-    for name, source in sources.items():
-        if name == cfg.train_split:
-            continue
-        split = store.split(name)
-        pred = predict_split(model, source, split, cfg.batch_size, device)
-        predictions[name] = pred.tolist()
-        results[name] = M.compute("classification", pred, split.labels, num_labels)
-    examples = len(train_split) * len(history) if not cfg.max_steps else step * cfg.batch_size
-    summary = {"metric": metric, "eval_split": eval_name, "best_eval": None if best == -np.inf else best,
-               "splits": results, "history": history, "steps": step, "train_seconds": train_seconds,
-               "examples_per_second": examples / max(train_seconds, 1e-9), "peak_memory_bytes": mem.peak_bytes,
-               "peak_memory_kind": mem.kind, "mode": "online" if cfg.online else "cached",
-               "trainable_parameters": sum(p.numel() for p in params)}
-    write_run(out, model, summary, predictions, losses)
-    return summary
+    def loss(forward, b: Seq2SeqBatch) -> torch.Tensor:
+        logits = forward(b.enc_hidden, b.enc_mask, b.dec_hidden, b.dec_mask, b.row_example)
+        return target_loss(logits.float(), b.targets, b.dec_mask)
+
+    def predict(name: str, amp) -> np.ndarray:
+        with amp or contextlib.nullcontext():
+            return predict_split(model, sources[name], store.split(name), cfg.batch_size, device)
+
+    return Recipe(model, sources, "classification", metric, manifest["task"]["num_labels"], resolved, loss, predict)

@@ -1,0 +1,101 @@
+"""The Optuna side of `lst sweep`: storage URLs, the study (sampler and pruner), and what a resumed or
+joined study must agree on (store, backbone, layers, metric, space)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from featcache.errors import SweepError, expected
+from featcache.reader import StoreReader
+
+from . import space as S
+
+if TYPE_CHECKING:
+    from .sweep import SweepConfig
+
+
+def open_storage(url: str):
+    """An Optuna storage for `url`; journal:///path/file.log is a JournalFileBackend (shared filesystems)."""
+    import optuna
+
+    hint = ("Give sqlite:///path.db, an RDB URL (postgresql://..., mysql://...) whose server and driver are "
+            "reachable, or journal:///shared/path/file.log.")
+    try:
+        if url.startswith("journal://"):
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            path = Path(url[len("journal://"):])
+            if not path.parent.is_dir():
+                raise FileNotFoundError(f"no folder {path.parent}")
+            return JournalStorage(JournalFileBackend(str(path)))
+        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except Exception as err:  # noqa: BLE001 - drivers raise many types; the user needs the one line
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise SweepError(expected("a reachable Optuna storage", f"'{redact(url)}' ({type(err).__name__}: {detail})",
+                                  hint)) from None
+
+
+def redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    with contextlib.suppress(Exception):
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    return url
+
+
+def sampler_seed(cfg: SweepConfig, storage, worker: int) -> int | None:
+    """A seed per worker and per resumption: one shared seed would make K workers (or a resumed study)
+    redraw the start-up trials already drawn. Same seed + same history -> same suggestions."""
+    if cfg.seed is None:
+        return None
+    import optuna
+
+    held = 0
+    if cfg.name in [s.study_name for s in optuna.get_all_study_summaries(storage)]:
+        held = len(optuna.load_study(study_name=cfg.name, storage=storage).get_trials(deepcopy=False))
+    return cfg.seed + 100_003 * worker + held
+
+
+def open_study(cfg: SweepConfig, storage, create: bool = False, worker: int = 0):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep logs one line per trial itself
+    # Median rule from the 5th trial and the 2nd epoch (on_epoch reports epochs from 1).
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2) if cfg.prune \
+        else optuna.pruners.NopPruner()
+    sampler = optuna.samplers.TPESampler(n_startup_trials=8, seed=sampler_seed(cfg, storage, worker))
+    if create:
+        return optuna.create_study(storage=storage, study_name=cfg.name, direction="maximize", sampler=sampler,
+                                   pruner=pruner, load_if_exists=True)
+    return optuna.load_study(study_name=cfg.name, storage=storage, sampler=sampler, pruner=pruner)
+
+
+def identity(cfg: SweepConfig, store: StoreReader, space: dict[str, S.Param], metric: str) -> dict[str, Any]:
+    """What a resumed or joined study must agree on."""
+    m = store.manifest
+    return {"dataset_fingerprint": m["dataset"]["fingerprint"], "backbone_revision": m["backbone"]["revision"],
+            "layers": m["layers"], "metric": metric, "space": {k: p.to_json() for k, p in sorted(space.items())}}
+
+
+def check_identity(study, ident: dict[str, Any], cfg: SweepConfig) -> None:
+    old = study.user_attrs.get("lst")
+    if old is None:
+        study.set_user_attr("lst", ident)
+        study.set_user_attr("store", str(cfg.store))
+        return
+    for key, value in ident.items():
+        was = old.get(key)
+        if was != value:
+            if key == "space":  # name only the parameters that changed
+                changed = sorted(k for k in {*value, *was} if value.get(k) != was.get(k))
+                value = {k: value.get(k) for k in changed}
+                was = {k: was.get(k) for k in changed}
+            raise SweepError(expected(f"the same {key.replace('_', ' ')} as the existing study '{cfg.name}'",
+                                      f"{value} (the study has {was})",
+                                      "Resume with the original store and space, or use a new --out or "
+                                      "--study-name."))
