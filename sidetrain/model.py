@@ -89,7 +89,12 @@ def _build_side_model(config) -> nn.Module:
         raise TrainConfigError(f"{type(model).__name__} has no `embeddings` module for the embedding ladder to "
                                "replace; this backbone family is not supported by the encoder side network.")
     model.embeddings.requires_grad_(False)
+    model.embeddings.forward = _skipped  # its output is replaced by the embedding ladder's: do not compute it
     return model
+
+
+def _skipped(*args, **kwargs) -> None:
+    return None
 
 
 def _block_list(model: nn.Module, n: int) -> nn.ModuleList:
@@ -122,8 +127,11 @@ class LadderSideNetwork(nn.Module):
                                   dropout, num_heads)
         d, ds = int(backbone_config.hidden_size), self.config.hidden_size
         self.emb_pos = stored_layers.index(0)
-        self.register_buffer("ladder_pos", torch.tensor([stored_layers.index(k) for k in kept_layers]),
-                             persistent=False)
+        positions = [stored_layers.index(k) for k in kept_layers]
+        self.register_buffer("ladder_pos", torch.tensor(positions), persistent=False)
+        # kept layers stored side by side (the usual case) are a slice: a view, where indexing copies the batch
+        run = positions == list(range(positions[0], positions[0] + len(positions)))
+        self._ladder_slice = slice(positions[0], positions[0] + len(positions)) if run else None
         self.kept_layers = list(kept_layers)
         self.pooling = pooling
         self.embed_ladder = nn.Linear(d, ds)
@@ -162,7 +170,8 @@ class LadderSideNetwork(nn.Module):
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, n_stored, d) backbone states; mask (B, T) bool -> (B, num_outputs)."""
         s = self.embed_ladder(hidden[:, :, self.emb_pos])  # (B, T, ds)
-        ladders = torch.einsum("btkd,kds->btks", hidden[:, :, self.ladder_pos], self.ladder_weight) + self.ladder_bias
+        kept = hidden[:, :, self._ladder_slice] if self._ladder_slice else hidden[:, :, self.ladder_pos]
+        ladders = torch.einsum("btkd,kds->btks", kept, self.ladder_weight) + self.ladder_bias
         self._run = {"s": s, "ladders": ladders, "gates": torch.sigmoid(self.gate_alpha / GATE_TEMPERATURE)}
         try:
             s = self.side(inputs_embeds=s, attention_mask=mask.long())[0]  # (B, T, ds) after the last block

@@ -43,6 +43,23 @@ def test_side_network_for_family(family, one_thread):
         assert not torch.allclose(net(changed, mask)[0], out[0], atol=1e-4), layer
     out.sum().backward()
     assert net.ladder_weight.grad.abs().sum() > 0 and net.gate_alpha.grad is not None
+    # the side model's own embeddings never run (the embedding ladder replaces their output)
+    calls = []
+    net.side.embeddings.register_forward_hook(lambda m, a, o: calls.append(o), prepend=True)
+    net(hidden, mask)
+    assert calls == [None]
+
+
+def test_ladders_read_a_slice_or_a_gather_alike(one_thread):
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("bert", **BERT_STYLE, num_labels=3)
+    hidden, mask = torch.randn(2, 5, 4, 32), torch.ones(2, 5, dtype=torch.bool)
+    side_by_side = LadderSideNetwork(cfg, 3, [0, 1, 2, 3], [2, 3], reduction_factor=2, dropout=0.0).eval()
+    assert side_by_side._ladder_slice == slice(2, 4)
+    out = side_by_side(hidden, mask)
+    side_by_side._ladder_slice = None  # the gather path
+    torch.testing.assert_close(side_by_side(hidden, mask), out)
+    assert LadderSideNetwork(cfg, 3, [0, 1, 2, 3], [1, 3], reduction_factor=2)._ladder_slice is None
 
 
 def test_unsupported_family_is_named():
