@@ -1,4 +1,10 @@
-"""Stage 2: train an LST side network from a feature store (or, for comparison, with the backbone live)."""
+"""Stage 2: train an LST side network from a feature store (or, for comparison, with the backbone live).
+
+One loop for every kind of store (`train`): AdamW with warm-up and linear decay, clipping, bf16
+autocast, a checkpoint each epoch (a killed run resumes), the best epoch picked on the eval split,
+the run folder. What differs per kind of store (side network, batches, loss, predictions) comes in a
+`Recipe`: the encoder-only one below, the T5 one from `seq2seq/train.py`.
+"""
 
 from __future__ import annotations
 
