@@ -191,8 +191,8 @@ def train(
     pooling: Annotated[str, typer.Option(help="mean or cls.")] = "mean",
     amp: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA), bf16 or off.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the side network.")] = False,
-    preload: Annotated[bool | None, typer.Option("--preload/--no-preload", help="Keep splits in RAM "
-                                                 "(default: when they fit).")] = None,
+    preload: Annotated[bool | None, typer.Option("--preload/--no-preload", help="Keep splits in memory: "
+                                                 "GPU memory on a GPU, else RAM (default: when they fit).")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the run in --out.")] = True,
     init: Annotated[str, typer.Option(help="Side blocks start random, or 'pruned': backbone blocks pruned to 1/r "
                                            "by Fisher information (scores cached beside the store).")] = "random",

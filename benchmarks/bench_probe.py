@@ -22,18 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import GLUE, run_mode
 from common import log, setup_logging, write_results
 
-# task -> (data folder, GLUE's headline metric, max length, LST epochs)
+# task -> (data folder, GLUE's headline metric, max length, LST epochs, extraction options)
 TASKS = {
-    "banking77": (None, "accuracy", 64, 10),
-    "CoLA": (GLUE / "CoLA", "matthews", 64, 10),
-    "MRPC": (GLUE / "MRPC", "f1", 128, 10),
-    "RTE": (GLUE / "RTE", "accuracy", 128, 10),
-    "STS-B": (GLUE / "STS-B", "pearson", 128, 10),
-    "SST-2": (GLUE / "SST-2", "accuracy", 64, 3),  # 67k training sentences: 3 epochs
+    "banking77": (None, "accuracy", 64, 10, {}),
+    "CoLA": (GLUE / "CoLA", "matthews", 64, 10, {"header": False, "text_column": "3", "label_column": "1"}),
+    "MRPC": (GLUE / "MRPC", "f1", 128, 10, {}),
+    "RTE": (GLUE / "RTE", "accuracy", 128, 10, {}),
+    "STS-B": (GLUE / "STS-B", "pearson", 128, 10, {}),
+    "SST-2": (GLUE / "SST-2", "accuracy", 64, 3, {}),  # 67k training sentences: 3 epochs
 }
 
 
-def store_for(task: str, data: Path | None, max_length: int, work: Path) -> tuple[Path, float]:
+def store_for(task: str, data: Path | None, max_length: int, options: dict, work: Path) -> tuple[Path, float]:
     """The task's fp16 store in WORK (reused when a previous run completed it) and its extraction seconds."""
     from featcache import ExtractConfig, extract
     from featcache.bundled import bolt_dataset_path, minilm_path
@@ -48,7 +48,7 @@ def store_for(task: str, data: Path | None, max_length: int, work: Path) -> tupl
     except StoreError as err:  # absent or incomplete: extract (an incomplete one resumes)
         log.info("%s: extracting (%s)", task, err)
     extract(ExtractConfig(model=str(minilm_path()), dataset=str(data or bolt_dataset_path("banking")), out=str(out),
-                          max_length=max_length, device="cpu"))
+                          max_length=max_length, device="cpu", **options))
     return out, time.perf_counter() - t0
 
 
@@ -62,8 +62,8 @@ def run_or_reuse(kw: dict) -> dict:
 
 
 def bench_task(task: str, seeds: int, work: Path) -> dict:
-    data, metric, max_length, epochs = TASKS[task]
-    store, extract_seconds = store_for(task, data, max_length, work)
+    data, metric, max_length, epochs, options = TASKS[task]
+    store, extract_seconds = store_for(task, data, max_length, options, work)
     common = {"store": str(store), "metric": metric, "device": "cpu"}
     log.info("%s: probe", task)
     probe = run_or_reuse({**common, "head": "probe", "out": str(work / f"{task}-probe")})

@@ -220,6 +220,13 @@ class SplitReader:
         """The stored values (storage dtype, undecoded; no int8 scales) of token ranges lo[i]:hi[i], concatenated."""
         return self._raw_rows(lo, hi, layers, with_scales=False)[0]
 
+    def stored_scales(self, lo: np.ndarray, hi: np.ndarray, layers: list[int] | None = None) -> np.ndarray | None:
+        """int8 stores: the float32 scales of token ranges lo[i]:hi[i], (n, n_layers); None for other dtypes."""
+        if self._scales is None:
+            return None
+        pos = self.layer_positions(layers)
+        return self._scales.gather(lo, hi, None if len(pos) == len(self.layers) else pos)
+
     def hidden_rows(self, lo: np.ndarray, hi: np.ndarray, layers: list[int] | None = None) -> torch.Tensor:
         """Decoded float32 hidden states of token ranges lo[i]:hi[i], concatenated: (n, n_layers, d)."""
         return S.decode(*self._raw_rows(lo, hi, layers))  # int8: value = q * scale

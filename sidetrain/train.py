@@ -28,7 +28,15 @@ from featcache.reader import SplitReader, StoreReader, open_store
 from featcache.store import check_match
 
 from . import metrics as M
-from .data import CachedBatches, OnlineBatches, batch_stream, iterate, length_bucketed_batches
+from .data import (
+    CachedBatches,
+    DeviceBatches,
+    OnlineBatches,
+    batch_stream,
+    fits_on_device,
+    iterate,
+    length_bucketed_batches,
+)
 from .memory import PeakMemory
 from .model import LadderSideNetwork
 from .run_files import write_run
@@ -67,7 +75,7 @@ class TrainConfig:
     eval_split: str | None = None  # None: the first of dev/validation/valid/val in the store
     metric: str | None = None  # selection metric; None: accuracy (classification) / pearson (regression)
     online: bool = False  # recompute the activations with the live backbone (classic LST, the baseline)
-    preload: bool | None = None  # keep splits in RAM; None: when a split fits in half the available RAM
+    preload: bool | None = None  # keep splits in memory (GPU memory on a GPU, else RAM); None: when they fit
     prefetch: bool | None = None  # read batches in a background thread; None: unless preloaded on a CPU
     resume: bool = True  # continue from RUN/checkpoint.pt when --out holds one for the same options
     max_steps: int = 0  # 0: no limit (tests use it to pin short runs)
@@ -309,7 +317,7 @@ def _prefetch(cfg: TrainConfig, source, device: torch.device) -> bool:
     """A reader thread pays off when it hides disk reads or host-to-GPU copies. A batch gathered from
     RAM on a CPU takes a few ms, and a second thread there slows torch's own threads more (measured:
     113 vs 70 ms per MiniLM side step on 2 cores)."""
-    if cfg.online:
+    if cfg.online or getattr(source, "on_device", False):
         return False
     if cfg.prefetch is not None:
         return cfg.prefetch
@@ -349,10 +357,17 @@ def _sources(cfg: TrainConfig, store: StoreReader, manifest: dict[str, Any], dev
     """One batch source per labelled split: the store, or the live backbone for --online."""
     names = [n for n in store.split_names if store.split(n).labels is not None]
     if not cfg.online:
-        return {n: CachedBatches(store.split(n), None, cfg.preload) for n in names}
+        return {n: _cached(store.split(n), cfg, device) for n in names}
     backbone = load_backbone(manifest["backbone"]["name"], "fp32", str(device))
     check_match("backbone weights", manifest["backbone"]["revision"], backbone.revision)
     return {n: OnlineBatches(store.split(n), backbone, manifest["layers"]) for n in names}
+
+
+def _cached(split: SplitReader, cfg: TrainConfig, device: torch.device):
+    """A GPU keeps a split in its own memory when it fits (unless --no-preload); otherwise RAM or streaming."""
+    if cfg.preload is not False and fits_on_device(split, device):
+        return DeviceBatches(split, None, device)
+    return CachedBatches(split, None, cfg.preload)
 
 
 def _resolved(cfg: TrainConfig, manifest: dict[str, Any], metric: str, eval_split: str | None) -> dict[str, Any]:

@@ -152,3 +152,25 @@ def test_unexpected_shard_layout_reads_through_zarr(stores, tmp_path):
     assert np.array_equal(everything, hidden[:])
     assert 0 not in split._hidden._shards.mapped and 1 in split._hidden._shards.mapped
     assert torch.equal(split.batch([0, 1, 2]).hidden, open_store(copy, reader="zarr").split("train").batch([0, 1, 2]).hidden)
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, "bf16"])
+def test_split_held_on_the_device_gives_the_same_batches(stores, dtype, tiny_bert, tiny_dataset, tmp_path,
+                                                         monkeypatch):
+    """DeviceBatches (a GPU's --preload) gathers and decodes on the device what the host reader gives.
+    Run on the CPU here: the same torch code, the device only changes where the tensors live."""
+    from sidetrain.data import CachedBatches, DeviceBatches
+
+    path = stores.get(dtype)
+    if path is None:  # bf16: stored as uint16 bits, viewed as bfloat16 on the device
+        path = str(tmp_path / "bf16.zarr")
+        extract(ExtractConfig(model=str(tiny_bert), dataset=str(tiny_dataset), out=path, splits=["train"],
+                              store_dtype=dtype, **LAYOUT))
+    monkeypatch.setattr(DeviceBatches, "COPY_TOKENS", 37)  # several copy chunks, not aligned with examples
+    split = open_store(path).split("train")
+    for layers in (None, [0, 2]):
+        host, device = CachedBatches(split, layers, preload=False), DeviceBatches(split, layers, torch.device("cpu"))
+        for idx in ([0], [5, 1, 9, 3], list(range(len(split)))):
+            a, b = host(np.array(idx)), device(np.array(idx))
+            assert torch.equal(a.hidden, b.hidden) and torch.equal(a.mask, b.mask)
+            assert torch.equal(a.labels, b.labels) and torch.equal(a.input_ids, b.input_ids)

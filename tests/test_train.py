@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from conftest import write_tsv
 
@@ -19,6 +20,7 @@ from featcache import ExtractConfig, extract
 from featcache.errors import LstError, StoreError, TrainConfigError
 from featcache.reader import open_store
 from sidetrain import TrainConfig, train
+from sidetrain.data import DeviceBatches
 from sidetrain.train import build_model
 
 
@@ -120,6 +122,9 @@ def test_nan_in_store_is_named(tiny_bert, tiny_dataset, tmp_path):
     hidden[int(offsets[7]), 1, 3] = np.nan  # example 7, layer 1
     with pytest.raises(StoreError, match="split 'train', example 7"):
         train(cfg(path, tmp_path / "r", preload=False))
+    # a split held on the device is checked once, when it is loaded (not per batch)
+    with pytest.raises(StoreError, match="split 'train', example 7"):
+        DeviceBatches(open_store(str(path)).split("train"), None, torch.device("cpu"))
 
 
 def test_sentence_pair_regression(tiny_bert, tmp_path):
