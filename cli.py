@@ -178,7 +178,10 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     train_split: Annotated[str, typer.Option()] = "train",
     eval_split: Annotated[str | None, typer.Option(help="Default: dev or validation.")] = None,
-    metric: Annotated[str | None, typer.Option(help="Model selection metric (default per task).")] = None,
+    metric: Annotated[str | None, typer.Option(help="Model selection metric: accuracy, f1, f1_macro, matthews, "
+                                                    "pearson, spearman (default: GLUE's for a dataset folder named "
+                                                    "after a GLUE task, e.g. CoLA matthews, MRPC f1; else accuracy, "
+                                                    "or pearson for regression).")] = None,
     online: Annotated[bool, typer.Option("--online", help="Recompute activations with the live backbone "
                                                           "(classic LST; the baseline).")] = False,
     head: Annotated[str, typer.Option(help="lst (side network) or probe (logistic regression on the "

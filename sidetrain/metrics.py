@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -57,5 +60,16 @@ def compute(task: str, pred: np.ndarray, ref: np.ndarray, num_labels: int) -> di
     return out
 
 
-def default_metric(task: str) -> str:
+# GLUE's headline metric per task, for a dataset folder named after it (other GLUE tasks: accuracy)
+GLUE_METRICS = {"cola": "matthews", "mrpc": "f1", "qqp": "f1", "stsb": "pearson"}
+
+
+def default_metric(manifest: dict[str, Any]) -> str:
+    """The metric a store's task is judged by: GLUE's when its dataset folder is named after a GLUE task
+    (CoLA: Matthews, MRPC/QQP: F1, STS-B: Pearson), else accuracy (classification) or Pearson (regression)."""
+    task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
+    source = (manifest.get("dataset") or {}).get("source") or ""
+    glue = GLUE_METRICS.get(Path(source).name.lower().replace("-", "").replace("_", ""))
+    if glue in CLASSIFICATION and task != "regression" and (glue != "f1" or num_labels == 2):
+        return glue
     return "pearson" if task == "regression" else "accuracy"

@@ -69,7 +69,7 @@ def train_probe(cfg: TrainConfig, store: StoreReader) -> dict[str, Any]:
 
     manifest = store.manifest
     task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
-    metric = cfg.metric or M.default_metric(task)
+    metric = cfg.metric or M.default_metric(manifest)
     layer = manifest["layers"][-1]
     train_split = check_labels(store, cfg.train_split)
     eval_name = pick_eval_split(store, cfg.eval_split, cfg.train_split)

@@ -178,7 +178,7 @@ class Recipe:
 def encoder_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:
     manifest = store.manifest
     task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
-    metric = cfg.metric or M.default_metric(task)
+    metric = cfg.metric or M.default_metric(manifest)
     if (metric in M.REGRESSION) != (task == "regression"):
         raise TrainConfigError(expected(f"a --metric for a {task} task", metric,
                                         f"Use one of {sorted(M.REGRESSION if task == 'regression' else M.CLASSIFICATION)}."))

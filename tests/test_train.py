@@ -152,3 +152,15 @@ def test_sentence_pair_regression(tiny_bert, tmp_path):
     assert s["metric"] == "pearson" and set(s["splits"]["dev"]) == {"pearson", "spearman"}
     with pytest.raises(TrainConfigError, match="--metric"):
         train(cfg(tmp_path / "s", tmp_path / "r2", metric="accuracy"))
+
+
+@pytest.mark.parametrize("folder,task,labels,metric", [
+    ("/data/glue/CoLA", "classification", 2, "matthews"), ("/data/MRPC", "classification", 2, "f1"),
+    ("/x/qqp", "classification", 2, "f1"), ("/x/STS-B", "regression", 1, "pearson"),
+    ("/x/SST-2", "classification", 2, "accuracy"), ("/x/banking", "classification", 77, "accuracy"),
+    ("/x/mrpc", "classification", 3, "accuracy"),  # not GLUE's MRPC: binary F1 does not apply
+    ("/x/sick", "regression", 1, "pearson")])
+def test_default_metric_follows_the_glue_task(folder, task, labels, metric):
+    from sidetrain.metrics import default_metric
+
+    assert default_metric({"task": {"type": task, "num_labels": labels}, "dataset": {"source": folder}}) == metric

@@ -89,7 +89,7 @@ def _prepare(cfg: SweepConfig, store: StoreReader | None = None) -> _Context:
     if pick_eval_split(store, None, "train") is None:
         raise SweepError(expected("an evaluation split (dev, validation, valid or val) in the store",
                                   f"splits {store.split_names}", "Extract one: trials are compared on it."))
-    metric = cfg.metric or M.default_metric(m["task"]["type"])
+    metric = cfg.metric or M.default_metric(m)
     if metric not in M.METRICS:
         raise SweepError(expected(f"--metric one of {sorted(M.METRICS)}", metric))
     return _Context(cfg, store, S.resolve_space(m, cfg.space), metric)
