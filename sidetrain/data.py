@@ -91,6 +91,9 @@ class CachedBatches:
         return b
 
 
+STORE_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
 class DeviceBatches:
     """A split held on the training device (a GPU) in its storage dtype: each batch is gathered and decoded
     there, with no host gather and no host-to-device copy per step. The same batches as CachedBatches."""
@@ -100,17 +103,16 @@ class DeviceBatches:
     COPY_TOKENS = 1 << 16  # tokens copied to the device at a time (bounds the host memory this needs)
 
     def __init__(self, split: SplitReader, layers: list[int] | None, device: torch.device) -> None:
-        self.split, self.layers, self.device = split, layers, device
+        self.split, self.device = split, device
         n, width = split.n_tokens, len(split.layer_positions(layers))
-        first = split.stored_rows(np.array([0]), np.array([min(n, 1)]), layers)
-        dtype = {"bf16": torch.bfloat16}.get(split.store_dtype, torch.from_numpy(first[:0]).dtype)
+        dtype = STORE_TORCH_DTYPES[split.store_dtype]
         # one zero row past the end: the padding positions of every batch point at it
-        self.values = torch.zeros((n + 1, width, first.shape[-1]), dtype=dtype, device=device)
+        self.values = torch.zeros((n + 1, width, int(split.manifest["hidden_size"])), dtype=dtype, device=device)
         self.scales = torch.zeros((n + 1, width), device=device) if split.store_dtype == "int8" else None
         for a in range(0, n, self.COPY_TOKENS):
             lo, hi = np.array([a]), np.array([min(n, a + self.COPY_TOKENS)])
             chunk = torch.from_numpy(np.ascontiguousarray(split.stored_rows(lo, hi, layers)))
-            self.values[a:hi[0]] = chunk.view(torch.bfloat16) if dtype == torch.bfloat16 else chunk
+            self.values[a:hi[0]] = chunk.view(dtype)  # bf16 is stored as its uint16 bits
             if self.scales is not None:
                 self.scales[a:hi[0]] = torch.from_numpy(split.stored_scales(lo, hi, layers))
         self._check_finite()
@@ -163,13 +165,9 @@ class OnlineBatches:
         return Batch(hidden, ids_only.mask, ids_only.input_ids, ids_only.token_type_ids, ids_only.labels)
 
 
-def _to_device(b, device: torch.device):
-    return b.to(device)  # a store Batch, or another trainer's batch type (T5) with the same method
-
-
 def iterate(source, batches: list[np.ndarray], device: torch.device) -> Iterator[Batch]:
     for idx in batches:
-        yield _to_device(source(idx), device)
+        yield source(idx).to(device)  # a source returns a batch with .to(device): a store Batch, T5's Seq2SeqBatch
 
 
 class Prefetcher:
@@ -193,7 +191,7 @@ class Prefetcher:
             for idx in batches:
                 if self._stop.is_set():
                     return
-                self._q.put(_to_device(source(idx), device))
+                self._q.put(source(idx).to(device))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
             self._q.put(err)
             return
@@ -232,7 +230,7 @@ class _Inline:
     def __iter__(self) -> Iterator[Batch]:
         for idx in self.batches:
             t0 = time.perf_counter()
-            b = _to_device(self.source(idx), self.device)
+            b = self.source(idx).to(self.device)
             self.wait_seconds += time.perf_counter() - t0
             yield b
 

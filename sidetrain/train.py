@@ -73,7 +73,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu or cuda
     train_split: str = "train"
     eval_split: str | None = None  # None: the first of dev/validation/valid/val in the store
-    metric: str | None = None  # selection metric; None: accuracy (classification) / pearson (regression)
+    metric: str | None = None  # selection metric; None: GLUE's for a GLUE task folder, else accuracy / pearson
     online: bool = False  # recompute the activations with the live backbone (classic LST, the baseline)
     preload: bool | None = None  # keep splits in memory (GPU memory on a GPU, else RAM); None: when they fit
     prefetch: bool | None = None  # read batches in a background thread; None: unless preloaded on a CPU
