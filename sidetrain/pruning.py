@@ -125,21 +125,36 @@ def fisher_scores(store: StoreReader, split_name: str = "train", backbone: Backb
     m = store.manifest
     meta = {"split": split_name, "n_examples": str(n), "backbone_revision": str(m["backbone"]["revision"])}
     path = fisher_path(store, split_name, n)
-    if path is not None and path.exists():
-        with safe_open(str(path), "pt") as f:
-            if f.metadata() == meta:  # same split, count and weights: a re-extracted store recomputes
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    cached = read_cached_scores(path, meta)
+    if cached is not None:
+        return cached
     backbone = backbone or load_backbone(m["backbone"]["name"], "fp32", device)
     check_match("backbone weights", m["backbone"]["revision"], backbone.revision)
     scores = _compute(backbone, split, n, m["task"]["type"], int(m["task"]["num_labels"]), batch_size)
-    if path is None:
-        log.info("Fisher scores over %d examples computed (remote store: not cached)", n)
-    else:
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")  # parallel sweep workers: whole file or none
-        save_file(scores, str(tmp), metadata=meta)
-        tmp.replace(path)
-        log.info("Fisher scores over %d examples of '%s' cached in %s", n, split_name, path)
+    write_cached_scores(path, scores, meta)
     return scores
+
+
+def read_cached_scores(path: Path | None, meta: dict[str, str]) -> dict[str, torch.Tensor] | None:
+    """Scores cached at `path` when they were computed for `meta` (split, count, backbone weights): a
+    re-extracted store with other weights recomputes."""
+    if path is None or not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        if f.metadata() != meta:
+            return None
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+
+
+def write_cached_scores(path: Path | None, scores: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Written whole, then renamed: parallel sweep workers see the whole file or none. None: a remote store."""
+    if path is None:
+        log.info("Fisher scores over %s examples computed (remote store: not cached)", meta["n_examples"])
+        return
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({k: v.contiguous().cpu() for k, v in scores.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+    log.info("Fisher scores over %s examples cached in %s", meta["n_examples"], path)
 
 
 def _compute(backbone: Backbone, split: SplitReader, n: int, task: str, num_labels: int,

@@ -218,6 +218,10 @@ def test_pruned_init(t5_store, tiny_t5, tmp_path):
     scores = fisher_scores(store, backbone, n_examples=16, batch_size=8)
     assert fisher_path(store).exists() and scores["model"].shape == (32,) and scores["decoder.1.ff"].shape == (64,)
     assert scores["decoder.1.layer.1"].gt(0).all()  # cross-attention dims got gradients
+    # cached for the same split, count and weights (no backbone needed); another count recomputes
+    assert all(torch.equal(v, scores[k]) for k, v in fisher_scores(store, None, n_examples=16).items())
+    assert not torch.equal(fisher_scores(store, backbone, n_examples=8, batch_size=8)["model"], scores["model"])
+    scores = fisher_scores(store, backbone, n_examples=16, batch_size=8)
     for r in (1, 2):
         side = build_seq2seq_model(TrainConfig(store="", out="", reduction_factor=r, layers=[2]), store.manifest,
                                    store_weights(store))

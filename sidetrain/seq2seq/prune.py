@@ -4,8 +4,9 @@ Each side block starts as the backbone block it sits beside, structurally pruned
 channels: d_model channels (one set for the whole residual stream), feed-forward neurons and, per
 head, key/value dimensions, ranked by empirical Fisher information (sum of squared gradients of the
 teacher-forced loss, per batch) over the first ~1024 training examples. The Fisher scores need
-backbone gradients once; they are cached beside the store (`<store>.fisher.safetensors`) and do not
-depend on r or the kept layers, so every trial slices from the same file.
+backbone gradients once; they are cached beside the store (`<store>.fisher.safetensors`, keyed like the
+encoder's by split, count and backbone weights) and do not depend on r or the kept layers, so every
+trial slices from the same file.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from featcache.reader import StoreReader
 from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone
 
-from ..pruning import top_channels, top_per_head
+from ..pruning import read_cached_scores, top_channels, top_per_head, write_cached_scores
 from .model import T5LadderSideNetwork
 
 log = logging.getLogger(__name__)
@@ -35,18 +35,22 @@ def fisher_path(store: StoreReader) -> Path | None:
 def fisher_scores(store: StoreReader, backbone: Seq2SeqBackbone | None = None, n_examples: int = 1024,
                   batch_size: int = 16) -> dict[str, torch.Tensor]:
     """Channel importances: 'model' (d,), '<stack>.<b>.ff' (d_ff,), '<stack>.<b>.layer.<k>' (heads*d_kv,)."""
+    m = store.manifest
+    split_name = m["seq2seq"]["train_split"]
+    split = store.split(split_name)
+    n = min(n_examples, len(split))
     path = fisher_path(store)
-    if path is not None and path.exists():
-        return load_file(str(path))
+    meta = {"split": split_name, "n_examples": str(n), "backbone_revision": str(m["backbone"]["revision"])}
+    cached = read_cached_scores(path, meta)
+    if cached is not None:
+        return cached
     from .train import open_decoder
 
-    m = store.manifest
     backbone = backbone or load_seq2seq_backbone(m["backbone"]["name"], "fp32", "auto")
     model = backbone.model
     model.requires_grad_(True)
-    split, dec = store.split(m["seq2seq"]["train_split"]), open_decoder(store, m["seq2seq"]["train_split"])
-    fisher = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    n = min(n_examples, len(split))
+    dec = open_decoder(store, split_name)
+    fisher = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     try:
         for b in range(0, n, batch_size):
             idx = np.arange(b, min(b + batch_size, n))
@@ -65,9 +69,7 @@ def fisher_scores(store: StoreReader, backbone: Seq2SeqBackbone | None = None, n
         model.zero_grad(set_to_none=True)
         model.requires_grad_(False)
     scores = _channel_scores(fisher, int(m["hidden_size"]))
-    if path is not None:
-        save_file({k: v.contiguous().cpu() for k, v in scores.items()}, str(path))
-        log.info("Fisher scores over %d examples cached in %s", n, path)
+    write_cached_scores(path, scores, meta)
     return scores
 
 
