@@ -3,8 +3,9 @@
 Public API: `extract(ExtractConfig(...))` writes a store; `open_store(path)` reads one back.
 """
 
+from .config import ExtractConfig
 from .errors import LstError
 from .reader import Batch, SplitReader, StoreReader, open_store
-from .writer import ExtractConfig, extract
+from .writer import extract
 
 __all__ = ["Batch", "ExtractConfig", "LstError", "SplitReader", "StoreReader", "extract", "open_store"]

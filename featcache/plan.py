@@ -17,7 +17,7 @@ from .errors import DatasetError, StoreError, expected
 from .sources import Columns, Quoting, load_dataset_path, resolve_columns
 
 if TYPE_CHECKING:
-    from .writer import ExtractConfig
+    from .config import ExtractConfig
 
 
 @dataclass

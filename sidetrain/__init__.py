@@ -3,7 +3,8 @@
 Public API: `train(TrainConfig(store=..., out=...))`.
 """
 
+from .config import TrainConfig
 from .model import LadderSideNetwork
-from .train import TrainConfig, train
+from .train import train
 
 __all__ = ["LadderSideNetwork", "TrainConfig", "train"]

@@ -23,7 +23,7 @@ from .data import CachedBatches, length_bucketed_batches
 from .memory import PeakMemory
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 L2_GRID = (1e-4, 1e-3, 1e-2)  # per-example L2 penalty on the weights

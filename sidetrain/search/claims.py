@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import space as S
 
 if TYPE_CHECKING:
-    from .sweep import SweepConfig
+    from .config import SweepConfig
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from featcache.errors import LstError, expected
 
-from ..train import TrainConfig
+from ..config import TrainConfig
 
 # TrainConfig fields that describe where and how a run executes, not the side network: never searched.
 NOT_SEARCHABLE = {"store", "out", "device", "train_split", "eval_split", "metric", "online", "preload",

@@ -13,7 +13,7 @@ from featcache.reader import StoreReader
 from . import space as S
 
 if TYPE_CHECKING:
-    from .sweep import SweepConfig
+    from .config import SweepConfig
 
 
 def open_storage(url: str):
