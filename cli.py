@@ -274,8 +274,8 @@ def predict(
 ) -> None:
     """Label raw text with a trained run: the backbone named in its store manifest + its side network."""
     from featcache.errors import LstError
-    from sidetrain.predict import Predictor, read_texts
-    from sidetrain.seq2seq.predict import is_seq2seq_run, predict_lines
+    from sidetrain.kinds.encoder.predict import Predictor, read_texts
+    from sidetrain.kinds.seq2seq.predict import is_seq2seq_run, predict_lines
 
     texts = (read_texts(input) if input else []) + list(text or [])
     if not texts:

@@ -4,7 +4,7 @@ Public API: `train(TrainConfig(store=..., out=...))`.
 """
 
 from .config import TrainConfig
-from .model import LadderSideNetwork
+from .kinds.encoder.model import LadderSideNetwork
 from .train import train
 
 __all__ = ["LadderSideNetwork", "TrainConfig", "train"]

@@ -38,8 +38,8 @@ from .data import (
     iterate,
     length_bucketed_batches,
 )
+from .kinds.encoder.model import LadderSideNetwork
 from .memory import PeakMemory
-from .model import LadderSideNetwork
 from .run_files import write_run
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def encoder_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, e
                                         f"Use one of {sorted(M.REGRESSION if task == 'regression' else M.CLASSIFICATION)}."))
     model = build_model(cfg, manifest).to(device)
     if cfg.init == "pruned":  # side blocks = backbone blocks pruned to 1/r by Fisher information (cached)
-        from .pruning import init_from_backbone
+        from .kinds.encoder.prune import init_from_backbone
 
         init_from_backbone(model, store, cfg.train_split, str(device))
     sources = _sources(cfg, store, manifest, device)
@@ -159,7 +159,7 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
     train_split = check_labels(store, cfg.train_split)
     eval_name = pick_eval_split(store, cfg.eval_split, cfg.train_split)
     if "seq2seq" in store.manifest:  # encoder-decoder store (T5): its own side network, batches and scoring
-        from .seq2seq.train import seq2seq_recipe
+        from .kinds.seq2seq.recipe import seq2seq_recipe
 
         recipe = seq2seq_recipe(cfg, store, device, eval_name)
     else:

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from cli import app
 from featcache import ExtractConfig, extract
 from sidetrain import TrainConfig, train
-from sidetrain.predict import Predictor
+from sidetrain.kinds.encoder.predict import Predictor
 
 
 def test_predict_from_raw_text_equals_cache(tiny_bert, tiny_dataset, tmp_path):

@@ -15,8 +15,8 @@ from featcache.backbone import Backbone, load_backbone
 from featcache.errors import TrainConfigError
 from featcache.reader import open_store
 from sidetrain import TrainConfig, train
-from sidetrain import pruning as P
-from sidetrain.model import LadderSideNetwork, _block_list
+from sidetrain.kinds.encoder import prune as P
+from sidetrain.kinds.encoder.model import LadderSideNetwork, _block_list
 from sidetrain.train import build_model
 
 N = 32  # examples scored in these tests (1024 in real runs)

@@ -132,7 +132,7 @@ def test_cached_equals_online_with_layer_dropping(t5_store, tmp_path):
 
 
 def test_side_network_shapes_and_relative_bias(t5_store):
-    from sidetrain.seq2seq.train import build_seq2seq_model, store_weights
+    from sidetrain.kinds.seq2seq.recipe import build_seq2seq_model, store_weights
 
     store = open_store(t5_store)
     weights = store_weights(store)
@@ -150,7 +150,7 @@ def test_training_learns_from_the_cache(t5_store, tmp_path):
                                 lr=1e-2, reduction_factor=4, device="cpu", warmup_steps=0))
     assert summary["history"][-1]["train_loss"] < 0.5 * summary["history"][0]["train_loss"]
     # lst predict's library path: the live backbone on raw text gives the cached evaluation's predictions
-    from sidetrain.seq2seq.predict import load_run, predict_texts
+    from sidetrain.kinds.seq2seq.predict import load_run, predict_texts
 
     loaded = load_run(tmp_path / "run")
     texts = [r[0] for r in synthetic_rows(12, 2)]
@@ -169,7 +169,7 @@ def test_training_learns_from_the_cache(t5_store, tmp_path):
     assert result.exit_code == 0 and result.output.splitlines()[-1].endswith(f"\t{texts[0]}")
     generated = predict_texts(tmp_path / "run", texts[:3], generate=True, max_new_tokens=4, loaded=loaded)
     # greedy generation agrees with the teacher-forced side network on its own output
-    from sidetrain.seq2seq.predict import _side_logits
+    from sidetrain.kinds.seq2seq.predict import _side_logits
 
     model, backbone, manifest = loaded
     s = manifest["seq2seq"]
@@ -210,8 +210,8 @@ def test_label_text_file_and_fp16(tiny_t5, t5_data, tmp_path, caplog):
 def test_pruned_init(t5_store, tiny_t5, tmp_path):
     """Side blocks start as Fisher-pruned backbone blocks: r = 1 copies them, r = 2 slices them."""
     from featcache.seq2seq import load_seq2seq_backbone
-    from sidetrain.seq2seq.prune import fisher_path, fisher_scores, pruned_init
-    from sidetrain.seq2seq.train import build_seq2seq_model, store_weights
+    from sidetrain.kinds.seq2seq.prune import fisher_path, fisher_scores, pruned_init
+    from sidetrain.kinds.seq2seq.recipe import build_seq2seq_model, store_weights
 
     store = open_store(t5_store)
     backbone = load_seq2seq_backbone(str(tiny_t5), device="cpu")
@@ -272,7 +272,7 @@ def test_interrupted_extraction_resumes(tiny_t5, t5_data, t5_store, tmp_path, mo
 
 
 def test_batches_read_from_disk_equal_preloaded(t5_store):
-    from sidetrain.seq2seq.train import CachedSeq2Seq, open_decoder
+    from sidetrain.kinds.seq2seq.recipe import CachedSeq2Seq, open_decoder
 
     store = open_store(t5_store)
     idx = np.array([7, 2, 3, 11])

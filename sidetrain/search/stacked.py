@@ -108,7 +108,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
         torch.manual_seed(c.seed)
         models.append(build_model(c, manifest).to(device))
         if c.init == "pruned":  # as train(): Fisher-pruned backbone blocks (cached scores)
-            from ..pruning import init_from_backbone
+            from ..kinds.encoder.prune import init_from_backbone
 
             init_from_backbone(models[-1], store, c.train_split, str(device))
     for c, model in zip(cfgs, models):

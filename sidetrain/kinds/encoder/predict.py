@@ -18,9 +18,9 @@ from featcache.backbone import load_backbone, resolve_device
 from featcache.errors import LstError, TrainConfigError, expected
 from featcache.store import check_match
 
-from .config import TrainConfig
-from .data import length_bucketed_batches
-from .train import autocast, build_model
+from ...config import TrainConfig
+from ...data import length_bucketed_batches
+from ...train import autocast, build_model
 
 log = logging.getLogger(__name__)
 

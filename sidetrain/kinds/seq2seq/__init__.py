@@ -9,7 +9,7 @@ backbone's blocks pruned by Fisher information (prune.py); prediction on raw tex
 from .model import T5LadderSideNetwork, sequence_scores, target_loss
 from .predict import is_seq2seq_run, load_run, predict_lines, predict_texts
 from .prune import fisher_path, fisher_scores, pruned_init
-from .train import CachedSeq2Seq, build_seq2seq_model, open_decoder, seq2seq_recipe, store_weights
+from .recipe import CachedSeq2Seq, build_seq2seq_model, open_decoder, seq2seq_recipe, store_weights
 
 __all__ = [
     "CachedSeq2Seq",

@@ -32,8 +32,8 @@ from featcache.errors import TrainConfigError, expected
 from featcache.reader import SplitReader, StoreReader
 from featcache.store import check_match
 
+from ...probe import _fit
 from .model import LadderSideNetwork, _block_list
-from .probe import _fit
 
 log = logging.getLogger(__name__)
 N_EXAMPLES = 1024  # the paper's budget

@@ -22,8 +22,8 @@ from featcache.reader import SplitReader, StoreReader
 from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone, shift_right
 from featcache.store import check_match
 
-from .. import metrics as M
-from ..data import length_bucketed_batches, should_preload
+from ... import metrics as M
+from ...data import length_bucketed_batches, should_preload
 from .model import T5LadderSideNetwork, sequence_scores, target_loss
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def store_weights(store: StoreReader) -> dict[str, torch.Tensor]:
 
 
 def build_seq2seq_model(cfg, manifest: dict[str, Any], weights: dict[str, torch.Tensor]) -> T5LadderSideNetwork:
-    from ..train import backbone_config
+    from ...train import backbone_config
 
     s = manifest["seq2seq"]
     kept = cfg.layers  # layer dropping: the same kept block indices for encoder and decoder
@@ -200,7 +200,7 @@ def _check_options(cfg) -> None:
 def seq2seq_recipe(cfg, store: StoreReader, device: torch.device, eval_name: str | None):
     """What `sidetrain.train.train()` needs for an encoder-decoder store: the T5 side network, cached or
     live batches, the teacher-forced loss and candidate scoring."""
-    from ..train import Recipe
+    from ...train import Recipe
 
     _check_options(cfg)
     manifest = store.manifest

@@ -21,7 +21,7 @@ import torch
 from featcache.reader import StoreReader
 from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone
 
-from ..pruning import read_cached_scores, top_channels, top_per_head, write_cached_scores
+from ..encoder.prune import read_cached_scores, top_channels, top_per_head, write_cached_scores
 from .model import T5LadderSideNetwork
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def fisher_scores(store: StoreReader, backbone: Seq2SeqBackbone | None = None, n
     cached = read_cached_scores(path, meta)
     if cached is not None:
         return cached
-    from .train import open_decoder
+    from .recipe import open_decoder
 
     backbone = backbone or load_seq2seq_backbone(m["backbone"]["name"], "fp32", "auto")
     model = backbone.model

@@ -1,0 +1,1 @@
+"""Stage-2 plug-ins, one per kind of store."""
