@@ -40,7 +40,7 @@ def pooled_features(split: SplitReader, layer: int, preload: bool | None, batch_
     return out
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, n_out: int, l2: float, task: str, steps: int = 100) -> torch.nn.Linear:
+def fit_linear(x: torch.Tensor, y: torch.Tensor, n_out: int, l2: float, task: str, steps: int = 100) -> torch.nn.Linear:
     torch.manual_seed(0)
     lin = torch.nn.Linear(x.shape[1], n_out)
     torch.nn.init.zeros_(lin.weight)
@@ -56,6 +56,9 @@ def _fit(x: torch.Tensor, y: torch.Tensor, n_out: int, l2: float, task: str, ste
 
     opt.step(closure)
     return lin
+
+
+_fit = fit_linear  # temporary alias until kinds/encoder/prune.py uses fit_linear
 
 
 def _predict(lin: torch.nn.Linear, x: torch.Tensor, task: str) -> np.ndarray:
@@ -84,7 +87,7 @@ def train_probe(cfg: TrainConfig, store: StoreReader) -> dict[str, Any]:
         y_train = y_train.float() if task == "regression" else y_train.long()
         history, best, best_lin = [], -np.inf, None
         for l2 in L2_GRID if eval_name else L2_GRID[1:2]:
-            lin = _fit(feats[cfg.train_split], y_train, num_labels, l2, task)
+            lin = fit_linear(feats[cfg.train_split], y_train, num_labels, l2, task)
             record = {"l2": l2}
             if eval_name:
                 scores = M.compute(task, _predict(lin, feats[eval_name], task), store.split(eval_name).labels, num_labels)

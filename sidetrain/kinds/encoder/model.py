@@ -88,6 +88,7 @@ def _build_side_model(config) -> nn.Module:
     if not isinstance(getattr(model, "embeddings", None), nn.Module):
         raise TrainConfigError(f"{type(model).__name__} has no `embeddings` module for the embedding ladder to "
                                "replace; this backbone family is not supported by the encoder side network.")
+
     model.embeddings.requires_grad_(False)
     model.embeddings.forward = _skipped  # its output is replaced by the embedding ladder's: do not compute it
     return model
@@ -97,13 +98,16 @@ def _skipped(*args, **kwargs) -> None:
     return None
 
 
-def _block_list(model: nn.Module, n: int) -> nn.ModuleList:
+def block_list(model: nn.Module, n: int) -> nn.ModuleList:
     """The stack of transformer blocks inside a transformers encoder, found by shape, not by name."""
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return module
     raise TrainConfigError(f"Could not find the {n} transformer blocks inside {type(model).__name__}; "
                            "this backbone family is not supported by the encoder side network.")
+
+
+_block_list = block_list  # temporary alias until kinds/encoder/prune.py and tests/test_pruning.py use block_list
 
 
 class LadderSideNetwork(nn.Module):
@@ -145,7 +149,7 @@ class LadderSideNetwork(nn.Module):
         # Hooks put the ladders in: the embeddings' output becomes the embedding ladder's, and block j's
         # input is mixed with ladder j.
         self.side = _build_side_model(self.config)
-        self.__dict__["blocks"] = _block_list(self.side, len(kept_layers))  # a view, not a second registration
+        self.__dict__["blocks"] = block_list(self.side, len(kept_layers))  # a view, not a second registration
         # bound methods (not closures): a deep copy of the network then calls its own copy's hooks
         self.side.embeddings.register_forward_hook(self._embedding_ladder_output)
         for j, block in enumerate(self.blocks):
