@@ -37,6 +37,18 @@ from .errors import StoreError, expected
 log = logging.getLogger(__name__)
 
 READERS = ("auto", "shards", "zarr")
+FROZEN_WEIGHTS = "backbone_weights"  # root group of frozen arrays that stage 2 needs without the backbone
+
+
+def part_layers(manifest: dict[str, Any], part: str) -> list[int] | None:
+    """Stored layers of a split's part ('' = the split's own); None if the store has no such part."""
+    if part == "":
+        return manifest["layers"]
+    if part in manifest.get("parts", {}):
+        return manifest["parts"][part]["layers"]
+    if part == "dec" and "seq2seq" in manifest:  # T5 stores written before parts were recorded
+        return manifest["seq2seq"]["decoder_layers"]
+    return None
 
 
 @dataclass
@@ -162,20 +174,26 @@ class _Rows:
         return self._shards.part(k), k * self._shards.shard_rows
 
 
-class SplitReader:
-    """One split of a store. Reads lazily; `load()` pulls the hidden states into memory."""
+class PartReader:
+    """A ragged, token-major part of one split: row i owns tokens offsets[i]:offsets[i+1].
 
-    def __init__(self, group: zarr.Group, name: str, manifest: dict[str, Any], reader: str = "auto") -> None:
+    Every kind of store has the split's own part (its examples); some have more under a sub-path
+    (T5: `dec`, one row per (example, candidate) decoder pass). Reads lazily; `load()` pulls the
+    hidden states into memory.
+    """
+
+    def __init__(self, group: zarr.Group, name: str, store_dtype: str, layers: list[int],
+                 reader: str = "auto") -> None:
         self.name = name
-        self.manifest = manifest
-        self.store_dtype: str = manifest["store_dtype"]
-        self.layers: list[int] = manifest["layers"]
+        self.store_dtype = store_dtype
+        self.layers: list[int] = list(layers)
         self._group = group
         self.offsets = group["offsets"][:]
-        self.input_ids = group["input_ids"][:]
-        self.token_type_ids = group["token_type_ids"][:]
-        self.labels = group["labels"][:] if "labels" in group else None
         self.lengths = np.diff(self.offsets)
+        done = group["shard_done"][:]
+        if self.n_tokens and not done.all():
+            raise StoreError(f"Split part '{name}' has {int((done == 0).sum())} unwritten shards; "
+                             "re-run the extraction to complete it.")
         self._hidden = _Rows(group["hidden"], reader)
         # int8 stores: one float32 scale per token and layer, sharded like hidden
         self._scales = _Rows(group["scales"], reader) if "scales" in group else None
@@ -192,6 +210,13 @@ class SplitReader:
         """Where hidden states come from now: 'memory', 'shards' (memory-mapped) or 'zarr'."""
         return self._hidden.kind
 
+    def column(self, name: str) -> np.ndarray:
+        """A whole per-row or per-token array stored beside the hidden states (e.g. T5's `candidates`)."""
+        if name not in self._group or not isinstance(self._group[name], zarr.Array):
+            raise StoreError(expected(f"an array '{name}' in '{self.name}'",
+                                      f"arrays {sorted(k for k, _ in self._group.arrays())}"))
+        return self._group[name][:]
+
     def layer_positions(self, layers: list[int] | None) -> list[int]:
         """Positions in the stored layer axis of the requested hidden_states indices."""
         if layers is None:
@@ -202,16 +227,12 @@ class SplitReader:
                                       "Re-extract with those --layers, or pick stored ones."))
         return [self.layers.index(x) for x in layers]
 
-    def load(self) -> SplitReader:
+    def load(self):
         """Read the whole hidden-state array into RAM (in the storage dtype)."""
         self._hidden.load()
         if self._scales is not None:
             self._scales.load()
         return self
-
-    @property
-    def in_memory(self) -> bool:
-        return self._hidden.kind == "memory"
 
     def nbytes(self) -> int:
         return int(np.prod(self._hidden.shape)) * self._hidden.dtype.itemsize
@@ -238,6 +259,30 @@ class SplitReader:
         cols = None if len(pos) == len(self.layers) else pos
         scales = self._scales.gather(lo, hi, cols) if with_scales and self._scales is not None else None
         return self._hidden.gather(lo, hi, cols), self.store_dtype, scales
+
+
+class SplitReader(PartReader):
+    """One split of a store: its examples (tokens, labels, hidden states) and any further parts."""
+
+    def __init__(self, group: zarr.Group, name: str, manifest: dict[str, Any], reader: str = "auto") -> None:
+        super().__init__(group, name, manifest["store_dtype"], manifest["layers"], reader)
+        self.manifest = manifest
+        self._reader = reader
+        self.input_ids = group["input_ids"][:]
+        self.token_type_ids = group["token_type_ids"][:]
+        self.labels = group["labels"][:] if "labels" in group else None
+        self._parts: dict[str, PartReader] = {}
+
+    def part(self, name: str) -> PartReader:
+        """A further ragged part of this split (T5: 'dec'), with its own offsets, layers and shards."""
+        if name not in self._parts:
+            layers = part_layers(self.manifest, name)
+            if layers is None or name not in self._group:
+                raise StoreError(expected(f"a part '{name}' in split '{self.name}'",
+                                          f"parts {sorted(self.manifest.get('parts', {'': {}}))}"))
+            self._parts[name] = PartReader(self._group[name], f"{self.name}/{name}", self.store_dtype, layers,
+                                           self._reader)
+        return self._parts[name]
 
     def example(self, i: int, layers: list[int] | None = None) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
@@ -334,13 +379,15 @@ class StoreReader:
         if name not in self.manifest["splits"]:
             raise StoreError(expected(f"split '{name}' in the store", f"splits {self.split_names}"))
         if name not in self._splits:
-            group = self._group[name]
-            done = group["shard_done"][:]
-            if self.manifest["splits"][name]["tokens"] and not done.all():
-                raise StoreError(f"Split '{name}' of '{self.path}' has {int((done == 0).sum())} unwritten shards; "
-                                 "re-run the extraction to complete it.")
-            self._splits[name] = SplitReader(group, name, self.manifest, self.reader)
+            self._splits[name] = SplitReader(self._group[name], name, self.manifest, self.reader)
         return self._splits[name]
+
+    def frozen_weights(self) -> dict[str, np.ndarray]:
+        """Frozen backbone pieces a kind keeps in the store for stage 2 (T5: its LM head and the
+        relative-position biases), by name; {} when the store keeps none."""
+        if FROZEN_WEIGHTS not in self._group:
+            return {}
+        return {name: array[:] for name, array in self._group[FROZEN_WEIGHTS].arrays()}
 
 
 def open_store(path: str | Path, reader: str = "auto") -> StoreReader:

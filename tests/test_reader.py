@@ -174,3 +174,40 @@ def test_split_held_on_the_device_gives_the_same_batches(stores, dtype, tiny_ber
             a, b = host(np.array(idx)), device(np.array(idx))
             assert torch.equal(a.hidden, b.hidden) and torch.equal(a.mask, b.mask)
             assert torch.equal(a.labels, b.labels) and torch.equal(a.input_ids, b.input_ids)
+
+
+def test_parts_columns_and_frozen_weights_of_a_t5_store(tmp_path):
+    """Stage 2 reads every part of a store through the reader: T5's decoder rows (memory-mapped, equal
+    to zarr's bytes), their columns, and the frozen weights, without opening Zarr itself."""
+    from conftest import synthetic_rows, write_tsv
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    model = tmp_path / "t5"
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=30522, d_model=16, d_ff=32, d_kv=4, num_layers=1,
+                                        num_decoder_layers=1, num_heads=4, pad_token_id=0, eos_token_id=102,
+                                        decoder_start_token_id=0)).save_pretrained(model)
+    from featcache.bundled import minilm_path
+
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(model)
+    write_tsv(tmp_path / "data" / "train.tsv", synthetic_rows(12, 1))
+    write_tsv(tmp_path / "data" / "dev.tsv", synthetic_rows(6, 2))
+    out = tmp_path / "store"
+    extract(ExtractConfig(model=str(model), dataset=str(tmp_path / "data"), out=str(out), store_dtype="fp32",
+                          max_length=12, device="cpu", shard_tokens=32, chunk_tokens=8, error_sample=0))
+    store = open_store(out)
+    dev = store.split("dev").part("dec")
+    g = zarr.open_group(str(out), mode="r")["dev"]["dec"]
+    assert dev.reader_kind == "shards" and len(dev) == 6 * 3
+    np.testing.assert_array_equal(dev.column("candidates"), g["candidates"][:])
+    lo, hi = dev.offsets[[4, 0]], dev.offsets[[5, 1]]
+    want = np.concatenate([g["hidden"][a:b] for a, b in zip(lo, hi)])
+    np.testing.assert_array_equal(dev.hidden_rows(lo, hi).numpy(), want)
+    weights = store.frozen_weights()
+    assert sorted(weights) == ["decoder_relative_bias", "encoder_relative_bias", "lm_head"]
+    assert weights["lm_head"].shape == (30522, 16)
+    with pytest.raises(LstError, match="part 'nope'"):
+        store.split("dev").part("nope")
+    with pytest.raises(LstError, match="array 'nope'"):
+        dev.column("nope")
+    assert open_store(out).split("train").column("labels").shape == (12,)
