@@ -1,11 +1,16 @@
 """HDF5 interchange (h5py): export a store for tools that read HDF5, and import such a file back.
 
-File layout: every array of the store at the same path, dtype and shape (per split `hidden`, `offsets`,
-`input_ids`, `token_type_ids`, `labels`, `shard_done`, `scales` for int8 stores, `dec/...` and
-`backbone_weights/...` for encoder-decoder stores; bf16 stays uint16 bits, as in the store). The root
-attribute `lst_manifest` holds the manifest as JSON; each dataset records its Zarr chunk and shard
-shapes (and each group its Zarr attributes) so an import rebuilds the same layout. Both directions copy one Zarr shard at a time: memory stays bounded by a shard
-(~64 MiB by default), whatever the store size.
+File layout: every array of the store at the same path, dtype and shape, whatever the store's kind.
+Both directions walk the group tree and know no array by name: each split's parts (the split group
+itself, `S/dec` for seq2seq stores, whatever later kinds add), each part's `hidden`, `offsets`,
+`shard_done`, ids, labels and int8 `scales`, and root groups such as `backbone_weights`; bf16 stays
+uint16 bits, as in the store. The root attribute `lst_manifest` holds the manifest as JSON (its
+`kind` and `parts` included); each dataset records its Zarr chunk and shard shapes (and each group
+its Zarr attributes) so an import rebuilds the same layout. Both directions copy one Zarr shard at a
+time: memory stays bounded by a shard (~64 MiB by default), whatever the store size.
+
+Import writes to a local path or any fsspec URL, guarded by `destination.prepare_out`; export writes
+one local file (written as `<out>.partial`, then renamed).
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ import numpy as np
 import zarr
 
 from . import store as S
+from .destination import prepare_out, zarr_location
 from .errors import StoreError, expected
 from .inspect import open_manifest
 from .progress import progress_bar
@@ -126,25 +131,6 @@ def read_h5_manifest(path: str | Path) -> dict[str, Any]:
     return S.check_manifest(json.loads(raw), str(path))
 
 
-def _prepare_out_store(out: str, overwrite: bool) -> None:
-    """Refuse to clobber: replace only an lst store, and only with --overwrite."""
-    if "://" in out or not Path(out).exists():
-        return
-    path = Path(out)
-    try:
-        existing = zarr.open_group(out, mode="r").attrs.get(S.MANIFEST_KEY)
-    except Exception:  # noqa: BLE001 - anything unreadable is "not a store"
-        existing = None
-    if existing is None:
-        if path.is_file() or any(path.iterdir()):
-            raise StoreError(expected("an empty directory or an lst store at --out", f"'{out}' holds something else",
-                                      "Choose another --out; lst never deletes what it did not write."))
-        return
-    if not overwrite:
-        raise StoreError(f"A store already exists at '{out}'. Pass --overwrite to replace it.")
-    shutil.rmtree(path)
-
-
 def _import_dataset(root: zarr.Group, path: str, dset, bar) -> None:
     parent, _, name = path.rpartition("/")
     g = root.require_group(parent) if parent else root
@@ -165,7 +151,11 @@ def _import_dataset(root: zarr.Group, path: str, dset, bar) -> None:
 
 
 def import_hdf5(h5_path: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Rebuild a Zarr store from an exported HDF5 file; returns the manifest (the same as the source's)."""
+    """Rebuild a Zarr store from an exported HDF5 file; returns the manifest (the same as the source's).
+
+    `out` is a local path or an fsspec URL; `destination.prepare_out` guards it (an lst store is
+    replaced only with `overwrite`, anything else is refused and left untouched).
+    """
     import h5py
 
     manifest = read_h5_manifest(h5_path)
@@ -174,21 +164,31 @@ def import_hdf5(h5_path: str | Path, out: str | Path, overwrite: bool = False) -
         missing = [split for split in manifest["splits"] if split not in f]
         if missing:
             raise StoreError(expected(f"split(s) {missing} (named in the manifest) in '{h5_path}'", f"groups {sorted(f)}"))
-        _prepare_out_store(out, overwrite)
-        root = zarr.open_group(out, mode="w")
-        # incomplete until every array is in: a crashed import is never mistaken for a store
-        root.attrs[S.MANIFEST_KEY] = {**manifest, "complete": False}
-        nodes: list[tuple[str, Any]] = []
-        f.visititems(lambda path, node: nodes.append((path, node)))
-        total = sum(n.nbytes for _, n in nodes if isinstance(n, h5py.Dataset))
-        with progress_bar("import", total / 2**20, unit="MiB") as bar:
-            for path, node in nodes:  # parents come before their children
-                if isinstance(node, h5py.Group):
-                    g = root.require_group(path)
-                    if ZARR_ATTRS in node.attrs:
-                        g.attrs.update(json.loads(node.attrs[ZARR_ATTRS]))
-                    continue
-                _import_dataset(root, path, node, bar)
-    root.attrs[S.MANIFEST_KEY] = manifest
+        prepare_out(out, overwrite)  # refuses to replace a store without --overwrite, or anything not ours
+        try:
+            _write_store(f, out, manifest)
+        except OSError as err:  # a full disk, a path under a file, a lost connection: one line, no traceback
+            raise StoreError(f"Could not write the store at '{out}' ({type(err).__name__}: {err}); "
+                             "what it holds is not marked complete; fix the cause and re-run with --overwrite.") from err
     log.info("Imported %s into %s", h5_path, out)
     return manifest
+
+
+def _write_store(f, out: str, manifest: dict[str, Any]) -> None:
+    import h5py
+
+    root = zarr.open_group(zarr_location(out), mode="w")
+    # incomplete until every array is in: a crashed import is never mistaken for a store
+    root.attrs[S.MANIFEST_KEY] = {**manifest, "complete": False}
+    nodes: list[tuple[str, Any]] = []
+    f.visititems(lambda path, node: nodes.append((path, node)))
+    total = sum(n.nbytes for _, n in nodes if isinstance(n, h5py.Dataset))
+    with progress_bar("import", total / 2**20, unit="MiB") as bar:
+        for path, node in nodes:  # parents come before their children
+            if isinstance(node, h5py.Group):
+                g = root.require_group(path)
+                if ZARR_ATTRS in node.attrs:
+                    g.attrs.update(json.loads(node.attrs[ZARR_ATTRS]))
+                continue
+            _import_dataset(root, path, node, bar)
+    root.attrs[S.MANIFEST_KEY] = manifest
