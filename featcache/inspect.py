@@ -2,6 +2,12 @@
 
 Works on incomplete stores too (a crashed or running extraction), since "how far did it get" is one
 of the questions a user asks. Sizes are measured from the stored objects, not from the manifest.
+
+Generic over the store's kind: every split has parts (ragged, token-major, sharded arrays; "" is the
+split's own group, "dec" is S/dec in seq2seq stores), listed by the manifest's `parts` and
+`splits[S]["parts"]`. A part is complete when every flag of `S/<part>/shard_done` is set. Stores
+written before kinds and parts were recorded get both from their older fields (`seq2seq`,
+`decoder_shards`, ...).
 """
 
 from __future__ import annotations
@@ -80,41 +86,103 @@ def _error_text(e: Any) -> str:
             f"min {e.get('cosine_min', float('nan')):.6f}")
 
 
+ROOT = ""  # the part a split's own group holds (its examples)
+
+
+def store_kind(manifest: dict[str, Any]) -> str:
+    """The manifest's `kind`; older stores: "seq2seq" if they carry T5 fields, else "encoder"."""
+    if "kind" in manifest:
+        return str(manifest["kind"])
+    return "seq2seq" if "seq2seq" in manifest else "encoder"
+
+
+def store_parts(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Part name -> {layers, bytes_per_token}, the root part first (older stores: from their fields)."""
+    parts = dict(manifest.get("parts") or {})
+    if not parts:
+        parts[ROOT] = {"layers": manifest.get("layers"), "bytes_per_token": manifest.get("bytes_per_token")}
+        if "seq2seq" in manifest:
+            parts["dec"] = {"layers": manifest["seq2seq"].get("decoder_layers"),
+                            "bytes_per_token": manifest.get("decoder_bytes_per_token")}
+    return {p: parts[p] for p in sorted(parts, key=lambda p: (p != ROOT, p))}
+
+
+def split_parts(facts: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Part name -> {rows, tokens, shards} of one split (older stores: from their per-split fields)."""
+    parts = dict(facts.get("parts") or {})
+    if not parts:
+        parts[ROOT] = {"rows": facts.get("examples"), "tokens": facts.get("tokens"), "shards": facts.get("shards", 0)}
+        if "decoder_shards" in facts:  # T5 stores written before parts were recorded
+            parts["dec"] = {"rows": facts.get("decoder_rows"), "tokens": facts.get("decoder_tokens"),
+                            "shards": facts["decoder_shards"]}
+    return {p: parts[p] for p in sorted(parts, key=lambda p: (p != ROOT, p))}
+
+
+def _part_state(split_group: zarr.Group | None, part: str, facts: dict[str, Any]) -> dict[str, Any]:
+    total = int(facts.get("shards") or 0)
+    entry = {"rows": facts.get("rows"), "tokens": facts.get("tokens"), "shards_total": total, "shards_done": 0,
+             "bytes_on_disk": 0}
+    node = None
+    if split_group is not None:
+        node = split_group if part == ROOT else split_group.get(part)
+    if isinstance(node, zarr.Group):
+        if total and "shard_done" in node:
+            # an empty part has one placeholder flag and nothing to write
+            entry["shards_done"] = min(int(node["shard_done"][:total].sum()), total)
+        if part != ROOT:
+            entry["bytes_on_disk"] = _stored_bytes(node)
+    entry["complete"] = entry["shards_done"] >= total
+    return entry
+
+
 def inspect_store(path: str | Path) -> dict[str, Any]:
     """Everything `lst inspect` shows, as a JSON-serialisable dict."""
     group, manifest = open_manifest(path)
     layers = manifest.get("layers", [])
     d = manifest.get("hidden_size")
+    kind_parts = store_parts(manifest)
     splits: dict[str, Any] = {}
     for name, facts in manifest.get("splits", {}).items():
         entry = {k: facts.get(k) for k in ("examples", "tokens", "truncated", "rejected_rows", "labelled")}
-        # encoder-decoder stores keep the decoder states in S/dec with their own shards
-        parts = [("", int(facts.get("shards", 0))), ("dec", int(facts.get("decoder_shards", 0)))]
-        entry["shards_total"] = sum(n for _, n in parts)
-        entry["shards_done"], entry["bytes_on_disk"] = 0, 0
-        if name in group:
-            g = group[name]
-            for sub, n in parts:
-                if not n or (sub and sub not in g):
-                    continue
-                node = g[sub] if sub else g
-                if "shard_done" in node:
-                    # an empty split has one placeholder flag and nothing to write
-                    entry["shards_done"] += min(int(node["shard_done"][:n].sum()), n)
-            entry["bytes_on_disk"] = _stored_bytes(g)
+        g = group.get(name)
+        g = g if isinstance(g, zarr.Group) else None
+        parts = {p: _part_state(g, p, f) for p, f in split_parts(facts).items()}
+        entry["shards_total"] = sum(p["shards_total"] for p in parts.values())
+        entry["shards_done"] = sum(p["shards_done"] for p in parts.values())
+        entry["bytes_on_disk"] = _stored_bytes(g) if g is not None else 0
+        if ROOT in parts:  # the split's own arrays: everything in its group but the other parts
+            parts[ROOT]["bytes_on_disk"] = entry["bytes_on_disk"] - sum(
+                p["bytes_on_disk"] for n, p in parts.items() if n != ROOT)
         entry["complete"] = entry["shards_done"] >= entry["shards_total"]
+        entry["parts"] = parts
         splits[name] = entry
     tokens = sum(int(s["tokens"] or 0) for s in splits.values())
     on_disk = _stored_bytes(group)
+    # bytes outside the splits, e.g. the frozen weights a seq2seq store keeps in backbone_weights/
+    others = {n: _stored_bytes(node) for n, node in group.members()
+              if n not in splits and isinstance(node, zarr.Group)}
+    part_summary: dict[str, Any] = {}
+    for p, facts in kind_parts.items():
+        states = [s["parts"][p] for s in splits.values() if p in s["parts"]]
+        p_tokens = sum(int(s["tokens"] or 0) for s in states)
+        p_bytes = sum(s["bytes_on_disk"] for s in states)
+        part_summary[p] = {"layers": facts.get("layers"), "bytes_per_token": facts.get("bytes_per_token"),
+                           "rows": sum(int(s["rows"] or 0) for s in states), "tokens": p_tokens,
+                           "bytes_on_disk": p_bytes, "bytes_per_token_on_disk": p_bytes / p_tokens if p_tokens else None,
+                           "shards_done": sum(s["shards_done"] for s in states),
+                           "shards_total": sum(s["shards_total"] for s in states)}
+    root_part = part_summary.get(ROOT, {})
     backbone = manifest.get("backbone", {})
     dataset = manifest.get("dataset", {})
     return {
         "path": str(path),
         "format_version": manifest.get("format_version"),
+        "kind": store_kind(manifest),
         "complete": bool(manifest.get("complete")),
         "shards_done": sum(s["shards_done"] for s in splits.values()),
         "shards_total": sum(s["shards_total"] for s in splits.values()),
         "splits": splits,
+        "parts": part_summary,
         "examples": sum(int(s["examples"] or 0) for s in splits.values()),
         "tokens": tokens,
         "layers": layers,
@@ -123,8 +191,10 @@ def inspect_store(path: str | Path) -> dict[str, Any]:
         "precision": manifest.get("precision"),
         "max_length": manifest.get("max_length"),
         "bytes_on_disk": on_disk,
+        "bytes_outside_splits": others,
         "bytes_per_token": manifest.get("bytes_per_token"),
-        "bytes_per_token_on_disk": on_disk / tokens if tokens else None,
+        # the examples' own arrays per example token (other parts and frozen weights are counted apart)
+        "bytes_per_token_on_disk": root_part.get("bytes_per_token_on_disk"),
         "backbone": {"name": backbone.get("name"), "revision": backbone.get("revision"),
                      "model_type": backbone.get("model_type"), "num_layers": backbone.get("num_layers")},
         "tokenizer": manifest.get("tokenizer", {}).get("name"),
@@ -144,6 +214,11 @@ def _size(n: float | None) -> str:
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def _per_token(manifest_value: Any, on_disk: float | None) -> str:
+    listed = f"{manifest_value:,}" if isinstance(manifest_value, int) else str(manifest_value)
+    return f"{listed} in the manifest; " + (f"{on_disk:,.1f} on disk" if on_disk else "- on disk")
 
 
 def _compact(value: Any) -> str:
@@ -167,19 +242,29 @@ def render(info: dict[str, Any]):
     state = "complete" if info["complete"] else "INCOMPLETE (re-run the same `lst extract` to resume)"
     rows = [
         ("status", f"{state}; shards {info['shards_done']}/{info['shards_total']} done"),
+        ("kind", str(info["kind"])),
         ("backbone", (f"{info['backbone']['name']} ({info['backbone']['model_type']}, "
                       f"{info['backbone']['num_layers']} blocks)")),
         ("backbone revision", str(info["backbone"]["revision"])),
         ("dataset", str(info["dataset"]["source"])),
         ("dataset fingerprint", str(info["dataset"]["fingerprint"])),
         ("layers", _compact(info["layers"]) + f" (d={info['hidden_size']})"),
+    ]
+    for part, p in info["parts"].items():
+        if part:
+            rows.append((f"{part} layers", _compact(p["layers"])))
+    rows += [
         ("dtype", f"store {info['store_dtype']}, compute {info['precision']}, max length {info['max_length']}"),
         ("examples / tokens", f"{info['examples']:,} / {info['tokens']:,}"),
         ("size on disk", _size(info["bytes_on_disk"])),
-        ("bytes per token", f"{info['bytes_per_token']:,} in the manifest; "
-                            + (f"{info['bytes_per_token_on_disk']:,.1f} on disk" if info["bytes_per_token_on_disk"]
-                               else "- on disk")),
+        ("bytes per token", _per_token(info["bytes_per_token"], info["bytes_per_token_on_disk"])),
     ]
+    for part, p in info["parts"].items():
+        if part:
+            rows.append((f"{part} rows / tokens", f"{p['rows']:,} / {p['tokens']:,}"))
+            rows.append((f"{part} bytes per token", _per_token(p["bytes_per_token"], p["bytes_per_token_on_disk"])))
+    for name, n in info["bytes_outside_splits"].items():
+        rows.append((f"{name} on disk", _size(n)))
     rows += _error_rows(info["measured_error"], info["store_dtype"]) or [("measured error", "not in the manifest")]
     for k, v in rows:
         facts.add_row(k, v)
@@ -190,4 +275,8 @@ def render(info: dict[str, Any]):
         splits.add_row(name, f"{s['examples']:,}", f"{s['tokens']:,}", f"{s['truncated'] or 0:,}",
                        "yes" if s["labelled"] else "no", f"{s['shards_done']}/{s['shards_total']}",
                        _size(s["bytes_on_disk"]))
+        for part, p in s["parts"].items():
+            if part:  # a further part of the split: its rows, tokens, shards and bytes (counted in the split's)
+                splits.add_row(f"  {part}", f"{p['rows'] or 0:,} rows", f"{p['tokens'] or 0:,}", "", "",
+                               f"{p['shards_done']}/{p['shards_total']}", _size(p["bytes_on_disk"]))
     return Group(facts, splits)

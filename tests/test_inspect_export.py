@@ -200,3 +200,61 @@ def test_encoder_decoder_store_round_trip(t5_store, tmp_path):
         assert (a.dtype, a.shape, a.shards) == (b.dtype, b.shape, b.shards) and np.array_equal(a[:], b[:]), p
     assert zarr.open_group(str(back), mode="r").attrs[S.MANIFEST_KEY] == manifest
     assert len(open_store(back).split("train")) == manifest["splits"]["train"]["examples"]
+
+
+def test_kind_and_parts_fall_back_for_older_manifests(store, t5_store):
+    """Stores written before `kind` and `parts` were recorded: both come from their older fields."""
+    info, t5 = inspect_store(store), inspect_store(t5_store)
+    assert info["kind"] == "encoder" and list(info["parts"]) == [""]
+    assert info["parts"][""]["layers"] == [0, 2] and info["parts"][""]["bytes_per_token"] == info["bytes_per_token"]
+    assert t5["kind"] == "seq2seq" and list(t5["parts"]) == ["", "dec"]
+    manifest = open_store(t5_store).manifest
+    for name, s in t5["splits"].items():
+        facts = manifest["splits"][name]
+        assert s["parts"]["dec"]["shards_total"] == facts["decoder_shards"] == s["parts"]["dec"]["shards_done"]
+        assert s["parts"]["dec"]["rows"] == facts["decoder_rows"] and s["parts"][""]["rows"] == facts["examples"]
+    assert t5["parts"]["dec"]["layers"] == manifest["seq2seq"]["decoder_layers"]
+    assert t5["bytes_outside_splits"]["backbone_weights"] > 0
+
+
+def test_inspect_walks_the_parts_a_manifest_names(store, tmp_path):
+    """A kind with a further part (here `extra`, as a later kind might add): listed by `parts`,
+    completeness read from S/extra/shard_done, shown by the CLI, copied by export and import."""
+    copy = tmp_path / "kinds.zarr"
+    shutil.copytree(store, copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    manifest = dict(group.attrs[S.MANIFEST_KEY])
+    extra = group["train"].create_group("extra")
+    extra.create_array("hidden", data=np.arange(24, dtype=np.float16).reshape(6, 2, 2))
+    extra.create_array("shard_done", data=np.array([1, 0, 1], dtype=np.uint8))
+    splits = {}
+    for name, facts in manifest["splits"].items():
+        parts = {"": {"rows": facts["examples"], "tokens": facts["tokens"], "shards": facts["shards"]}}
+        if name == "train":
+            parts["extra"] = {"rows": 2, "tokens": 6, "shards": 3}
+        splits[name] = {**facts, "parts": parts}
+    set_manifest(copy, kind="image", splits=splits,
+                 parts={"": {"layers": manifest["layers"], "bytes_per_token": manifest["bytes_per_token"]},
+                        "extra": {"layers": [5, 7], "bytes_per_token": 8}})
+    info = inspect_store(copy)
+    assert info["kind"] == "image" and list(info["parts"]) == ["", "extra"]
+    train = info["splits"]["train"]
+    assert train["parts"]["extra"]["shards_done"] == 2 and train["parts"]["extra"]["shards_total"] == 3
+    assert not train["complete"] and info["shards_done"] == info["shards_total"] - 1
+    assert info["parts"]["extra"]["layers"] == [5, 7] and info["parts"]["extra"]["tokens"] == 6
+    r = invoke("inspect", copy)
+    assert r.exit_code == 0, r.output
+    for fragment in ("image", "extra layers", "  extra ", "2 rows", "2/3"):
+        assert fragment in r.output, r.output
+    group["train/extra/shard_done"][1] = 1
+    set_manifest(copy, complete=True)
+    assert inspect_store(copy)["splits"]["train"]["complete"]
+    h5, back = tmp_path / "kinds.h5", tmp_path / "back.zarr"
+    export_hdf5(copy, h5)
+    import_hdf5(h5, back)
+    src, dst = all_arrays(copy), all_arrays(back)
+    assert sorted(src) == sorted(dst) and "train/extra/hidden" in dst
+    assert np.array_equal(dst["train/extra/hidden"][:], src["train/extra/hidden"][:])
+    keys = ("layers", "bytes_per_token", "rows", "tokens", "shards_done", "shards_total")
+    facts = [{p: {k: v[k] for k in keys} for p, v in inspect_store(s)["parts"].items()} for s in (copy, back)]
+    assert facts[0] == facts[1]
