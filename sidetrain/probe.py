@@ -21,6 +21,7 @@ from featcache.reader import SplitReader, StoreReader
 from . import metrics as M
 from .data import CachedBatches, length_bucketed_batches
 from .memory import PeakMemory
+from .recipe import check_labels, pick_eval_split, resolved_config
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -68,8 +69,6 @@ def _predict(lin: torch.nn.Linear, x: torch.Tensor, task: str) -> np.ndarray:
 
 
 def train_probe(cfg: TrainConfig, store: StoreReader) -> dict[str, Any]:
-    from .train import _resolved, check_labels, pick_eval_split
-
     manifest = store.manifest
     task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
     metric = cfg.metric or M.default_metric(manifest)
@@ -107,7 +106,7 @@ def train_probe(cfg: TrainConfig, store: StoreReader) -> dict[str, Any]:
         results[name] = M.compute(task, pred, store.split(name).labels, num_labels)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = _resolved(cfg, manifest, metric, eval_name)
+    resolved = resolved_config(cfg, manifest, metric, eval_name)
     resolved.update(probe_layer=layer, probe_l2_grid=list(L2_GRID))
     (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
     summary = {"metric": metric, "eval_split": eval_name, "best_eval": None if best == -np.inf else best,

@@ -21,7 +21,7 @@ from featcache.errors import LstError, StoreError, TrainConfigError
 from featcache.reader import open_store
 from sidetrain import TrainConfig, train
 from sidetrain.data import DeviceBatches
-from sidetrain.train import build_model
+from sidetrain.kinds.encoder.recipe import build_model
 
 
 def losses(run: Path) -> np.ndarray:

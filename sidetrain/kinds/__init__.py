@@ -1,1 +1,11 @@
-"""Stage-2 plug-ins, one per kind of store."""
+"""Stage-2 plug-ins, one per kind of store (registry.py says what a kind brings).
+
+Importing this package registers the built-in kinds; `kinds.registry` is imported through it, so a
+lookup always sees them. A new kind: a subpackage here that calls `register_kind` in its `__init__`,
+imported below.
+"""
+
+from . import encoder, seq2seq  # noqa: F401 - importing a kind registers it
+from .registry import SearchFacts, StoreKind, kind_for, kind_names, register_kind
+
+__all__ = ["SearchFacts", "StoreKind", "kind_for", "kind_names", "register_kind"]

@@ -6,7 +6,8 @@ A space is a mapping from a TrainConfig field to one of
     {low: 1.0e-4, high: 1.0e-2, log: true}   a range (int when both bounds are ints, unless the field is float)
 Kept layers are strings in `lst train --layers` syntax: ["all", "2,4,6", "4-6"].
 
-The default space is built from the store (valid reduction factors and layer patterns for its backbone).
+The default space is built from the store: its kind's search facts (kinds/registry.py `SearchFacts`:
+valid reduction factors, stored blocks) give the reduction factors and layer patterns.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from featcache.errors import LstError, expected
 
 from ..config import TrainConfig
+from ..kinds.registry import SearchFacts, kind_for
 
 # TrainConfig fields that describe where and how a run executes, not the side network: never searched.
 NOT_SEARCHABLE = {"store", "out", "device", "train_split", "eval_split", "metric", "online", "preload",
@@ -178,10 +180,6 @@ def parse_layer_spec(spec: str, blocks: list[int]) -> list[int] | None:
     return out
 
 
-def valid_reduction_factors(hidden: int, heads: int, candidates: range = range(2, 65)) -> list[int]:
-    return [r for r in candidates if hidden % r == 0 and (hidden // r) % heads == 0]
-
-
 def layer_patterns(blocks: list[int]) -> list[str]:
     """Default kept-layer choices: all, every second, the top half, and the paper's drop pattern
     (blocks 0, 4, 8 dropped in T5-base: hidden_states 1, 5, 9)."""
@@ -196,13 +194,15 @@ def layer_patterns(blocks: list[int]) -> list[str]:
     return out
 
 
+def search_facts(manifest: dict[str, Any]) -> SearchFacts:
+    return kind_for(manifest).search_facts(manifest)
+
+
 def default_space(manifest: dict[str, Any]) -> dict[str, Any]:
     """A sensible space for this store, in the space-file format."""
-    cfg = manifest["backbone"]["config"]
-    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    factors = [r for r in (4, 8, 16) if r in valid_reduction_factors(hidden, heads)] or \
-        valid_reduction_factors(hidden, heads)[:3]
-    blocks = [x for x in manifest["layers"] if x > 0]
+    facts = search_facts(manifest)
+    factors = [r for r in (4, 8, 16) if r in facts.reduction_factors] or list(facts.reduction_factors[:3])
+    blocks = list(facts.blocks)
     return {"lr": {"low": 3e-4, "high": 1e-2, "log": True}, "reduction_factor": factors,
             "layers": layer_patterns(blocks), "batch_size": [16, 32, 64], "epochs": {"low": 3, "high": 10},
             "seed": 0}
@@ -210,9 +210,8 @@ def default_space(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def check_against_store(space: dict[str, Param], manifest: dict[str, Any]) -> None:
     """Refuse choices the store cannot train (before any trial runs, with the valid values)."""
-    cfg = manifest["backbone"]["config"]
-    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    blocks = [x for x in manifest["layers"] if x > 0]
+    facts = search_facts(manifest)
+    blocks = list(facts.blocks)
     for p in space.values():
         values = p.choices if p.kind == "choice" else (p.value,) if p.kind == "fixed" else ()
         if p.name == "layers":
@@ -221,12 +220,12 @@ def check_against_store(space: dict[str, Param], manifest: dict[str, Any]) -> No
         if p.name == "init" and set(values) - {"random", "pruned"}:
             raise SpaceError(expected("init values among random, pruned", sorted(set(values) - {"random", "pruned"})))
         if p.name == "reduction_factor":
-            good = valid_reduction_factors(hidden, heads)
+            good = list(facts.reduction_factors)
             bad = [v for v in values if v not in good] if values else \
                 [] if any(p.low <= r <= p.high for r in good) else [f"{p.low}..{p.high}"]
             if bad:
-                raise SpaceError(expected(f"reduction factors that divide width {hidden} into {heads} heads",
-                                          bad, f"Use some of {good}."))
+                raise SpaceError(expected(f"reduction factors that {facts.reduction_rule}", bad,
+                                          f"Use some of {good}."))
 
 
 def resolve_space(manifest: dict[str, Any], raw: dict[str, Any] | None) -> dict[str, Param]:
@@ -256,5 +255,5 @@ def suggest(trial, space: dict[str, Param]) -> dict[str, Any]:
 def to_train_kwargs(values: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     kwargs = dict(values)
     if "layers" in kwargs:
-        kwargs["layers"] = parse_layer_spec(str(kwargs["layers"]), [x for x in manifest["layers"] if x > 0])
+        kwargs["layers"] = parse_layer_spec(str(kwargs["layers"]), list(search_facts(manifest).blocks))
     return kwargs

@@ -31,9 +31,11 @@ from featcache.errors import TrainConfigError, expected
 from featcache.reader import StoreReader, open_store
 
 from .. import metrics as M
+from ..config import TrainConfig
 from ..data import CachedBatches, iterate, length_bucketed_batches
+from ..kinds.registry import kind_for
+from ..recipe import pick_eval_split, resolved_config
 from ..run_files import write_run
-from ..train import TrainConfig, _resolved, build_model, pick_eval_split, predict_split
 
 log = logging.getLogger(__name__)
 PER_MEMBER = {"out", "lr", "weight_decay", "grad_clip", "init"}  # may differ inside a stack
@@ -103,18 +105,17 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
     metric = cfg0.metric or M.default_metric(manifest)
     train_split = store.split(cfg0.train_split)
     eval_name = pick_eval_split(store, cfg0.eval_split, cfg0.train_split)
+    kind = kind_for(manifest)
+    if not kind.search_facts(manifest).stackable:
+        raise TrainConfigError(expected("a store whose trials can be stacked", f"a {kind.name} store", "Use --stack 1."))
     models = []
-    for c in cfgs:  # as train(): the seed fixes the initial weights
+    for c in cfgs:  # as train(): the seed fixes the initial weights (and --init pruned starts from the backbone)
         torch.manual_seed(c.seed)
-        models.append(build_model(c, manifest).to(device))
-        if c.init == "pruned":  # as train(): Fisher-pruned backbone blocks (cached scores)
-            from ..kinds.encoder.prune import init_from_backbone
-
-            init_from_backbone(models[-1], store, c.train_split, str(device))
+        models.append(kind.stack_member(c, store, device))
     for c, model in zip(cfgs, models):
         Path(c.out).mkdir(parents=True, exist_ok=True)
         (Path(c.out) / "config.json").write_text(
-            json.dumps({**_resolved(c, manifest, metric, eval_name), "stacked_with": k_n}, indent=2, sort_keys=True))
+            json.dumps({**resolved_config(c, manifest, metric, eval_name), "stacked_with": k_n}, indent=2, sort_keys=True))
     params, buffers = stack_module_state(models)  # {name: (K, ...)} leaves with requires_grad
     frozen = {n for n, p in models[0].named_parameters() if not p.requires_grad}  # unused side embeddings
     params = {n: p.detach() if n in frozen else p for n, p in params.items()}
@@ -163,8 +164,9 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
             if step >= total:
                 break
         train_seconds += time.perf_counter() - t0
-        preds = _predict(vforward, params, buffers, base, sources[eval_name], store.split(eval_name),
-                         cfg0.batch_size, task, device) if eval_name else None
+        base.eval()
+        preds = _predict(lambda b: vforward(params, buffers, b.hidden, b.mask), k_n, sources[eval_name],
+                         store.split(eval_name), cfg0.batch_size, task, device) if eval_name else None
         for k in range(k_n):
             record = {"epoch": epoch + 1, "step": step,
                       "train_loss": float(np.mean([x[k] for x in losses[-len(batches):]]))}
@@ -195,15 +197,14 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
 
 
 @torch.no_grad()
-def _predict(vforward, params, buffers, base, source, split, batch_size: int, task: str,
+def _predict(logits_of: Callable[[Any], torch.Tensor], k_n: int, source, split, batch_size: int, task: str,
              device: torch.device) -> np.ndarray:
-    """(K, n) predictions of every member for a split, in the split's order (as predict_split)."""
-    base.eval()
+    """(K, n) predictions of every member for a split, in the split's order (batches as `lst train`'s
+    evaluation); `logits_of(batch)` -> (K, B, C)."""
     batches = length_bucketed_batches(split.lengths, batch_size * 2, seed=0, epoch=0, shuffle=False)
-    out = np.zeros((len(next(iter(params.values()))), len(split)),
-                   dtype=np.float32 if task == "regression" else np.int64)
+    out = np.zeros((k_n, len(split)), dtype=np.float32 if task == "regression" else np.int64)
     for idx, b in zip(batches, iterate(source, batches, device)):
-        logits = vforward(params, buffers, b.hidden, b.mask)
+        logits = logits_of(b).float()
         out[:, idx] = (logits.squeeze(-1) if task == "regression" else logits.argmax(-1)).cpu().numpy()
     return out
 
@@ -216,7 +217,9 @@ def _finish(cfg: TrainConfig, model, store, sources, task, num_labels, metric, e
         split = store.split(name)
         if name == cfg.train_split or split.labels is None or name not in sources:
             continue
-        pred = predict_split(model, sources[name], split, cfg.batch_size, task, device)
+        model.eval()
+        pred = _predict(lambda b: model(b.hidden, b.mask)[None], 1, sources[name], split, cfg.batch_size, task,
+                        device)[0]
         predictions[name] = pred.tolist()
         results[name] = M.compute(task, pred, split.labels, num_labels)
     n_train = len(store.split(cfg.train_split))

@@ -28,7 +28,9 @@ from featcache.progress import progress_bar
 from featcache.reader import StoreReader, open_store
 
 from .. import metrics as M
-from ..train import TrainConfig, pick_eval_split, train
+from ..config import TrainConfig
+from ..recipe import pick_eval_split
+from ..train import train
 from . import space as S
 from .claims import claim, claim_group, claim_lock, heartbeat, recover_stale
 from .config import SweepConfig
@@ -55,6 +57,9 @@ def _prepare(cfg: SweepConfig, store: StoreReader | None = None) -> _Context:
     metric = cfg.metric or M.default_metric(m)
     if metric not in M.METRICS:
         raise SweepError(expected(f"--metric one of {sorted(M.METRICS)}", metric))
+    if cfg.stack > 1 and not S.search_facts(m).stackable:
+        raise SweepError(expected("--stack 1 for this store (its kind's trials cannot be trained K at a time)",
+                                  f"--stack {cfg.stack}", "Drop --stack."))
     return _Context(cfg, store, S.resolve_space(m, cfg.space), metric)
 
 

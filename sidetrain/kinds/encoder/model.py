@@ -88,7 +88,6 @@ def _build_side_model(config) -> nn.Module:
     if not isinstance(getattr(model, "embeddings", None), nn.Module):
         raise TrainConfigError(f"{type(model).__name__} has no `embeddings` module for the embedding ladder to "
                                "replace; this backbone family is not supported by the encoder side network.")
-
     model.embeddings.requires_grad_(False)
     model.embeddings.forward = _skipped  # its output is replaced by the embedding ladder's: do not compute it
     return model

@@ -20,7 +20,8 @@ from featcache.store import check_match
 
 from ...config import TrainConfig
 from ...data import length_bucketed_batches
-from ...train import autocast, build_model
+from ...recipe import autocast
+from .recipe import build_model
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,13 @@ from safetensors.torch import load_file
 from featcache.errors import StoreError, expected
 from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone, pad_batch, shift_right
 
+from ...recipe import backbone_config
 from .model import T5LadderSideNetwork, sequence_scores
 
 
 def load_run(run_dir: str | Path, device: str = "cpu",
              backbone: Seq2SeqBackbone | None = None) -> tuple[T5LadderSideNetwork, Seq2SeqBackbone, dict[str, Any]]:
     """The side network of RUN/ and its live backbone (checked against the weights hash it was trained on)."""
-    from ...train import backbone_config
-
     run = Path(run_dir)
     if not (run / "config.json").exists() or not (run / "model.safetensors").exists():
         raise StoreError(expected("a run folder with config.json and model.safetensors", f"'{run}'",

@@ -1,0 +1,41 @@
+"""The encoder-only store kind (BERT-family backbones) as a stage-2 plug-in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...recipe import Recipe, backbone_config
+from ..registry import SearchFacts, StoreKind
+from .predict import Predictor
+from .recipe import encoder_recipe, init_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from featcache.reader import StoreReader
+
+    from ...config import TrainConfig
+    from .model import LadderSideNetwork
+
+
+class EncoderKind(StoreKind):
+    probe = True
+
+    def recipe(self, cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:
+        return encoder_recipe(cfg, store, device, eval_name)
+
+    def search_facts(self, manifest: dict[str, Any]) -> SearchFacts:
+        config = backbone_config(manifest)
+        width, heads = int(config.hidden_size), int(config.num_attention_heads)
+        return SearchFacts(width, heads, tuple(r for r in range(2, 65) if width % r == 0 and (width // r) % heads == 0),
+                           f"divide width {width} into {heads} heads", tuple(x for x in manifest["layers"] if x > 0),
+                           stackable=True)
+
+    def predict_lines(self, run: Path, config: dict[str, Any], texts: list[str], generate: bool,
+                      device: str) -> list[str]:
+        predictor = Predictor(run, device)
+        return predictor.label_names(predictor.predict(texts))
+
+    def stack_member(self, cfg: TrainConfig, store: StoreReader, device: torch.device) -> LadderSideNetwork:
+        return init_model(cfg, store, device)

@@ -1,0 +1,116 @@
+"""Batches for the T5 side network: encoder states of the split's examples and teacher-forced decoder
+states of its `dec` part (one row per (example, candidate)), from the store or the live backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from featcache.reader import SplitReader, StoreReader
+from featcache.seq2seq import Seq2SeqBackbone, shift_right
+
+from ...data import should_preload
+
+DECODER_PART = "dec"  # the split's part that holds the decoder rows
+
+
+@dataclass
+class Seq2SeqBatch:
+    enc_hidden: torch.Tensor | None  # (B, T, n_enc_layers, d) float32
+    enc_mask: torch.Tensor  # (B, T) bool
+    dec_hidden: torch.Tensor | None  # (N, U, n_dec_layers, d) float32; N = B * candidates per example
+    dec_mask: torch.Tensor  # (N, U) bool
+    targets: torch.Tensor  # (N, U) long, pad 0
+    row_example: torch.Tensor  # (N,) long: the batch row each decoder row reads
+    labels: torch.Tensor | None  # (B,)
+
+    def to(self, device: torch.device) -> Seq2SeqBatch:
+        move = (lambda t: None if t is None else t.to(device))
+        return Seq2SeqBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+class DecoderSplit:
+    """S/dec of a seq2seq store: rows (example, candidate) of teacher-forced decoder states, read through
+    the store reader (memory-mapped where local, as the split's own examples)."""
+
+    def __init__(self, split: SplitReader) -> None:
+        self.part = split.part(DECODER_PART)
+        self.offsets = self.part.offsets
+        self.candidates = self.part.column("candidates").astype(np.int64)
+        self.target_ids = self.part.column("target_ids").astype(np.int64)
+        self.per_example = len(self.candidates) // max(len(split), 1)
+
+    def load(self) -> DecoderSplit:
+        self.part.load()
+        return self
+
+    def rows(self, examples: np.ndarray) -> np.ndarray:
+        c = self.per_example
+        return (np.asarray(examples)[:, None] * c + np.arange(c)[None, :]).reshape(-1)
+
+    def token_part(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Targets (N, U), mask (N, U) and the flat token index of `rows`."""
+        lengths = self.offsets[rows + 1] - self.offsets[rows]
+        mask = torch.from_numpy(np.arange(int(lengths.max()))[None, :] < lengths[:, None])
+        index = np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in rows])
+        targets = torch.zeros(mask.shape, dtype=torch.long)
+        targets[mask] = torch.from_numpy(self.target_ids[index])
+        return targets, mask, index
+
+    def hidden(self, rows: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
+        """Decoder states of `rows` (N, U, n_layers, d), zero on padding."""
+        flat = self.part.hidden_rows(self.offsets[rows], self.offsets[rows + 1])
+        out = torch.zeros((*mask.shape, *flat.shape[1:]), dtype=torch.float32)
+        out[mask] = flat
+        return out
+
+
+def open_decoder(store: StoreReader, name: str) -> DecoderSplit:
+    return DecoderSplit(store.split(name))
+
+
+class CachedSeq2Seq:
+    """Encoder and decoder states from the store; in RAM when `preload` (None: when the split fits)."""
+
+    def __init__(self, split: SplitReader, dec: DecoderSplit, preload: bool | None = None) -> None:
+        keep = should_preload(split, preload)  # decoder rows are a few tokens each: they follow the encoder
+        self.preloaded = keep
+        self.split = split.load() if keep else split
+        self.dec = dec.load() if keep else dec
+
+    def __call__(self, idx: np.ndarray) -> Seq2SeqBatch:
+        enc = self.split.batch(idx)
+        rows = self.dec.rows(idx)
+        targets, dmask, _ = self.dec.token_part(rows)
+        row_example = torch.arange(len(idx)).repeat_interleave(self.dec.per_example)
+        return Seq2SeqBatch(enc.hidden, enc.mask, self.dec.hidden(rows, dmask), dmask, targets, row_example,
+                            enc.labels)
+
+
+class OnlineSeq2Seq:
+    """Classic LST: the live backbone recomputes encoder and teacher-forced decoder states per batch."""
+
+    def __init__(self, split: SplitReader, dec: DecoderSplit, backbone: Seq2SeqBackbone,
+                 manifest: dict[str, Any]) -> None:
+        self.split, self.dec, self.backbone = split, dec, backbone
+        s = manifest["seq2seq"]
+        self.enc_layers, self.dec_layers = s["encoder_layers"], s["decoder_layers"]
+        self.start, self.pad = s["decoder_start_token_id"], s["pad_token_id"]
+
+    def __call__(self, idx: np.ndarray) -> Seq2SeqBatch:
+        ids = self.split.token_batch(idx)
+        rows = self.dec.rows(idx)
+        targets, dmask, _ = self.dec.token_part(rows)
+        row_example = torch.arange(len(idx)).repeat_interleave(self.dec.per_example)
+        enc_hidden, enc_out = self.backbone.encode(ids.input_ids, ids.mask.long(), self.enc_layers)
+        dec_ids, dec_in_mask = shift_right([t[m].tolist() for t, m in zip(targets, dmask)], self.start, self.pad)
+        dec_hidden, _ = self.backbone.decode(dec_ids, dec_in_mask, enc_out[row_example.to(enc_out.device)],
+                                             ids.mask[row_example].long(), self.dec_layers)
+        # padded positions as the store has them: zero
+        enc_hidden = enc_hidden.cpu() * ids.mask[..., None, None]
+        dec_hidden = dec_hidden.cpu() * dmask[..., None, None]
+        return Seq2SeqBatch(enc_hidden, ids.mask, dec_hidden, dmask, targets, row_example, ids.labels)

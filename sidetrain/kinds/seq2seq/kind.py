@@ -1,0 +1,44 @@
+"""The encoder-decoder (T5) store kind as a stage-2 plug-in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from featcache.seq2seq import Seq2SeqBackbone
+
+from ...recipe import Recipe, backbone_config
+from ..registry import SearchFacts, StoreKind
+from .model import T5LadderSideNetwork
+from .predict import predict_lines
+from .prune import fisher_scores, pruned_init
+from .recipe import seq2seq_recipe
+
+if TYPE_CHECKING:
+    import torch
+
+    from featcache.reader import StoreReader
+
+    from ...config import TrainConfig
+
+
+class Seq2SeqKind(StoreKind):
+    generates = True  # free text, greedy, with the backbone decoder live
+
+    def recipe(self, cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:
+        def init(model: T5LadderSideNetwork, backbone: Seq2SeqBackbone) -> None:
+            pruned_init(model, backbone, fisher_scores(store, backbone))  # Fisher scores cached in the store
+
+        return seq2seq_recipe(cfg, store, device, eval_name, init)
+
+    def search_facts(self, manifest: dict[str, Any]) -> SearchFacts:
+        config = backbone_config(manifest)
+        d, d_kv, d_ff = int(config.d_model), int(config.d_kv), int(config.d_ff)
+        s = manifest["seq2seq"]
+        blocks = [x for x in s["encoder_layers"] if x > 0 and x in s["decoder_layers"]]  # one --layers for both
+        return SearchFacts(d, int(config.num_heads), tuple(r for r in range(2, 65) if not (d % r or d_kv % r or d_ff % r)),
+                           f"divide d_model {d}, d_kv {d_kv} and d_ff {d_ff}", tuple(blocks), stackable=False)
+
+    def predict_lines(self, run: Path, config: dict[str, Any], texts: list[str], generate: bool,
+                      device: str) -> list[str]:
+        return predict_lines(run, texts, generate, device)

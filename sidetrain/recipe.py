@@ -1,0 +1,97 @@
+"""What a store kind hands the shared training loop (`Recipe`), and the helpers every kind's recipe uses.
+
+Kinds import this module; it imports no kind, and neither does the loop in train.py that consumes a
+Recipe (train.py -> kinds -> recipe.py, never kinds -> train.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from featcache.errors import StoreError, TrainConfigError, expected
+from featcache.reader import SplitReader, StoreReader
+
+from . import metrics as M
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+EVAL_SPLIT_NAMES = ("dev", "validation", "valid", "val")
+# Manifest fields every run records in RUN/config.json (what `lst predict` rebuilds the run from).
+RUN_MANIFEST_KEYS = ("backbone", "tokenizer", "layers", "task", "max_length", "store_dtype", "precision",
+                     "hidden_size")
+
+
+@dataclass
+class Recipe:
+    """What the training loop needs from one kind of store. The loop itself (steps, schedule,
+    checkpoints, selection, run files) is shared (train.py)."""
+
+    model: torch.nn.Module
+    sources: dict[str, Any]  # labelled split -> batch source: a callable on example indices
+    task: str  # classification | regression: which metrics apply
+    metric: str  # the one the best epoch is picked on
+    num_labels: int
+    resolved: dict[str, Any]  # the options as run: RUN/config.json, and what a resume must match
+    loss: Callable[[Callable, Any], torch.Tensor]  # (forward, batch on the device) -> scalar loss
+    predict: Callable[[str, Any], np.ndarray]  # (split name, autocast) -> predictions in the split's order
+
+
+def backbone_config(manifest: dict[str, Any]):
+    """The backbone's transformers config, rebuilt from the manifest (no download)."""
+    from transformers import AutoConfig
+
+    cfg = dict(manifest["backbone"]["config"])
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def pick_eval_split(store: StoreReader, asked: str | None, train_split: str) -> str | None:
+    if asked is not None:
+        store.split(asked)  # raises with the list of splits if absent
+        return asked
+    return next((s for s in EVAL_SPLIT_NAMES if s in store.split_names and s != train_split), None)
+
+
+def check_labels(store: StoreReader, split_name: str) -> SplitReader:
+    split = store.split(split_name)
+    if split.labels is None:
+        raise StoreError(expected(f"labels in split '{split_name}' to train on", "a split without labels",
+                                  "Re-extract with --label-column, or pick a labelled --train-split."))
+    return split
+
+
+def labelled_splits(store: StoreReader) -> list[str]:
+    return [n for n in store.split_names if store.split(n).labels is not None]
+
+
+def select_metric(cfg: TrainConfig, manifest: dict[str, Any], task: str) -> str:
+    """--metric, or the default for the dataset the store was extracted from (CoLA: Matthews, MRPC: F1)."""
+    metric = cfg.metric or M.default_metric(manifest)
+    if (metric in M.REGRESSION) != (task == "regression"):
+        raise TrainConfigError(expected(f"a --metric for a {task} task", metric,
+                                        f"Use one of {sorted(M.REGRESSION if task == 'regression' else M.CLASSIFICATION)}."))
+    return metric
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast when asked (or on CUDA with --amp auto); a no-op context otherwise."""
+    on = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def resolved_config(cfg: TrainConfig, manifest: dict[str, Any], metric: str, eval_split: str | None,
+                    manifest_keys: tuple[str, ...] = RUN_MANIFEST_KEYS, **extra: Any) -> dict[str, Any]:
+    """RUN/config.json: the options as run (kept layers filled in), the manifest fields the run depends
+    on, and whatever a kind adds (`extra`)."""
+    resolved = asdict(cfg)
+    resolved.update(metric=metric, eval_split=eval_split,
+                    layers=cfg.layers if cfg.layers is not None else [x for x in manifest["layers"] if x > 0],
+                    store_manifest={k: manifest[k] for k in manifest_keys})
+    resolved.update(extra)
+    return resolved
