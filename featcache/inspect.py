@@ -18,6 +18,7 @@ from typing import Any
 import zarr
 
 from . import store as S
+from .destination import local_path, zarr_location
 from .errors import StoreError, expected
 
 # The writer measures, on a sample, the error of each storage dtype and of the compute precision
@@ -29,11 +30,12 @@ ERROR_KEY_WORDS = ("error", "drift")
 def open_manifest(path: str | Path) -> tuple[zarr.Group, dict[str, Any]]:
     """The store's group and manifest; clear errors for a missing path or something that is not a store."""
     where = str(path)
-    if "://" not in where and not Path(where).exists():
+    local = local_path(where)  # a plain path or a file:// URL
+    if local is not None and not local.exists():
         raise StoreError(expected("an existing feature store", f"'{where}' (no such path)",
                                   "Check the path, or create a store with `lst extract`."))
     try:
-        group = zarr.open_group(where, mode="r")
+        group = zarr.open_group(zarr_location(where), mode="r")
     except Exception as err:  # noqa: BLE001 - zarr raises several types for "not a group"
         raise StoreError(expected("a Zarr v3 feature store written by `lst extract`",
                                   f"'{where}', which is not a Zarr group ({type(err).__name__})",

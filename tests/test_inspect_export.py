@@ -258,3 +258,13 @@ def test_inspect_walks_the_parts_a_manifest_names(store, tmp_path):
     keys = ("layers", "bytes_per_token", "rows", "tokens", "shards_done", "shards_total")
     facts = [{p: {k: v[k] for k in keys} for p, v in inspect_store(s)["parts"].items()} for s in (copy, back)]
     assert facts[0] == facts[1]
+
+
+def test_file_urls_read_like_local_paths(store, tmp_path):
+    url = f"file://{store}"
+    assert inspect_store(url)["tokens"] == inspect_store(store)["tokens"]
+    assert_user_error(invoke("inspect", f"file://{tmp_path / 'nope'}"), "no such path")
+    h5 = export_hdf5(url, tmp_path / "u.h5")
+    back = f"file://{tmp_path / 'back'}"
+    import_hdf5(h5, back)
+    assert inspect_store(back)["complete"]
