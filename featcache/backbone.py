@@ -103,13 +103,24 @@ def check_model_path(name_or_path: str) -> None:
                                      "Check the MODEL argument."))
 
 
-def load_tokenizer_and_config(name_or_path: str):
-    """Tokenizer and config only: what the pre-flight summary needs, without the weights."""
-    from transformers import AutoConfig, AutoTokenizer
+def load_tokenizer(name_or_path: str):
+    """The backbone's tokenizer only (planning a text store needs no weights)."""
+    from transformers import AutoTokenizer
 
     check_model_path(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(name_or_path), AutoConfig.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise BackboneError(f"Could not load backbone '{name_or_path}': {_first_line(err)}") from None
+
+
+def load_model_config(name_or_path: str):
+    """The backbone's transformers config (what picks the kind of store), without the weights."""
+    from transformers import AutoConfig
+
+    check_model_path(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise BackboneError(f"Could not load backbone '{name_or_path}': {_first_line(err)}") from None
 

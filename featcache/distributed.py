@@ -25,12 +25,6 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier(group=self._group)
-
     def broadcast(self, value: T) -> T:
         """Rank 0's `value` on every rank."""
         if self.world == 1:

@@ -1,23 +1,21 @@
-"""Before the backbone loads: read and tokenise the dataset, size the store, and summarise it.
+"""Text datasets before the backbone loads: read, tokenise, label; the shared sizing rules.
 
-Everything here is cheap (tokenizer and config only), so `lst extract --dry-run` is this module.
+Everything here is cheap (tokenizer only): the text kinds of store (encoder, seq2seq) plan with it, so
+`lst extract --dry-run` never loads weights.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
 
-from . import store as S
-from .backbone import Backbone, load_tokenizer_and_config
+from .config import ExtractConfig
 from .errors import DatasetError, StoreError, expected
 from .sources import Columns, Quoting, load_dataset_path, resolve_columns
-
-if TYPE_CHECKING:
-    from .config import ExtractConfig
 
 
 @dataclass
@@ -40,22 +38,6 @@ class SplitPlan:
 
     def n_shards(self, shard_tokens: int) -> int:
         return math.ceil(self.n_tokens / shard_tokens)
-
-
-@dataclass
-class Plan:
-    """Everything known before the backbone loads: tokenised splits, layout, and the summary."""
-
-    plans: dict[str, SplitPlan]
-    meta: dict[str, Any]
-    layers: list[int]
-    n_blocks: int
-    hidden_size: int
-    bytes_per_token: int
-    shard_tokens: int
-    summary: dict[str, Any]
-    tokenizer: Any
-    model_config: Any
 
 
 def _labels(data, columns: Columns, task: str) -> tuple[str, list[str], dict[str, np.ndarray | None]]:
@@ -136,46 +118,40 @@ def plan_splits(cfg: ExtractConfig, tokenizer) -> tuple[dict[str, SplitPlan], di
                                               "num_labels": len(label_names) if task == "classification" else 1}}
 
 
-def _shard_tokens(cfg: ExtractConfig, bytes_per_token: int) -> int:
+def shard_tokens_for(cfg: ExtractConfig, bytes_per_token: int) -> int:
+    """Tokens per shard: --shard-tokens, else about 64 MiB; a whole number of inner chunks either way."""
     if cfg.shard_tokens:
         return max(cfg.chunk_tokens, cfg.shard_tokens // cfg.chunk_tokens * cfg.chunk_tokens)
     target = (64 << 20) // bytes_per_token
     return max(cfg.chunk_tokens, target // cfg.chunk_tokens * cfg.chunk_tokens)
 
 
-def _tokenizer_and_config(cfg: ExtractConfig, backbone: Backbone | None):
-    if backbone is not None:
-        return backbone.tokenizer, backbone.config
-    return load_tokenizer_and_config(cfg.model)
-
-
-def plan_extraction(cfg: ExtractConfig, backbone: Backbone | None = None, loaded: tuple | None = None) -> Plan:
-    """Tokenise the dataset and size the store, without loading the backbone's weights."""
-    tokenizer, model_config = loaded or _tokenizer_and_config(cfg, backbone)
-    n_blocks = int(model_config.num_hidden_layers)
-    layers = list(range(n_blocks + 1)) if cfg.layers is None else sorted(set(cfg.layers))
+def check_layers(asked: list[int] | None, n_blocks: int) -> list[int]:
+    """--layers (hidden_states indices; None = all of 0..n_blocks) sorted, refused when empty or out of range."""
+    layers = list(range(n_blocks + 1)) if asked is None else sorted(set(asked))
     if not layers or layers[0] < 0 or layers[-1] > n_blocks:
-        raise StoreError(expected(f"--layers within 0..{n_blocks} (0 = embedding output)", cfg.layers))
-    plans, meta = plan_splits(cfg, tokenizer)
-    d = int(model_config.hidden_size)
-    bytes_per_token = S.bytes_per_token(cfg.store_dtype, len(layers), d)
-    shard_tokens = _shard_tokens(cfg, bytes_per_token)
-    summary = preflight(plans, layers, bytes_per_token, shard_tokens)
-    return Plan(plans, meta, layers, n_blocks, d, bytes_per_token, shard_tokens, summary, tokenizer, model_config)
+        raise StoreError(expected(f"--layers within 0..{n_blocks} (0 = embedding output)",
+                                  asked if asked else "no layers"))
+    return layers
 
 
-def preflight(plans: dict[str, SplitPlan], layers: list[int], bytes_per_token: int, shard_tokens: int) -> dict[str, Any]:
-    """What the extraction will write, known before the backbone loads."""
-    splits = {n: {"examples": len(p.input_ids), "tokens": p.n_tokens, "truncated": p.truncated,
-                  "rejected_rows": p.rejected_rows, "shards": p.n_shards(shard_tokens)} for n, p in plans.items()}
-    tokens = sum(p.n_tokens for p in plans.values())
-    shards = sum(s["shards"] for s in splits.values())
-    size = tokens * bytes_per_token
-    rows = [f"{n}: {s['examples']:,} examples, {s['tokens']:,} tokens, {s['truncated']:,} truncated"
-            + (f", {s['rejected_rows']:,} rejected rows" if s["rejected_rows"] else "") for n, s in splits.items()]
-    text = (f"{'; '.join(rows)}. {len(layers)} layers, {bytes_per_token:,} bytes/token, "
-            f"store ~{size / 2**20:,.1f} MiB in {shards} shards of {shard_tokens:,} tokens")
-    return {"splits": splits, "examples": sum(s["examples"] for s in splits.values()), "tokens": tokens,
-            "truncated": sum(s["truncated"] for s in splits.values()), "layers": layers,
-            "bytes_per_token": bytes_per_token, "bytes": size, "shards": shards, "shard_tokens": shard_tokens,
-            "text": text}
+def text_columns(plan: SplitPlan) -> dict[str, np.ndarray]:
+    """What a text split stores beside its states: offsets, token ids, token types, labels."""
+    columns = {"offsets": plan.offsets,
+               "input_ids": np.fromiter((t for x in plan.input_ids for t in x), dtype=np.int32, count=plan.n_tokens),
+               "token_type_ids": np.fromiter((t for x in plan.token_type_ids for t in x), dtype=np.int8,
+                                             count=plan.n_tokens)}
+    if plan.labels is not None:
+        columns["labels"] = plan.labels
+    return columns
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) ids and (B, T) mask of token-id lists."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[r, :len(x)] = 1
+    return ids, mask

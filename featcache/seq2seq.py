@@ -1,43 +1,25 @@
-"""Stage 1 for encoder-decoder backbones (T5, the paper's setting).
+"""The frozen T5 backbone (encoder-decoder, the paper's GLUE setting): loading it, its encoder and
+teacher-forced decoder states, and the label texts its decoder is run on. What a T5 store holds is
+featcache/kinds/seq2seq.py's.
 
-Per split S the encoder part has the encoder-only layout (so `SplitReader` reads it unchanged), and
-the decoder part sits in the subgroup S/dec:
-    S/hidden          (n_tokens, n_enc_layers, d)      encoder states over the input, token-major
-    S/offsets, S/input_ids, S/token_type_ids, S/labels, S/shard_done   as for encoder-only stores
-    S/dec/hidden      (n_dec_tokens, n_dec_layers, d)  decoder states, teacher-forced on a target text
-    S/dec/offsets     (n_rows + 1,) int64              row r = (example r // C, candidate r % C)
-    S/dec/candidates  (n_rows,) int32                  the label whose text row r decodes
-    S/dec/target_ids  (n_dec_tokens,) int32            the target tokens (decoder inputs are them shifted right)
-    S/dec/shard_done  (n_dec_shards,) uint8
-C is 1 on the train split (the gold label's text) and the number of labels elsewhere (every candidate,
-so that evaluation scores candidates from the cache). The root group `backbone_weights` holds the
-frozen pieces stage 2 needs without the backbone: `lm_head` (vocab, d) float32 and the block-0
-relative-position biases of encoder and decoder (buckets, heads).
-
-States are taken before the stack's final layer norm (DESIGN section 1): transformers' last
-`hidden_states` entry is `final_layer_norm(last block output)`, so we hook the blocks instead.
-Layer 0 is the embedding output, layer i the output of block i.
+States are taken before the stack's final layer norm: transformers' last `hidden_states` entry is
+`final_layer_norm(last block output)`, so the blocks are hooked instead. Layer 0 is the embedding
+output, layer i the output of block i.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
-from . import store as S
 from .backbone import TORCH_DTYPES, Backbone, resolve_device, weights_hash
 from .errors import BackboneError, DatasetError, StoreError, expected
-from .progress import progress_bar
+from .plan import pad_batch  # noqa: F401 - stage 2 pads decoder rows with it
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +39,6 @@ FP16_REASON = ("T5's activations exceed float16's range (65504) and overflow to 
                "(a known T5 property; its pre-training used bfloat16)")
 
 
-def is_encoder_decoder(config) -> bool:
-    return bool(getattr(config, "is_encoder_decoder", False))
-
-
 @dataclass
 class Seq2SeqBackbone(Backbone):
     """A frozen encoder-decoder (T5ForConditionalGeneration) in eval mode, with its tokenizer."""
@@ -68,14 +46,6 @@ class Seq2SeqBackbone(Backbone):
     @property
     def hidden_size(self) -> int:
         return int(self.config.d_model)
-
-    @property
-    def num_encoder_layers(self) -> int:
-        return len(self.model.encoder.block)
-
-    @property
-    def num_decoder_layers(self) -> int:
-        return len(self.model.decoder.block)
 
     @torch.no_grad()
     def encode(self, input_ids: torch.Tensor, mask: torch.Tensor,
@@ -222,218 +192,3 @@ def shift_right(targets: list[list[int]], start_id: int, pad_id: int) -> tuple[t
         ids[r, 1:len(t)] = torch.tensor(t[:-1], dtype=torch.long)
         mask[r, :len(t)] = 1
     return ids, mask
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, x in enumerate(seqs):
-        ids[r, :len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[r, :len(x)] = 1
-    return ids, mask
-
-
-def extract_seq2seq(cfg, backbone: Seq2SeqBackbone | None = None) -> dict[str, Any]:
-    """`featcache.extract` for encoder-decoder backbones; returns the final manifest."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from .writer import _shard_tokens, open_for_write, plan_splits, preflight
-
-    check_precision(cfg.precision)
-    store_dtype = store_dtype_for_t5(cfg.store_dtype)
-    tokenizer = backbone.tokenizer if backbone else AutoTokenizer.from_pretrained(cfg.model)
-    config = backbone.config if backbone else AutoConfig.from_pretrained(cfg.model)
-    n_enc, n_dec = int(config.num_layers), int(config.num_decoder_layers)
-    layers = list(range(n_enc + 1)) if cfg.layers is None else sorted(set(cfg.layers))
-    if layers[0] < 0 or layers[-1] > min(n_enc, n_dec):
-        raise StoreError(expected(f"--layers within 0..{min(n_enc, n_dec)} (0 = embedding output)", layers))
-    dec_layers = list(range(n_dec + 1)) if cfg.layers is None else layers
-    plans, meta = plan_splits(cfg, tokenizer)
-    if meta["task"]["type"] != "classification":
-        raise DatasetError(expected("a classification task for T5 (labels cast as words)", meta["task"]["type"],
-                                    "Regression targets as text (STS-B) are not supported yet."))
-    texts = label_texts(meta["task"]["label_names"], cfg.dataset, getattr(cfg, "label_text", None))
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
-    start = config.decoder_start_token_id if config.decoder_start_token_id is not None else pad
-    cands = candidate_ids(texts, tokenizer, eos)
-    rows = {n: plan_rows(len(p.input_ids), p.labels, n == TRAIN_SPLIT, cands) for n, p in plans.items()}
-
-    d = int(config.d_model)
-    itemsize = np.dtype(S.ZARR_DTYPES[store_dtype]).itemsize
-    enc_bpt, dec_bpt = len(layers) * d * itemsize, len(dec_layers) * d * itemsize
-    enc_shard = _shard_tokens(cfg, enc_bpt)
-    dec_shard = _shard_tokens(cfg, dec_bpt)
-    summary = preflight(plans, layers, enc_bpt, enc_shard)
-    dec_tokens = sum(r.n_tokens for r in rows.values())
-    log.info("%s; decoder: %d rows, %d tokens, ~%.1f MiB", summary["text"],
-             sum(len(r.candidates) for r in rows.values()), dec_tokens, dec_tokens * dec_bpt / 2**20)
-
-    backbone = backbone or load_seq2seq_backbone(cfg.model, cfg.precision, cfg.device)
-    request = {"model": backbone.name, "revision": backbone.revision,
-               "dataset_fingerprint": meta["dataset"]["fingerprint"], "splits": sorted(plans), "max_length": cfg.max_length, "layers": layers, "decoder_layers": dec_layers,
-               "store_dtype": store_dtype, "precision": cfg.precision, "shard_tokens": enc_shard,
-               "decoder_shard_tokens": dec_shard, "chunk_tokens": cfg.chunk_tokens,
-               "columns": meta["dataset"]["columns"], "task": meta["task"]["type"], "label_texts": texts}
-    group, resuming = open_for_write(cfg, request)
-    seq2seq = {"model_type": config.model_type, "encoder_layers": layers, "decoder_layers": dec_layers,
-               "num_encoder_layers": n_enc, "num_decoder_layers": n_dec, "label_texts": texts,
-               "candidate_ids": cands, "decoder_start_token_id": int(start), "pad_token_id": int(pad),
-               "eos_token_id": int(eos), "train_split": TRAIN_SPLIT,
-               "scale_decoder_outputs": bool(getattr(config, "scale_decoder_outputs",
-                                                     getattr(config, "tie_word_embeddings", True))),
-               "states": "block outputs before the final layer norm; 0 = embedding output",
-               "lm_head": "backbone_weights/lm_head (vocab, d) float32"}
-    manifest = S.new_manifest(
-        request=request, layout_complete=False,  # the writer's rule: resume only a completely laid-out store
-        backbone={"name": backbone.name, "revision": backbone.revision, "model_type": config.model_type,
-                  "num_layers": n_enc, "hidden_size": d, "is_encoder_decoder": True, "config": config.to_dict()},
-        tokenizer={"name": backbone.name, "vocab_size": len(tokenizer), "pad_token_id": pad},
-        layers=layers, hidden_size=d, precision=cfg.precision, store_dtype=store_dtype,
-        max_length=cfg.max_length, bytes_per_token=enc_bpt, decoder_bytes_per_token=dec_bpt, seq2seq=seq2seq, **meta,
-        splits={n: {"examples": len(p.input_ids), "tokens": p.n_tokens, "truncated": p.truncated,
-                    "rejected_rows": p.rejected_rows, "labelled": p.labels is not None,
-                    "shards": math.ceil(p.n_tokens / enc_shard), "decoder_rows": len(rows[n].candidates),
-                    "decoder_tokens": rows[n].n_tokens, "candidates_per_example": rows[n].per_example,
-                    "decoder_shards": math.ceil(rows[n].n_tokens / dec_shard)} for n, p in plans.items()},
-        extract_config={**{k: v for k, v in asdict(cfg).items() if k != "overwrite"}, "store_dtype": store_dtype},
-    )
-    if resuming:  # measured once, when the store was laid out
-        if "fidelity" in group.attrs[S.MANIFEST_KEY]:
-            manifest["fidelity"] = group.attrs[S.MANIFEST_KEY]["fidelity"]
-    else:
-        fidelity = _fidelity(cfg, plans, rows, backbone, layers, dec_layers, store_dtype, start, pad)
-        if fidelity is not None:
-            manifest["fidelity"] = fidelity
-        group.attrs[S.MANIFEST_KEY] = manifest
-        _write_weights(group, backbone)
-        for name, plan in plans.items():
-            _create_split(group, plan, rows[name], len(layers), len(dec_layers), d, store_dtype, cfg.chunk_tokens,
-                          enc_shard, dec_shard)
-    manifest["layout_complete"] = True
-    group.attrs[S.MANIFEST_KEY] = manifest
-    total = summary["tokens"] + dec_tokens
-    with ThreadPoolExecutor(max_workers=1) as writer, progress_bar("extract", total, unit="tok") as bar:
-        pending: list[Future] = []
-        for name, plan in plans.items():
-            g = group[name]
-
-            def enc_rows(items: list[int], plan=plan) -> list[torch.Tensor]:
-                ids, mask = pad_batch([plan.input_ids[i] for i in items], pad)
-                states, _ = backbone.encode(ids, mask, layers)  # (B, T, L, d)
-                return [states[r, :len(plan.input_ids[i])] for r, i in enumerate(items)]
-
-            def dec_rows(items: list[int], plan=plan, rp=rows[name]) -> list[torch.Tensor]:
-                examples = sorted({i // rp.per_example for i in items})
-                ids, mask = pad_batch([plan.input_ids[e] for e in examples], pad)
-                _, enc_out = backbone.encode(ids, mask, layers[:1])  # (B, T, d)
-                pick = torch.tensor([examples.index(i // rp.per_example) for i in items])
-                dec_ids, dec_mask = shift_right([rp.targets[i] for i in items], start, pad)
-                states, _ = backbone.decode(dec_ids, dec_mask, enc_out[pick.to(enc_out.device)],
-                                            mask[pick], dec_layers)
-                return [states[r, :len(rp.targets[i])] for r, i in enumerate(items)]
-
-            lengths = [len(x) for x in plan.input_ids]
-            _fill(g, "hidden", plan.offsets, lengths, enc_shard, enc_rows, store_dtype, cfg.batch_size,
-                  writer, pending, bar)
-            _fill(g["dec"], "hidden", rows[name].offsets, [len(t) for t in rows[name].targets], dec_shard,
-                  dec_rows, store_dtype, cfg.batch_size, writer, pending, bar)
-        for f in pending:
-            f.result()
-    manifest["complete"] = True
-    group.attrs[S.MANIFEST_KEY] = manifest
-    return manifest
-
-
-def _fidelity(cfg, plans: dict, rows: dict[str, Seq2SeqPlan], backbone: Seq2SeqBackbone, layers: list[int],
-              dec_layers: list[int], store_dtype: str, start: int, pad: int) -> dict[str, Any] | None:
-    """The writer's `fidelity` entry for the encoder states, plus the storage error of the decoder states."""
-    from .fidelity import measure, sample_indices, storage_error
-
-    name, plan = next(iter(plans.items()))
-    picks = sample_indices(len(plan.input_ids), getattr(cfg, "error_sample", 32))
-    if not picks:
-        return None
-    ids = [plan.input_ids[i] for i in picks]
-    result = measure(backbone, ids, [plan.token_type_ids[i] for i in picks], layers, store_dtype, cfg.batch_size,
-                     load_fp32=lambda: load_seq2seq_backbone(backbone.name, "fp32", str(backbone.device)))
-    targets = [rows[name].targets[i * rows[name].per_example] for i in picks]  # each example's first row
-    enc_ids, enc_mask = pad_batch(ids, pad)
-    _, enc_out = backbone.encode(enc_ids, enc_mask, layers[:1])
-    dec_ids, dec_mask = shift_right(targets, start, pad)
-    states, _ = backbone.decode(dec_ids, dec_mask, enc_out, enc_mask, dec_layers)
-    result["decoder_storage_error"] = storage_error(states[dec_mask.bool().to(states.device)].cpu())
-    result["split"] = name
-    return result
-
-
-def _write_weights(group: zarr.Group, backbone: Seq2SeqBackbone) -> None:
-    """The frozen LM head and block-0 relative biases: stage 2 then needs no backbone at all."""
-    w = group.require_group("backbone_weights")
-    m = backbone.model
-    w.create_array("lm_head", data=m.get_output_embeddings().weight.detach().float().cpu().numpy(), overwrite=True)
-    for part in ("encoder", "decoder"):
-        bias = getattr(m, part).block[0].layer[0].SelfAttention.relative_attention_bias.weight
-        w.create_array(f"{part}_relative_bias", data=bias.detach().float().cpu().numpy(), overwrite=True)
-
-
-def _create_split(group: zarr.Group, plan, rows: Seq2SeqPlan, n_enc: int, n_dec: int, d: int, store_dtype: str,
-                  chunk_tokens: int, enc_shard: int, dec_shard: int) -> None:
-    g = group.require_group(plan.name)
-    dtype = S.ZARR_DTYPES[store_dtype]
-    n = max(plan.n_tokens, 1)
-    g.create_array("hidden", shape=(plan.n_tokens, n_enc, d), dtype=dtype, chunks=(min(chunk_tokens, n), n_enc, d),
-                   shards=(enc_shard, n_enc, d), compressors=None, fill_value=0, overwrite=True)
-    g.create_array("offsets", data=plan.offsets, overwrite=True)
-    g.create_array("input_ids", data=np.asarray([t for x in plan.input_ids for t in x], dtype=np.int32),
-                   overwrite=True)
-    g.create_array("token_type_ids", data=np.asarray([t for x in plan.token_type_ids for t in x], dtype=np.int8),
-                   overwrite=True)
-    if plan.labels is not None:
-        g.create_array("labels", data=plan.labels, overwrite=True)
-    g.create_array("shard_done", shape=(max(math.ceil(plan.n_tokens / enc_shard), 1),), dtype="uint8", chunks=(1,),
-                   fill_value=0, overwrite=True)
-    dg = g.require_group("dec")
-    nd = max(rows.n_tokens, 1)
-    dg.create_array("hidden", shape=(rows.n_tokens, n_dec, d), dtype=dtype, chunks=(min(chunk_tokens, nd), n_dec, d),
-                    shards=(dec_shard, n_dec, d), compressors=None, fill_value=0, overwrite=True)
-    dg.create_array("offsets", data=rows.offsets, overwrite=True)
-    dg.create_array("candidates", data=rows.candidates, overwrite=True)
-    dg.create_array("target_ids", data=np.asarray([t for x in rows.targets for t in x], dtype=np.int32),
-                    overwrite=True)
-    dg.create_array("shard_done", shape=(max(math.ceil(rows.n_tokens / dec_shard), 1),), dtype="uint8",
-                    chunks=(1,), fill_value=0, overwrite=True)
-
-
-def _fill(g: zarr.Group, name: str, offsets: np.ndarray, lengths: list[int], shard_tokens: int,
-          compute: Callable[[list[int]], list[torch.Tensor]], store_dtype: str, batch_size: int,
-          writer: ThreadPoolExecutor, pending: list[Future], bar) -> None:
-    """Every shard not yet done: compute the items overlapping it (length-sorted batches) into a
-    buffer, then write it whole, once, and mark it done (items straddling a boundary run twice)."""
-    array, done = g[name], g["shard_done"][:]
-    n_tokens = int(offsets[-1])
-    for k in range(math.ceil(n_tokens / shard_tokens)):
-        lo, hi = k * shard_tokens, min((k + 1) * shard_tokens, n_tokens)
-        if done[k]:
-            bar.advance(hi - lo)
-            continue
-        buffer = np.zeros((hi - lo, *array.shape[1:]), dtype=S.ZARR_DTYPES[store_dtype])
-        first = int(np.searchsorted(offsets, lo, side="right")) - 1
-        last = int(np.searchsorted(offsets, hi, side="left"))
-        members = sorted(range(first, last), key=lambda i: lengths[i])
-        for b in range(0, len(members), batch_size):
-            batch = members[b:b + batch_size]
-            for i, states in zip(batch, compute(batch)):
-                a, z = int(offsets[i]), int(offsets[i + 1])
-                s, e = max(a, lo), min(z, hi)
-                buffer[s - lo:e - lo] = S.encode(states[s - a:e - a], store_dtype)
-        while pending:  # at most one shard in flight: bounded memory, errors surface here
-            pending.pop().result()
-        pending.append(writer.submit(_write_shard, g, name, k, lo, hi, buffer))
-        bar.advance(hi - lo)
-
-
-def _write_shard(g: zarr.Group, name: str, k: int, lo: int, hi: int, buffer: np.ndarray) -> None:
-    g[name][lo:hi] = buffer  # the whole shard in one write
-    g["shard_done"][k] = 1  # recorded only after the data is in place

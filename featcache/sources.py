@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -49,7 +49,6 @@ class LoadedDataset:
     splits: dict[str, SplitTable]
     source: str
     fingerprint: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 def _read_delimited(path: Path, quoting: Quoting, header: bool) -> SplitTable:

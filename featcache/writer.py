@@ -1,18 +1,19 @@
 """Stage 1: run the frozen backbone once over a dataset and write its per-layer activations.
 
-Work is cut into shards of `shard_tokens` tokens along each split's token axis. A shard is computed
-into a buffer and written whole, once, by one writer, then marked done in `S/shard_done`; a crash
-leaves some shards unmarked, and re-running the same extraction recomputes only those. Examples
-that straddle a shard boundary are computed by both neighbours (a few examples per shard).
+One writer for every kind of store (featcache/kinds/): the kind plans the parts of each split and
+computes their rows; everything else is here. Work is cut into shards of each part's token axis. A
+shard is computed into a buffer and written whole, once, by one writer, then marked done in its
+part's `shard_done`; a crash leaves some shards unmarked, and re-running the same extraction
+recomputes only those. Rows that straddle a shard boundary are computed by both neighbours.
 
 Crash safety, in the order things reach the store:
   1. manifest (complete=False, layout_complete=False)   a kill here: the layout is rebuilt on resume
-  2. the layout: offsets, input ids, labels, empty hidden/scales, shard_done = 0
+  2. the layout: every part's columns, empty hidden/scales, shard_done = 0; frozen weights
   3. manifest (layout_complete=True)
   4. per shard: hidden (+ scales) written whole, then shard_done[k] = 1   a kill: shard k is redone
   5. manifest (complete=True), only once every shard_done is 1; readers refuse anything else.
 Local files and object-store puts are atomic (zarr writes a temp file and renames it), so a kill
-never leaves half a file behind.
+never leaves half a file behind. Under torchrun the ranks split the shards of all parts between them.
 """
 
 from __future__ import annotations
@@ -27,27 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 
 from . import distributed
 from . import store as S
-from .backbone import Backbone, load_backbone
+from .backbone import load_model_config
 from .config import ExtractConfig
 from .errors import LstError, StoreError, expected
-from .fidelity import measure, sample_indices
-from .plan import (  # noqa: F401
-    Plan,
-    SplitPlan,
-    _shard_tokens,
-    _tokenizer_and_config,
-    plan_extraction,
-    plan_splits,
-    preflight,
-)
+from .kinds import ROOT, KindPlan, PartPlan, RowsFn, StoreKind, kind_for_request
+from .layout import Layout, create_part, plan_layout
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
+FROZEN_WEIGHTS = "backbone_weights"
 
 
 def _is_url(out: str) -> bool:
@@ -117,97 +110,105 @@ def open_for_write(cfg: ExtractConfig, request: dict[str, Any]) -> tuple[zarr.Gr
     return zarr.open_group(cfg.out, mode="a"), False
 
 
-def extract(cfg: ExtractConfig, backbone: Backbone | None = None) -> dict[str, Any]:
+def extract(cfg: ExtractConfig, backbone: Any | None = None) -> dict[str, Any]:
     """Run the whole extraction; returns the final manifest (the pre-flight summary for a dry run).
 
     Under torchrun every process calls this with the same config: rank 0 lays the store out, each
     rank computes its own block of shards, and rank 0 finalises the manifest after all are done.
     """
-    loaded = _tokenizer_and_config(cfg, backbone)
+    config = backbone.config if backbone is not None else load_model_config(cfg.model)
+    kind = kind_for_request(cfg, config)
+    plan = kind.plan(cfg, config, backbone)
+    layout = plan_layout(cfg, plan)
     if cfg.dry_run:  # the caller shows the summary; nothing is written, no weights are loaded
-        # (for an encoder-decoder this sizes the encoder states only)
-        return {"dry_run": True, "preflight": plan_extraction(cfg, backbone, loaded).summary}
-    if getattr(loaded[1], "is_encoder_decoder", False):  # T5: encoder + teacher-forced decoder states
-        from .seq2seq import extract_seq2seq
-
-        if distributed.world_size() > 1:  # every rank would write every shard: zarr loses data that way
-            raise StoreError(expected("one process for an encoder-decoder backbone",
-                                      f"WORLD_SIZE={distributed.world_size()}", "Run lst extract without torchrun."))
-
-        return extract_seq2seq(cfg, backbone)
+        return {"dry_run": True, "preflight": layout.summary}
     ctx = distributed.context()
     try:
-        plan = plan_extraction(cfg, backbone, loaded)
         if ctx.is_main:
-            log.info("%s", plan.summary["text"])
-        return _run(cfg, plan, backbone, ctx)
+            log.info("%s", layout.summary["text"])
+        return _run(cfg, kind, plan, layout, backbone, ctx)
     finally:
         ctx.close()
 
 
-def _request(cfg: ExtractConfig, plan: Plan, backbone: Backbone) -> dict[str, Any]:
+def _request(cfg: ExtractConfig, kind: StoreKind, plan: KindPlan, layout: Layout, backbone: Any) -> dict[str, Any]:
     """What must match for a resume to continue an earlier run."""
-    return {"model": backbone.name, "revision": backbone.revision, "dataset_fingerprint": plan.meta["dataset"]["fingerprint"],
-            "splits": sorted(plan.plans), "max_length": cfg.max_length, "layers": plan.layers,
-            "store_dtype": cfg.store_dtype, "precision": cfg.precision, "shard_tokens": plan.shard_tokens,
-            "chunk_tokens": cfg.chunk_tokens, "columns": plan.meta["dataset"]["columns"],
-            "task": plan.meta["task"]["type"]}
+    return {"kind": kind.name, "model": backbone.name, "revision": backbone.revision, **plan.request,
+            "store_dtype": plan.store_dtype, "precision": cfg.precision, "shard_tokens": layout.shard_tokens,
+            "chunk_tokens": cfg.chunk_tokens}
 
 
-def _manifest(cfg: ExtractConfig, plan: Plan, backbone: Backbone, request: dict[str, Any]) -> dict[str, Any]:
-    tokenizer, config = plan.tokenizer, plan.model_config
-    return S.new_manifest(
-        request=request, layout_complete=False,
-        backbone={"name": backbone.name, "revision": backbone.revision, "model_type": config.model_type,
-                  "num_layers": plan.n_blocks, "hidden_size": plan.hidden_size, "config": config.to_dict()},
-        tokenizer={"name": backbone.name, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id},
-        layers=plan.layers, hidden_size=plan.hidden_size, precision=cfg.precision, store_dtype=cfg.store_dtype,
-        max_length=cfg.max_length, bytes_per_token=plan.bytes_per_token, shard_tokens=plan.shard_tokens, **plan.meta,
-        splits={name: {"examples": len(p.input_ids), "tokens": p.n_tokens, "truncated": p.truncated,
-                       "rejected_rows": p.rejected_rows, "labelled": p.labels is not None,
-                       "shards": p.n_shards(plan.shard_tokens)} for name, p in plan.plans.items()},
-        extract_config={k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "dry_run")},
+def _manifest(cfg: ExtractConfig, kind: StoreKind, plan: KindPlan, layout: Layout, backbone: Any,
+              request: dict[str, Any]) -> dict[str, Any]:
+    fields = {k: dict(v) if isinstance(v, dict) else v for k, v in plan.manifest.items()}
+    fields["backbone"] = {"name": backbone.name, "revision": backbone.revision, **fields.get("backbone", {})}
+    if "tokenizer" in fields:
+        fields["tokenizer"] = {"name": backbone.name, **fields["tokenizer"]}
+    first = next(iter(plan.parts.values()))
+    splits = {}
+    for name in plan.parts:
+        facts = layout.summary["splits"][name]
+        splits[name] = {"examples": facts["examples"], "tokens": facts["tokens"], **plan.split_facts[name],
+                        "shards": facts["shards"], "parts": facts["parts"]}
+    manifest = S.new_manifest(
+        kind=kind.name, request=request, layout_complete=False, **fields, precision=cfg.precision,
+        store_dtype=plan.store_dtype, bytes_per_token=layout.bytes_per_token[ROOT],
+        shard_tokens=layout.shard_tokens[ROOT],
+        parts={p: {"layers": part.layers, "hidden_size": part.hidden_size,
+                   "bytes_per_token": layout.bytes_per_token[p], "shard_tokens": layout.shard_tokens[p]}
+               for p, part in first.items()},
+        splits=splits,
+        extract_config={**{k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "dry_run")},
+                        "store_dtype": plan.store_dtype},
     )
+    kind.finish_manifest(manifest)
+    return manifest
 
 
-def _fidelity(cfg: ExtractConfig, plan: Plan, backbone: Backbone) -> dict[str, Any] | None:
-    first = next(iter(plan.plans.values()))
-    picks = sample_indices(len(first.input_ids), cfg.error_sample)
-    if not picks:
-        return None
-    result = measure(backbone, [first.input_ids[i] for i in picks], [first.token_type_ids[i] for i in picks],
-                     plan.layers, cfg.store_dtype, cfg.batch_size,
-                     load_fp32=lambda: load_backbone(backbone.name, "fp32", str(backbone.device)))
-    result["split"] = first.name
-    return result
-
-
-def _setup(cfg: ExtractConfig, plan: Plan, backbone: Backbone, request: dict[str, Any]) -> dict[str, Any]:
+def _setup(cfg: ExtractConfig, kind: StoreKind, plan: KindPlan, layout: Layout, backbone: Any,
+           request: dict[str, Any]) -> dict[str, Any]:
     """Rank 0: check --out, measure fidelity, write the manifest and the layout. Returns the manifest."""
     group, resuming = open_for_write(cfg, request)
-    manifest = _manifest(cfg, plan, backbone, request)
-    fidelity = _fidelity(cfg, plan, backbone)
+    manifest = _manifest(cfg, kind, plan, layout, backbone, request)
+    stored = dict(group.attrs.get(S.MANIFEST_KEY) or {}) if resuming else {}
+    fidelity = stored.get("fidelity") if resuming else kind.fidelity(cfg, plan, backbone)  # measured once
     if fidelity is not None:
         manifest["fidelity"] = fidelity
     if not resuming:
         group.attrs[S.MANIFEST_KEY] = manifest
-        for split in plan.plans.values():
-            _create_split(group, split, len(plan.layers), plan.hidden_size, cfg, plan.shard_tokens)
-        manifest["layout_complete"] = True
-        group.attrs[S.MANIFEST_KEY] = manifest
+        weights = kind.frozen_weights(backbone)
+        if weights:
+            w = group.require_group(FROZEN_WEIGHTS)
+            for name, values in weights.items():
+                w.create_array(name, data=values, overwrite=True)
+        for split, parts in plan.parts.items():
+            _create_split(group, split, parts, plan.store_dtype, cfg.chunk_tokens, layout)
     else:
-        manifest["layout_complete"] = True
         log.info("Resuming the incomplete store at %s", cfg.out)
+    manifest["layout_complete"] = True
+    group.attrs[S.MANIFEST_KEY] = manifest
     return manifest
 
 
-def _run(cfg: ExtractConfig, plan: Plan, backbone: Backbone | None, ctx: distributed.Context) -> dict[str, Any]:
-    backbone = backbone or load_backbone(cfg.model, cfg.precision, ctx.device(cfg.device))
-    request = _request(cfg, plan, backbone)
+def _create_split(group: zarr.Group, split: str, parts: dict[str, PartPlan], store_dtype: str, chunk_tokens: int,
+                  layout: Layout) -> None:
+    for p, part in parts.items():
+        create_part(_part_group(group, split, p, create=True), part, store_dtype, chunk_tokens, layout.shard_tokens[p])
+
+
+def _part_group(group: zarr.Group, split: str, part: str, create: bool = False) -> zarr.Group:
+    path = f"{split}/{part}" if part else split
+    return group.require_group(path) if create else group[path]
+
+
+def _run(cfg: ExtractConfig, kind: StoreKind, plan: KindPlan, layout: Layout, backbone: Any | None,
+         ctx: distributed.Context) -> dict[str, Any]:
+    backbone = backbone or kind.load_backbone(cfg, ctx.device(cfg.device))
+    request = _request(cfg, kind, plan, layout, backbone)
     manifest, setup_error = None, None
     if ctx.is_main:
         try:
-            manifest = _with_store_errors(cfg, lambda: _setup(cfg, plan, backbone, request))
+            manifest = _with_store_errors(cfg, lambda: _setup(cfg, kind, plan, layout, backbone, request))
         except LstError as err:
             setup_error = err
     failure = ctx.broadcast(None if setup_error is None else str(setup_error))  # no rank waits on a dead rank 0
@@ -216,10 +217,12 @@ def _run(cfg: ExtractConfig, plan: Plan, backbone: Backbone | None, ctx: distrib
     if failure is not None:
         raise StoreError(failure)
     group = zarr.open_group(cfg.out, mode="r+")
-    work = ctx.share([(name, k) for name, p in plan.plans.items() for k in range(p.n_shards(plan.shard_tokens))])
+    work = ctx.share([(split, p, k) for split, parts in plan.parts.items() for p, part in parts.items()
+                      for k in range(layout.n_shards(p, part))])
     error: LstError | None = None
     try:
-        _with_store_errors(cfg, lambda: _extract_shards(group, plan, backbone, cfg, work, show=ctx.is_main))
+        _with_store_errors(cfg, lambda: _extract_shards(group, kind, plan, layout, backbone, cfg, work,
+                                                        show=ctx.is_main))
     except LstError as err:
         error = err
     if not ctx.all_ok(error is None):
@@ -228,7 +231,7 @@ def _run(cfg: ExtractConfig, plan: Plan, backbone: Backbone | None, ctx: distrib
     final_error: LstError | None = None
     if ctx.is_main:
         try:
-            _finalise(cfg, group, plan, manifest)
+            _finalise(cfg, group, plan, layout, manifest)
         except LstError as err:
             final_error = err
     if not ctx.all_ok(final_error is None):  # a barrier that also tells the other ranks rank 0 failed
@@ -236,11 +239,15 @@ def _run(cfg: ExtractConfig, plan: Plan, backbone: Backbone | None, ctx: distrib
     return manifest if ctx.is_main else dict(zarr.open_group(cfg.out, mode="r").attrs[S.MANIFEST_KEY])
 
 
-def _finalise(cfg: ExtractConfig, group: zarr.Group, plan: Plan, manifest: dict[str, Any]) -> None:
-    """Flip `complete` only when every shard of every split is recorded done."""
-    missing = {name: int((group[name]["shard_done"][:p.n_shards(plan.shard_tokens)] == 0).sum())
-               for name, p in plan.plans.items()}
-    if any(missing.values()):
+def _finalise(cfg: ExtractConfig, group: zarr.Group, plan: KindPlan, layout: Layout, manifest: dict[str, Any]) -> None:
+    """Flip `complete` only when every shard of every part of every split is recorded done."""
+    missing = {}
+    for split, parts in plan.parts.items():
+        for p, part in parts.items():
+            done = _part_group(group, split, p)["shard_done"][:layout.n_shards(p, part)]
+            if int((done == 0).sum()):
+                missing[f"{split}/{p}" if p else split] = int((done == 0).sum())
+    if missing:
         raise StoreError(f"Shards still unwritten in '{cfg.out}': {missing}. Re-run the same command to resume.")
     manifest["complete"] = True
     _with_store_errors(cfg, lambda: group.attrs.__setitem__(S.MANIFEST_KEY, manifest))
@@ -256,83 +263,54 @@ def _with_store_errors(cfg: ExtractConfig, fn):
                          "free some space (or fix the path) and re-run the same command to resume.") from None
 
 
-def _create_split(group: zarr.Group, plan: SplitPlan, n_layers: int, d: int, cfg: ExtractConfig,
-                  shard_tokens: int) -> None:
-    g = group.require_group(plan.name)
-    n_tok = max(plan.n_tokens, 1)
-    chunk = min(cfg.chunk_tokens, n_tok)
-    g.create_array("hidden", shape=(plan.n_tokens, n_layers, d), dtype=S.ZARR_DTYPES[cfg.store_dtype],
-                   chunks=(chunk, n_layers, d), shards=(shard_tokens, n_layers, d),
-                   compressors=None, fill_value=0, overwrite=True)
-    if cfg.store_dtype == "int8":
-        g.create_array("scales", shape=(plan.n_tokens, n_layers), dtype=S.SCALE_DTYPE, chunks=(chunk, n_layers),
-                       shards=(shard_tokens, n_layers), compressors=None, fill_value=0, overwrite=True)
-    flat_ids = np.fromiter((t for x in plan.input_ids for t in x), dtype=np.int32, count=plan.n_tokens)
-    flat_types = np.fromiter((t for x in plan.token_type_ids for t in x), dtype=np.int8, count=plan.n_tokens)
-    g.create_array("offsets", data=plan.offsets, overwrite=True)
-    g.create_array("input_ids", data=flat_ids, overwrite=True)
-    g.create_array("token_type_ids", data=flat_types, overwrite=True)
-    if plan.labels is not None:
-        g.create_array("labels", data=plan.labels, overwrite=True)
-    # one uncompressed byte per shard, each its own chunk: writers of different shards never share a file
-    g.create_array("shard_done", shape=(max(plan.n_shards(shard_tokens), 1),), dtype="uint8", chunks=(1,),
-                   compressors=None, fill_value=0, overwrite=True)
-
-
-def _extract_shards(group: zarr.Group, plan: Plan, backbone: Backbone, cfg: ExtractConfig,
-                    work: list[tuple[str, int]], show: bool = True) -> None:
+def _extract_shards(group: zarr.Group, kind: StoreKind, plan: KindPlan, layout: Layout, backbone: Any,
+                    cfg: ExtractConfig, work: list[tuple[str, str, int]], show: bool = True) -> None:
     """Compute and write the shards in `work` that are not yet done; one shard in flight to the writer."""
-    pad_id = backbone.tokenizer.pad_token_id or 0
-    done = {name: group[name]["shard_done"][:] for name in plan.plans}
-    sizes = [_bounds(plan.plans[n], k, plan.shard_tokens) for n, k in work]
+    groups = {(s, p): _part_group(group, s, p) for s, p, _ in work}
+    done = {key: g["shard_done"][:] for key, g in groups.items()}
+    rows: dict[tuple[str, str], RowsFn] = {}
+    sizes = [_bounds(plan.parts[s][p], k, layout.shard_tokens[p]) for s, p, k in work]
     pending: Future | None = None
     with ThreadPoolExecutor(max_workers=1) as writer, \
             progress_bar("extract", sum(b - a for a, b in sizes), unit="tok", disable=not show) as bar:
-        for (name, k), (start, stop) in zip(work, sizes):
-            if done[name][k]:
+        for (split, p, k), (start, stop) in zip(work, sizes):
+            if done[split, p][k]:
                 bar.advance(stop - start)
                 continue
-            split = plan.plans[name]
-            buffer = _compute_shard(split, start, stop, backbone, plan.layers, cfg, pad_id)
+            if (split, p) not in rows:
+                rows[split, p] = kind.rows(plan, backbone, split, p)
+            buffer = _compute_shard(plan.parts[split][p], start, stop, rows[split, p], plan.store_dtype,
+                                    cfg.batch_size)
             if pending is not None:
                 pending.result()  # at most one shard in flight: bounded memory, errors surface here
-            pending = writer.submit(_write_shard, group[name], k, start, stop, *buffer)
+            pending = writer.submit(_write_shard, groups[split, p], k, start, stop, *buffer)
             bar.advance(stop - start)
         if pending is not None:
             pending.result()
 
 
-def _bounds(split: SplitPlan, k: int, shard_tokens: int) -> tuple[int, int]:
-    return k * shard_tokens, min((k + 1) * shard_tokens, split.n_tokens)
+def _bounds(part: PartPlan, k: int, shard_tokens: int) -> tuple[int, int]:
+    return k * shard_tokens, min((k + 1) * shard_tokens, part.n_tokens)
 
 
-def _compute_shard(plan: SplitPlan, start: int, stop: int, backbone: Backbone, layers: list[int],
-                   cfg: ExtractConfig, pad_id: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _compute_shard(part: PartPlan, start: int, stop: int, rows: RowsFn, store_dtype: str,
+                   batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(values (n, L, d) in the storage dtype, int8 scales (n, L) or None) of tokens start:stop."""
-    d = backbone.hidden_size
-    buffer = np.zeros((stop - start, len(layers), d), dtype=S.ZARR_DTYPES[cfg.store_dtype])
-    scales = np.zeros((stop - start, len(layers)), dtype=S.SCALE_DTYPE) if cfg.store_dtype == "int8" else None
-    first = int(np.searchsorted(plan.offsets, start, side="right")) - 1
-    last = int(np.searchsorted(plan.offsets, stop, side="left"))  # exclusive
-    members = sorted(range(first, last), key=lambda i: len(plan.input_ids[i]))  # length-sorted: little padding
-    for b in range(0, len(members), cfg.batch_size):
-        batch = members[b:b + cfg.batch_size]
-        width = max(len(plan.input_ids[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        types = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(batch):
-            n = len(plan.input_ids[i])
-            ids[r, :n] = torch.tensor(plan.input_ids[i])
-            types[r, :n] = torch.tensor(plan.token_type_ids[i])
-            mask[r, :n] = 1
-        states, state_scales = S.encode_scaled(backbone.hidden_states(ids, mask, types, layers), cfg.store_dtype)
-        for r, i in enumerate(batch):  # states: (B, T, L, d); scales: (B, T, L)
-            lo, hi = int(plan.offsets[i]), int(plan.offsets[i + 1])
+    n_layers, offsets, lengths = len(part.layers), part.offsets, part.lengths
+    buffer = np.zeros((stop - start, n_layers, part.hidden_size), dtype=S.ZARR_DTYPES[store_dtype])
+    scales = np.zeros((stop - start, n_layers), dtype=S.SCALE_DTYPE) if store_dtype == "int8" else None
+    first = int(np.searchsorted(offsets, start, side="right")) - 1
+    last = int(np.searchsorted(offsets, stop, side="left"))  # exclusive
+    members = sorted(range(first, last), key=lambda i: lengths[i])  # length-sorted: little padding
+    for b in range(0, len(members), batch_size):
+        batch = members[b:b + batch_size]
+        for i, states in zip(batch, rows(batch)):  # states: (len_i, L, d)
+            lo, hi = int(offsets[i]), int(offsets[i + 1])
             a, z = max(lo, start), min(hi, stop)
-            buffer[a - start:z - start] = states[r, a - lo:z - lo]
+            values, state_scales = S.encode_scaled(states[a - lo:z - lo], store_dtype)
+            buffer[a - start:z - start] = values
             if scales is not None:
-                scales[a - start:z - start] = state_scales[r, a - lo:z - lo]
+                scales[a - start:z - start] = state_scales
     return buffer, scales
 
 

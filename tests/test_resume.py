@@ -131,10 +131,10 @@ def test_crash_between_data_and_done_flag_redoes_the_shard(tiny_bert, tiny_datas
 def test_crash_during_layout_is_rebuilt_on_resume(tiny_bert, tiny_dataset, tmp_path, monkeypatch):
     real = W._create_split
 
-    def crash(group, plan, *args):
-        if plan.name == "test":
+    def crash(group, split, *args):
+        if split == "test":
             raise Crash  # manifest written, layout half made
-        real(group, plan, *args)
+        real(group, split, *args)
 
     monkeypatch.setattr(W, "_create_split", crash)
     with pytest.raises(Crash):

@@ -17,7 +17,7 @@ from conftest import synthetic_rows, torch_threads, write_tsv
 
 from featcache import ExtractConfig, extract, open_store
 from featcache.bundled import minilm_path
-from featcache.errors import BackboneError, DatasetError
+from featcache.errors import BackboneError, DatasetError, StoreError
 from featcache.seq2seq import label_texts, pad_batch
 from sidetrain import TrainConfig, train
 
@@ -245,9 +245,9 @@ def test_pruned_init(t5_store, tiny_t5, tmp_path):
 
 def test_interrupted_extraction_resumes(tiny_t5, t5_data, t5_store, tmp_path, monkeypatch):
     """A crash mid-extraction leaves unmarked shards; the same command recomputes only those."""
-    from featcache import seq2seq
+    from featcache import writer
 
-    real, calls = seq2seq._write_shard, []
+    real, calls = writer._write_shard, []
 
     def flaky(*args):
         calls.append(args[1:3])
@@ -257,8 +257,8 @@ def test_interrupted_extraction_resumes(tiny_t5, t5_data, t5_store, tmp_path, mo
 
     cfg = ExtractConfig(model=str(tiny_t5), dataset=str(t5_data), out=str(tmp_path / "s"), store_dtype="fp32",
                         max_length=16, batch_size=5, device="cpu", shard_tokens=96, chunk_tokens=32)
-    monkeypatch.setattr(seq2seq, "_write_shard", flaky)
-    with pytest.raises(OSError, match="disk gone"):
+    monkeypatch.setattr(writer, "_write_shard", flaky)
+    with pytest.raises(StoreError, match="disk gone"):  # the shared writer's one-line error (was a raw OSError)
         extract(cfg)
     first = len(calls)
     manifest = extract(cfg)
