@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect as pyinspect  # `inspect` is also a command below
 import logging
 import os
 import sys
 import time
+import typing
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+# The options' defaults and help live in these dataclasses; the commands below are generated from them.
+from featcache.config import ExtractConfig
+from sidetrain.config import TrainConfig
+from sidetrain.search.config import SweepConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Ladder Side-Tuning from a feature cache: `lst extract` runs the frozen backbone once, "
@@ -67,78 +76,113 @@ def user_errors(fn):
 
 
 def parse_layers(spec: str | None) -> list[int] | None:
-    """'all' or None -> None; '0,2,4-6' -> [0, 2, 4, 5, 6]."""
-    from featcache.errors import LstError
+    """'all' or None -> None; '0,2,4-6' -> [0, 2, 4, 5, 6]. Empty items ('1,,3', '1,') and ranges are refused."""
+    from featcache.errors import LstError, expected
 
     if spec is None or spec.strip().lower() == "all":
         return None
     out: list[int] = []
     try:
         for part in spec.split(","):
-            if "-" in part.strip()[1:]:
+            part = part.strip()
+            if "-" in part[1:]:  # a range; a leading '-' alone is a sign
                 lo, hi = part.split("-")
-                out += range(int(lo), int(hi) + 1)
-            elif part.strip():
-                out.append(int(part))
+                span = range(int(lo), int(hi) + 1)
+                if not span:
+                    raise ValueError(part)
+                out += span
+            else:
+                out.append(int(part))  # '' (an empty item) raises too
     except ValueError:
-        raise LstError(f"Expected --layers like 'all', '0,3,6' or '1-6'. Got '{spec}'.") from None
+        raise LstError(expected("--layers like 'all', '0,3,6' or '1-6'", f"'{spec}'")) from None
     return out
+
+
+FIELD_DEFAULT = object()  # Flag.default: the field's own
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """How a config field differs on the command line from a plain `--field-name` option of the field's type."""
+
+    decls: tuple[str, ...] = ()  # flag names, e.g. ("--out", "-o"); default: typer's, from the name
+    argument: bool = False  # positional, in field order
+    name: str = ""  # the parameter's name where it is not the field's (`--split` for splits)
+    type: Any = None  # the CLI type where it is not the field's: an Enum of the choices, str for --layers
+    parse: Callable[[Any], Any] | None = None  # CLI value (when given) -> field value
+    default: Any = FIELD_DEFAULT  # the CLI default where the field has none (sweep's --out: --report)
+    show_default: bool | str = True
+    note: str = ""  # appended to the field's help: what only the command line has
+
+
+def config_command(cls: type, **flags: Flag) -> Callable:
+    """Give the decorated command one parameter per field of `cls` that is not library-only, with the field's
+    default and help text (`flags` adjust a field's CLI shape). The command is called with a dict of the
+    field values (parsed; ready for `cls(**opts)`) followed by its own parameters, which come last."""
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("library_only")]
+    if unknown := set(flags) - {f.name for f in fields}:  # a typo or a library-only field: fail at import
+        raise TypeError(f"config_command({cls.__name__}): no CLI field {sorted(unknown)}")
+    shape = {f.name: flags.get(f.name, Flag()) for f in fields}
+
+    def parameter(f: dataclasses.Field, flag: Flag) -> pyinspect.Parameter:
+        default = f.default if flag.default is FIELD_DEFAULT else flag.default
+        if isinstance(flag.type, type) and issubclass(flag.type, Enum) and default is not None:
+            default = flag.type(default)  # typer shows and checks the choice
+        help = " ".join(filter(None, (f.metadata.get("help", ""), flag.note)))
+        info = (typer.Argument(help=help, show_default=flag.show_default) if flag.argument else
+                typer.Option(*flag.decls, help=help, show_default=flag.show_default))
+        return pyinspect.Parameter(flag.name or f.name, pyinspect.Parameter.KEYWORD_ONLY,
+                                   annotation=Annotated[flag.type or hints[f.name], info],
+                                   default=pyinspect.Parameter.empty if default is dataclasses.MISSING else default)
+
+    def decorate(fn: Callable) -> Callable:
+        own = list(pyinspect.signature(fn, eval_str=True).parameters.values())[1:]  # after `opts`
+
+        def command(**values: Any) -> Any:
+            opts = {}
+            for name, flag in shape.items():
+                value = values.pop(flag.name or name)
+                value = value.value if isinstance(value, Enum) else value
+                opts[name] = flag.parse(value) if flag.parse and value is not None else value
+            return fn(opts, **values)
+
+        # typer reads the parameters from the signature; keyword-only, so any default order is allowed
+        command.__signature__ = pyinspect.Signature(
+            [parameter(f, shape[f.name]) for f in fields] + [p.replace(kind=p.KEYWORD_ONLY) for p in own])
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+            setattr(command, attr, getattr(fn, attr))
+        return command
+
+    return decorate
+
+
+def _space_file(path: Path) -> dict:
+    from sidetrain.search.space import load_space_file
+
+    return load_space_file(path)
+
+
+OUT = ("--out", "-o")
+LAYERS = Flag(type=str | None, parse=parse_layers, show_default="all")
 
 
 @app.command()
 @user_errors
-def extract(
-    model: Annotated[str, typer.Argument(help="Backbone: a local model directory or a hub id.")],
-    dataset: Annotated[str, typer.Argument(help="A csv/tsv/json/jsonl/parquet file, a folder of one file per "
-                                                "split (train.tsv, dev.tsv, ...), or a datasets.save_to_disk folder.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Where to write the Zarr store (path or fsspec URL).")],
-    split: Annotated[list[str] | None, typer.Option(help="Split to extract (repeatable). Default: all.")] = None,
-    text_column: Annotated[str | None, typer.Option(help="Default: text, sentence, sentence1, ...")] = None,
-    text_pair_column: Annotated[str | None, typer.Option(help="Second text of a pair (default: inferred).")] = None,
-    label_column: Annotated[str | None, typer.Option(help="Default: label, score, ...")] = None,
-    task: Annotated[str, typer.Option(help="auto, classification or regression.")] = "auto",
-    max_length: Annotated[int, typer.Option(help="Tokens per example; longer texts are truncated and counted.")] = 128,
-    layers: Annotated[str, typer.Option(help="hidden_states indices to store: 'all', '0,3,6', '0-4' "
-                                             "(0 = embedding output).")] = "all",
-    store_dtype: Annotated[StoreDtype, typer.Option(help="Storage dtype of the activations: fp32 (exact), fp16, "
-                                                         "bf16, or int8 (one absmax scale per token and layer, ~1/4 "
-                                                         "of fp32). The measured error of each is in the manifest.")]
-    = StoreDtype.fp16,
-    precision: Annotated[Precision, typer.Option(help="Compute precision of the backbone. int8: torch dynamic "
-                                                      "quantisation on CPU, bitsandbytes on CUDA. Its measured drift "
-                                                      "against fp32 is recorded in the manifest.")] = Precision.fp32,
-    batch_size: Annotated[int, typer.Option(help="Examples per backbone forward.")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    quoting: Annotated[Quoting, typer.Option(help="Quote handling of csv/tsv files (auto picks per file).")]
-    = Quoting.auto,
-    header: Annotated[bool, typer.Option(help="Delimited files start with a header row.")] = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing store at --out.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the pre-flight summary (examples, tokens, "
-                                                            "truncated, layers, bytes/token, store size, shards) "
-                                                            "and exit without loading the backbone.")] = False,
-    shard_tokens: Annotated[int, typer.Option(help="Tokens per shard, the unit of writing and resuming "
-                                                   "(0: about 64 MiB per shard).")] = 0,
-    error_sample: Annotated[int, typer.Option(help="Examples on which storage error and precision drift "
-                                                   "are measured (0: skip).")] = 32,
-    label_text: Annotated[str | None, typer.Option(help="Encoder-decoder (T5): JSON file mapping each label to its "
-                                                        "target text (default: T5's GLUE words, else the label "
-                                                        "names).")] = None,
-) -> None:
+@config_command(ExtractConfig, model=Flag(argument=True), dataset=Flag(argument=True), out=Flag(decls=OUT),
+                splits=Flag(name="split", parse=lambda v: list(v) or None), layers=LAYERS,
+                store_dtype=Flag(type=StoreDtype), precision=Flag(type=Precision), quoting=Flag(type=Quoting),
+                dry_run=Flag(decls=("--dry-run",)))
+def extract(opts: dict) -> None:
     """Run the frozen backbone once over DATASET and store its per-layer activations.
 
     Re-running the same command on an interrupted store resumes it. Under `torchrun --nproc_per_node N`
     the N processes split the shards of one store between them.
     """
-    from featcache import ExtractConfig
     from featcache import extract as run_extract
 
-    cfg = ExtractConfig(model=model, dataset=dataset, out=out, splits=split or None, text_column=text_column,
-                        text_pair_column=text_pair_column, label_column=label_column, task=task,
-                        max_length=max_length, layers=parse_layers(layers), store_dtype=store_dtype.value,
-                        precision=precision.value, batch_size=batch_size, device=device, overwrite=overwrite,
-                        quoting=quoting.value, header=header, dry_run=dry_run, shard_tokens=shard_tokens,
-                        error_sample=error_sample, label_text=label_text)
-    if dry_run:
+    cfg = ExtractConfig(**opts)
+    if cfg.dry_run:
         _print_preflight(run_extract(cfg)["preflight"])
         return
     manifest = run_extract(cfg)
@@ -148,7 +192,8 @@ def extract(
     fidelity = manifest.get("fidelity") or {}
     error = fidelity.get("storage_error", {}).get(manifest["store_dtype"])
     measured = f" (measured storage error {error['rel_error']:.2%})" if error else ""
-    console.print(f"Wrote {out}: {rows} examples, layers {manifest['layers']}, {manifest['store_dtype']}{measured}.")
+    console.print(f"Wrote {cfg.out}: {rows} examples, layers {manifest['layers']}, "
+                  f"{manifest['store_dtype']}{measured}.")
 
 
 def _print_preflight(summary: dict) -> None:
@@ -165,95 +210,35 @@ def _print_preflight(summary: dict) -> None:
 
 @app.command()
 @user_errors
-def train(
-    store: Annotated[str, typer.Argument(help="A store written by `lst extract`.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Run folder: config.json, metrics.json, weights.")],
-    reduction_factor: Annotated[int, typer.Option(help="Side width = backbone width / r.")] = 8,
-    layers: Annotated[str, typer.Option(help="Backbone layers that feed ladders (layer dropping), e.g. '2,4,6'.")]
-    = "all",
-    epochs: Annotated[int, typer.Option()] = 10,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (paper: 3e-3 for LST).")] = 3e-3,
-    batch_size: Annotated[int, typer.Option()] = 32,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    train_split: Annotated[str, typer.Option()] = "train",
-    eval_split: Annotated[str | None, typer.Option(help="Default: dev or validation.")] = None,
-    metric: Annotated[str | None, typer.Option(help="Model selection metric: accuracy, f1, f1_macro, matthews, "
-                                                    "pearson, spearman (default: GLUE's for a dataset folder named "
-                                                    "after a GLUE task, e.g. CoLA matthews, MRPC f1; else accuracy, "
-                                                    "or pearson for regression).")] = None,
-    online: Annotated[bool, typer.Option("--online", help="Recompute activations with the live backbone "
-                                                          "(classic LST; the baseline).")] = False,
-    head: Annotated[str, typer.Option(help="lst (side network) or probe (logistic regression on the "
-                                           "mean-pooled last stored layer: the floor to beat).")] = "lst",
-    side_heads: Annotated[int | None, typer.Option(help="Side attention heads (default: the backbone's).")] = None,
-    dropout: Annotated[float, typer.Option(help="Side network dropout.")] = 0.1,
-    attention_dropout: Annotated[float, typer.Option(help="Side attention dropout (costly on CPU).")] = 0.0,
-    weight_decay: Annotated[float, typer.Option()] = 0.01,
-    warmup_steps: Annotated[int, typer.Option(help="-1: min(500, 10% of the steps).")] = -1,
-    pooling: Annotated[str, typer.Option(help="mean or cls.")] = "mean",
-    amp: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA), bf16 or off.")] = "auto",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the side network.")] = False,
-    preload: Annotated[bool | None, typer.Option("--preload/--no-preload", help="Keep splits in memory: "
-                                                 "GPU memory on a GPU, else RAM (default: when they fit).")] = None,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the run in --out.")] = True,
-    init: Annotated[str, typer.Option(help="Side blocks start random, or 'pruned': backbone blocks pruned to 1/r "
-                                           "by Fisher information (scores cached beside the store).")] = "random",
-) -> None:
+@config_command(TrainConfig, store=Flag(argument=True), out=Flag(decls=OUT), layers=LAYERS,
+                online=Flag(decls=("--online",)), compile=Flag(decls=("--compile",)))
+def train(opts: dict) -> None:
     """Train an LST side network from the stored activations (no backbone needed)."""
-    from sidetrain import TrainConfig
     from sidetrain import train as run_train
 
-    kept = parse_layers(layers)
-    cfg = TrainConfig(store=store, out=out, reduction_factor=reduction_factor, layers=kept, epochs=epochs, lr=lr,
-                      batch_size=batch_size, seed=seed, device=device, train_split=train_split,
-                      eval_split=eval_split, metric=metric, online=online, head=head, side_heads=side_heads,
-                      dropout=dropout, attention_dropout=attention_dropout, weight_decay=weight_decay,
-                      warmup_steps=warmup_steps, pooling=pooling, amp=amp, compile=compile, preload=preload,
-                      resume=resume, init=init)
-    summary = run_train(cfg)
+    summary = run_train(TrainConfig(**opts))
     _print_results(summary, title=f"lst train ({summary['mode']})")
 
 
 @app.command()
 @user_errors
+@config_command(SweepConfig, store=Flag(argument=True, name="target", note="Or, with --report, a sweep folder."),
+                out=Flag(decls=OUT, type=str | None, default=None, note="Required unless --report."),
+                space=Flag(type=Path | None, parse=_space_file))
 def sweep(
-    target: Annotated[str, typer.Argument(help="A store written by `lst extract` (or, with --report, a sweep DIR).")],
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Sweep folder: study.db, trials/<n>/, summary, "
-                                                                "best.")] = None,
-    trials: Annotated[int, typer.Option(help="Finished trials the study should hold (re-running resumes).")] = 20,
-    space: Annotated[Path | None, typer.Option(help="Search space, YAML or JSON (default: built from the store).")]
-    = None,
-    storage: Annotated[str | None, typer.Option(help="Optuna storage: an RDB URL or journal:///shared/file.log "
-                                                     "(default: sqlite in --out).")] = None,
-    study_name: Annotated[str | None, typer.Option(help="Default: the name of --out.")] = None,
-    workers: Annotated[int, typer.Option(help="Worker processes on this machine, joining one study.")] = 1,
-    prune: Annotated[bool, typer.Option("--prune/--no-prune", help="Stop hopeless trials early (median rule).")]
-    = True,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    metric: Annotated[str | None, typer.Option(help="Metric to maximise (default per task).")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads per worker (default: cores / workers).")]
-    = None,
-    stack: Annotated[int, typer.Option(help="Train up to K trials in one pass over the data (they share the "
-                                            "network shape and batches; lr differs).")] = 1,
-    seed: Annotated[int | None, typer.Option(help="Seed the sampler (same seed, same store -> same trials on one "
-                                                  "worker; default: unseeded).")] = None,
+    opts: dict,
     report: Annotated[bool, typer.Option("--report", help="Reprint the results of the sweep in TARGET.")] = False,
 ) -> None:
     """Search side-network settings with Optuna; every trial reads the same store (no backbone)."""
     from sidetrain.search.report import load_summary, results_table
-    from sidetrain.search.space import load_space_file
-    from sidetrain.search.sweep import SweepConfig, run_sweep
+    from sidetrain.search.sweep import run_sweep
 
     if report:
-        summary = load_summary(target)
+        summary = load_summary(opts["store"])
     else:
-        if out is None:
+        if opts["out"] is None:
             raise typer.BadParameter("--out is required (the sweep folder).")
-        cfg = SweepConfig(store=target, out=out, trials=trials, space=load_space_file(space) if space else None,
-                          storage=storage, study_name=study_name, workers=workers, prune=prune, device=device,
-                          metric=metric, threads=threads, stack=stack, seed=seed)
-        summary = run_sweep(cfg)
+        summary = run_sweep(SweepConfig(**opts))
     Console().print(results_table(summary))
     best = summary.get("best") or {}
     Console().print(f"best: trial {best.get('number')} -> {summary.get('best_dir')}  summary: "
@@ -311,13 +296,12 @@ def _print_results(summary: dict, title: str, extra: dict[str, str] | None = Non
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the store and the run.")] = Path("lst-demo"),
     epochs: Annotated[int, typer.Option(help="8 keeps extraction + training near 5 minutes on 2 CPU cores.")] = 8,
-    batch_size: Annotated[int, typer.Option()] = 32,
+    batch_size: Annotated[int, typer.Option(help=TrainConfig.__dataclass_fields__["batch_size"].metadata["help"])]
+    = TrainConfig.batch_size,
 ) -> None:
     """Extract the bundled MiniLM over banking77, train a side network from the cache, print results."""
-    from featcache import ExtractConfig
     from featcache import extract as run_extract
     from featcache.bundled import bolt_dataset_path, minilm_path
-    from sidetrain import TrainConfig
     from sidetrain import train as run_train
 
     store = out / "banking77.zarr"

@@ -2,38 +2,58 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
+from typing import Any
 
 from . import store as S
 from .errors import DatasetError, StoreError, expected
+
+
+def opt(default: Any = MISSING, help: str = "", *, library_only: str = "") -> Any:
+    """A config field with its help text: the one place the option's default and `lst --help` text live.
+
+    `library_only` (the reason) marks a field that deliberately has no command-line flag; cli.py gives every
+    other field one, and tests/test_options.py fails for a field that has neither.
+    """
+    metadata = {"help": help, "library_only": library_only}
+    return field(metadata=metadata) if default is MISSING else field(default=default, metadata=metadata)
 
 
 @dataclass
 class ExtractConfig:
     """Options of `lst extract`; the resolved copy is saved in the manifest."""
 
-    model: str
-    dataset: str
-    out: str  # a local path or an fsspec URL (s3://, gs://, memory://)
-    splits: list[str] | None = None
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    task: str = "auto"  # auto | classification | regression
-    max_length: int = 128
-    layers: list[int] | None = None  # hidden_states indices; 0 = embedding output; None = all
-    store_dtype: str = "fp16"  # fp32 | fp16 | bf16 | int8 (per-token-per-layer absmax scale)
-    precision: str = "fp32"
-    batch_size: int = 64
-    device: str = "auto"
-    overwrite: bool = False
-    quoting: str = "auto"
-    header: bool = True
-    shard_tokens: int = 0  # 0: about 64 MiB per shard
-    chunk_tokens: int = 64  # inner chunk: the unit of a random read
-    dry_run: bool = False  # pre-flight summary only; the backbone is never loaded
-    error_sample: int = 32  # examples on which storage error and precision drift are measured (0: skip)
-    label_text: str | None = None  # encoder-decoder: JSON file mapping label -> target text
+    model: str = opt(help="Backbone: a local model directory or a hub id.")
+    dataset: str = opt(help="A csv/tsv/json/jsonl/parquet file, a folder of one file per split (train.tsv, "
+                            "dev.tsv, ...), or a datasets.save_to_disk folder.")
+    out: str = opt(help="Where to write the Zarr store: a local path or an fsspec URL (s3://, gs://, memory://).")
+    splits: list[str] | None = opt(  # noqa: RUF009 (opt() is a field)
+        None, "Split to extract (repeatable). Default: all.")
+    text_column: str | None = opt(None, "Text column. Default: text, sentence, sentence1, ...")
+    text_pair_column: str | None = opt(None, "Second text of a pair (default: inferred).")
+    label_column: str | None = opt(None, "Label column. Default: label, score, ...")
+    task: str = opt("auto", "auto, classification or regression.")
+    max_length: int = opt(128, "Tokens per example; longer texts are truncated and counted.")
+    layers: list[int] | None = opt(  # noqa: RUF009 (opt() is a field)
+        None, "hidden_states indices to store: 'all', '0,3,6', '0-4' (0 = embedding output).")
+    store_dtype: str = opt("fp16", "Storage dtype of the activations: fp32 (exact), fp16, bf16, or int8 (one "
+                                   "absmax scale per token and layer, ~1/4 of fp32). The measured error of each "
+                                   "is in the manifest.")
+    precision: str = opt("fp32", "Compute precision of the backbone. int8: torch dynamic quantisation on CPU, "
+                                 "bitsandbytes on CUDA. Its measured drift against fp32 is recorded in the "
+                                 "manifest.")
+    batch_size: int = opt(64, "Examples per backbone forward.")
+    device: str = opt("auto", "auto, cpu or cuda.")
+    overwrite: bool = opt(False, "Replace an existing store at --out.")
+    quoting: str = opt("auto", "Quote handling of csv/tsv files (auto picks per file).")
+    header: bool = opt(True, "Delimited files start with a header row.")
+    shard_tokens: int = opt(0, "Tokens per shard, the unit of writing and resuming (0: about 64 MiB per shard).")
+    chunk_tokens: int = opt(64, "Tokens per inner chunk of a shard, the unit of a random read.")
+    dry_run: bool = opt(False, "Print the pre-flight summary (examples, tokens, truncated, layers, bytes/token, "
+                               "store size, shards) and exit without loading the backbone.")
+    error_sample: int = opt(32, "Examples on which storage error and precision drift are measured (0: skip).")
+    label_text: str | None = opt(None, "Encoder-decoder (T5): JSON file mapping each label to its target text "
+                                       "(default: T5's GLUE words, else the label names).")
 
     def __post_init__(self) -> None:
         if self.store_dtype not in S.STORE_DTYPES:
@@ -45,4 +65,5 @@ class ExtractConfig:
         if self.task not in ("auto", "classification", "regression"):
             raise DatasetError(expected("--task auto, classification or regression", self.task))
         if self.shard_tokens < 0 or self.chunk_tokens < 1:
-            raise StoreError(expected("--shard-tokens >= 0 and chunk tokens >= 1", (self.shard_tokens, self.chunk_tokens)))
+            raise StoreError(expected("--shard-tokens >= 0 and --chunk-tokens >= 1",
+                                      (self.shard_tokens, self.chunk_tokens)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from featcache.config import opt
 from featcache.errors import TrainConfigError, expected
 
 from . import metrics as M
@@ -13,34 +14,47 @@ from . import metrics as M
 class TrainConfig:
     """Options of `lst train`; the resolved copy is written to RUN/config.json."""
 
-    store: str
-    out: str
-    reduction_factor: int = 8  # side width = backbone width / r
-    layers: list[int] | None = None  # kept ladders (hidden_states indices >= 1); None = every stored block
-    epochs: int = 10  # passes over the training split
-    lr: float = 3e-3  # AdamW peak learning rate (paper: 3e-3 for LST)
-    batch_size: int = 32  # examples per step
-    weight_decay: float = 0.01  # AdamW decoupled weight decay
-    warmup_steps: int = -1  # -1: the paper's 500, scaled down to 10% of the steps on small data
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    dropout: float = 0.1  # side network hidden and head dropout
-    attention_dropout: float = 0.0  # off by default: its random (B, heads, T, T) masks dominate a CPU step
-    pooling: str = "mean"  # mean | cls: how the side output is pooled for the head
-    side_heads: int | None = None  # attention heads of the side blocks; None = the backbone's (paper)
-    head: str = "lst"  # lst (the side network) | probe (logistic regression on the last stored layer)
-    amp: str = "auto"  # auto (bf16 autocast on CUDA, off on CPU) | bf16 | off
-    compile: bool = False  # torch.compile the side network (pays compile time once per run)
-    seed: int = 0  # seeds the initialisation, dropout and batch order: same seed, same losses
-    device: str = "auto"  # auto, cpu or cuda
-    train_split: str = "train"
-    eval_split: str | None = None  # None: the first of dev/validation/valid/val in the store
-    metric: str | None = None  # selection metric; None: GLUE's for a GLUE task folder, else accuracy / pearson
-    online: bool = False  # recompute the activations with the live backbone (classic LST, the baseline)
-    preload: bool | None = None  # keep splits in memory (GPU memory on a GPU, else RAM); None: when they fit
-    prefetch: bool | None = None  # read batches in a background thread; None: unless preloaded on a CPU
-    resume: bool = True  # continue from RUN/checkpoint.pt when --out holds one for the same options
-    max_steps: int = 0  # 0: no limit (tests use it to pin short runs)
-    init: str = "random"  # random | pruned: side blocks start as Fisher-pruned backbone blocks (cached scores)
+    store: str = opt(help="A store written by `lst extract`.")
+    out: str = opt(help="Run folder: config.json, metrics.json, weights.")
+    reduction_factor: int = opt(8, "Side width = backbone width / r.")
+    layers: list[int] | None = opt(  # noqa: RUF009 (opt() is a field)
+        None, "Backbone layers that feed ladders (layer dropping; hidden_states indices >= 1), e.g. '2,4,6' or "
+              "'2-6'; 'all': every stored block.")
+    epochs: int = opt(10, "Passes over the training split.")
+    lr: float = opt(3e-3, "AdamW peak learning rate (paper: 3e-3 for LST).")
+    batch_size: int = opt(32, "Examples per step.")
+    weight_decay: float = opt(0.01, "AdamW decoupled weight decay.")
+    warmup_steps: int = opt(-1, "Linear warmup steps; -1: the paper's 500, scaled down to 10% of the steps "
+                                "on small data.")
+    grad_clip: float = opt(1.0, "Max global gradient norm; 0 turns clipping off.")
+    dropout: float = opt(0.1, "Side network hidden and head dropout.")
+    attention_dropout: float = opt(0.0, "Side attention dropout; off by default: its random (B, heads, T, T) "
+                                        "masks dominate a CPU step.")
+    pooling: str = opt("mean", "mean or cls: how the side output is pooled for the head.")
+    side_heads: int | None = opt(None, "Attention heads of the side blocks (default: the backbone's, as in "
+                                       "the paper).")
+    head: str = opt("lst", "lst (the side network) or probe (logistic regression on the mean-pooled last "
+                           "stored layer: the floor to beat).")
+    amp: str = opt("auto", "auto (bf16 autocast on CUDA, off on CPU), bf16 or off.")
+    compile: bool = opt(False, "torch.compile the side network (pays compile time once per run).")
+    seed: int = opt(0, "Seeds the initialisation, dropout and batch order: same seed, same losses.")
+    device: str = opt("auto", "auto, cpu or cuda.")
+    train_split: str = opt("train", "Split to train on.")
+    eval_split: str | None = opt(None, "Split for model selection (default: the first of dev, validation, "
+                                       "valid, val in the store).")
+    metric: str | None = opt(None, "Model selection metric: accuracy, f1, f1_macro, matthews, pearson, spearman "
+                                   "(default: GLUE's for a dataset folder named after a GLUE task, e.g. CoLA "
+                                   "matthews, MRPC f1; else accuracy, or pearson for regression).")
+    online: bool = opt(False, "Recompute the activations with the live backbone (classic LST; the baseline).")
+    preload: bool | None = opt(None, "Keep splits in memory: GPU memory on a GPU, else RAM (default: when "
+                                     "they fit).")
+    prefetch: bool | None = opt(None, "Read batches in a background thread (default: unless preloaded on a "
+                                      "CPU).")
+    resume: bool = opt(True, "Continue the run in --out from RUN/checkpoint.pt when it holds one for the "
+                             "same options.")
+    max_steps: int = opt(0, "Stop after this many optimiser steps (0: no limit), e.g. for a quick smoke run.")
+    init: str = opt("random", "Side blocks start random, or 'pruned': backbone blocks pruned to 1/r by Fisher "
+                              "information (scores cached beside the store).")
 
     def __post_init__(self) -> None:
         for flag, value, low in [("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),

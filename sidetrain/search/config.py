@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from featcache.config import opt
 from featcache.errors import SweepError, expected
 
 
@@ -13,22 +14,28 @@ from featcache.errors import SweepError, expected
 class SweepConfig:
     """Options of `lst sweep`; written to OUT/sweep.json."""
 
-    store: str
-    out: str
-    trials: int = 20  # finished (complete or pruned) trials the study should hold
-    space: dict[str, Any] | None = None  # the raw space file mapping; None: the default space
-    storage: str | None = None  # None: sqlite:///OUT/study.db; or an RDB URL, or journal:///path/file.log
-    study_name: str | None = None  # None: the name of OUT
-    workers: int = 1  # worker processes on this machine
-    prune: bool = True
-    device: str = "auto"
-    metric: str | None = None
-    threads: int | None = None  # torch CPU threads per worker; None: torch's default, or cores / workers
-    stack: int = 1  # trials trained together in one pass (sharing network shape and batches; see sidetrain/search/stacked.py)
-    heartbeat_s: float = 10.0
-    stale_after_s: float = 120.0  # a trial of another host with no heartbeat for this long is retried
-    max_retries: int = 2  # retries of one killed trial's parameters
-    seed: int | None = None  # sampler seed (None: unseeded); worker k and a resumed study draw from derived seeds
+    store: str = opt(help="A store written by `lst extract`.")
+    out: str = opt(help="Sweep folder: study.db, trials/<n>/, summary, best.")
+    trials: int = opt(20, "Finished (complete or pruned) trials the study should hold (re-running resumes).")
+    space: dict[str, Any] | None = opt(  # noqa: RUF009 (opt() is a field)
+        None, "Search space, a YAML or JSON file (default: built from the store).")
+    storage: str | None = opt(None, "Optuna storage: an RDB URL or journal:///shared/file.log (default: "
+                                    "sqlite in --out).")
+    study_name: str | None = opt(None, "Default: the name of --out.")
+    workers: int = opt(1, "Worker processes on this machine, joining one study.")
+    prune: bool = opt(True, "Stop hopeless trials early (median rule).")
+    device: str = opt("auto", "auto, cpu or cuda.")
+    metric: str | None = opt(None, "Metric to maximise (default per task).")
+    threads: int | None = opt(None, "torch CPU threads per worker (default: torch's, or cores / workers).")
+    stack: int = opt(1, "Train up to K trials in one pass over the data (they share the network shape and "
+                        "batches; lr differs; see sidetrain/search/stacked.py).")
+    heartbeat_s: float = opt(10.0, "Seconds between a running trial's heartbeats.",
+                             library_only="an internal cadence; --stale-after-s is the knob that matters")
+    stale_after_s: float = opt(120.0, "A trial of another host with no heartbeat for this many seconds is "
+                                      "retried.")
+    max_retries: int = opt(2, "Retries of one killed trial's parameters.")
+    seed: int | None = opt(None, "Seed the sampler (same seed, same store -> same trials on one worker; "
+                                 "worker k and a resumed study draw from derived seeds; default: unseeded).")
 
     def __post_init__(self) -> None:
         if self.trials < 1:
