@@ -32,6 +32,7 @@ import torch
 import zarr
 
 from . import store as S
+from .destination import local_path, zarr_location
 from .errors import StoreError, expected
 
 log = logging.getLogger(__name__)
@@ -358,11 +359,12 @@ class StoreReader:
         if reader not in READERS:
             raise StoreError(expected(f"reader one of {READERS}", reader))
         self.reader = reader
-        if "://" not in self.path and not Path(self.path).exists():
+        local = local_path(self.path)  # a file:// URL is read as its local path (memory-mappable)
+        if local is not None and not local.exists():
             raise StoreError(expected("an existing feature store", f"'{path}' (no such path)",
                                       "Create one with `lst extract`."))
         try:
-            self._group = zarr.open_group(self.path, mode="r")
+            self._group = zarr.open_group(zarr_location(self.path), mode="r")
         except Exception as err:  # noqa: BLE001 - zarr raises several types for "not a group"
             raise StoreError(expected("a Zarr v3 feature store", f"'{path}' ({type(err).__name__})")) from None
         self.manifest = S.check_manifest(self._group.attrs.get(S.MANIFEST_KEY), self.path)

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import shutil
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +31,7 @@ from . import distributed
 from . import store as S
 from .backbone import load_model_config
 from .config import ExtractConfig
+from .destination import SOMETHING_ELSE_HINT, describe, remove_store, zarr_location
 from .errors import LstError, StoreError, expected
 from .kinds import ROOT, KindPlan, PartPlan, RowsFn, StoreKind, kind_for_request
 from .layout import Layout, create_part, plan_layout
@@ -43,62 +41,19 @@ log = logging.getLogger(__name__)
 FROZEN_WEIGHTS = "backbone_weights"
 
 
-def _is_url(out: str) -> bool:
-    return "://" in out
-
-
-def _existing_contents(out: str) -> tuple[bool, bool]:
-    """(exists, holds anything) for a local path or an fsspec URL."""
-    if _is_url(out):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(out)
-        if not fs.exists(root):
-            return False, False
-        return True, (fs.isfile(root) or bool(fs.ls(root, detail=False)))
-    path = Path(out)
-    if not path.exists():
-        return False, False
-    return True, path.is_file() or any(path.iterdir())
-
-
-def _remove_store(out: str) -> None:
-    """Delete an lst store (only ever called on one whose manifest was read)."""
-    if _is_url(out):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(out)
-        fs.rm(root, recursive=True)  # never shutil on a URL
-    else:
-        # rename first (atomic): a kill during the delete leaves no half store at --out, only a stray folder
-        path = Path(out)
-        doomed = path.with_name(f".{path.name}.deleting-{uuid.uuid4().hex[:8]}")
-        path.rename(doomed)
-        shutil.rmtree(doomed)
-
-
 def open_for_write(cfg: ExtractConfig, request: dict[str, Any]) -> tuple[zarr.Group, bool]:
     """Create the store, or reopen it to resume. Returns (group, resuming).
 
     `resuming` is False for an incomplete store killed before its layout was complete: the caller
     lays it out again (arrays are created with overwrite=True), and no shard was marked done yet.
+    What is at --out is checked first (featcache/destination.py): lst only ever replaces its own store.
     """
-    exists, non_empty = _existing_contents(cfg.out)
-    if exists and non_empty:
-        try:
-            found = zarr.open_group(cfg.out, mode="r")
-            manifest = found.attrs.get(S.MANIFEST_KEY)
-            # a bare group with nothing in it: ours, killed between creating the group and its manifest
-            bare = manifest is None and not dict(found.attrs) and not list(found.keys())
-        except Exception:  # noqa: BLE001 - anything unreadable is "not a store"
-            manifest, bare = None, False
-        if bare:
-            return zarr.open_group(cfg.out, mode="a"), False
-        if manifest is None:
-            raise StoreError(expected("an empty directory or an lst store at --out", f"'{cfg.out}' holds something else",
-                                      "Choose another --out; lst never deletes what it did not write."))
+    where = zarr_location(cfg.out)
+    found = describe(cfg.out)
+    if found.manifest is not None:
+        manifest = found.manifest
         if cfg.overwrite:
-            _remove_store(cfg.out)
+            remove_store(cfg.out)
         elif manifest.get("complete"):
             raise StoreError(f"A complete store already exists at '{cfg.out}'. Pass --overwrite to replace it.")
         elif manifest.get("request") != request:
@@ -106,8 +61,11 @@ def open_for_write(cfg: ExtractConfig, request: dict[str, Any]) -> tuple[zarr.Gr
             raise StoreError(f"An incomplete store at '{cfg.out}' was made with other options ({', '.join(diff)}); "
                              "pass --overwrite to start again, or repeat the original command to resume.")
         else:
-            return zarr.open_group(cfg.out, mode="r+"), bool(manifest.get("layout_complete"))
-    return zarr.open_group(cfg.out, mode="a"), False
+            return zarr.open_group(where, mode="r+"), bool(manifest.get("layout_complete"))
+    elif found.holds_anything and not found.bare:
+        raise StoreError(expected("an empty directory or an lst store at --out", f"'{cfg.out}' holds something else",
+                                  SOMETHING_ELSE_HINT))
+    return zarr.open_group(where, mode="a"), False
 
 
 def extract(cfg: ExtractConfig, backbone: Any | None = None) -> dict[str, Any]:
@@ -216,7 +174,7 @@ def _run(cfg: ExtractConfig, kind: StoreKind, plan: KindPlan, layout: Layout, ba
         raise setup_error
     if failure is not None:
         raise StoreError(failure)
-    group = zarr.open_group(cfg.out, mode="r+")
+    group = zarr.open_group(zarr_location(cfg.out), mode="r+")
     work = ctx.share([(split, p, k) for split, parts in plan.parts.items() for p, part in parts.items()
                       for k in range(layout.n_shards(p, part))])
     error: LstError | None = None
@@ -236,7 +194,7 @@ def _run(cfg: ExtractConfig, kind: StoreKind, plan: KindPlan, layout: Layout, ba
             final_error = err
     if not ctx.all_ok(final_error is None):  # a barrier that also tells the other ranks rank 0 failed
         raise final_error or StoreError(f"Rank 0 could not finalise '{cfg.out}'. Re-run the same command to resume.")
-    return manifest if ctx.is_main else dict(zarr.open_group(cfg.out, mode="r").attrs[S.MANIFEST_KEY])
+    return manifest if ctx.is_main else dict(zarr.open_group(zarr_location(cfg.out), mode="r").attrs[S.MANIFEST_KEY])
 
 
 def _finalise(cfg: ExtractConfig, group: zarr.Group, plan: KindPlan, layout: Layout, manifest: dict[str, Any]) -> None:

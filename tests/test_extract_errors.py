@@ -134,3 +134,21 @@ def test_url_that_holds_something_else(tiny_bert, tiny_dataset):
                "--device", "cpu")
     assert_user_error(r, "something else")
     assert fs.cat("/lst-errors/notes/readme.txt") == b"precious"
+
+
+def test_extract_checks_what_is_at_a_url_out(tiny_bert, tiny_dataset, tmp_path):
+    """file:// is the local path it names: a user's folder is refused and kept; a store there is replaced
+    only with --overwrite (the same guard as `lst import`, featcache/destination.py)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    args = (tiny_bert, tiny_dataset, "--device", "cpu", "--max-length", 8, "--error-sample", 0)
+    assert_user_error(invoke("extract", *args, "--out", f"file://{mine}"), "holds something else")
+    assert (mine / "notes.txt").read_text() == "keep me"
+    url = f"file://{tmp_path / 'store'}"
+    assert invoke("extract", *args, "--out", url).exit_code == 0
+    assert open_store(tmp_path / "store").manifest["complete"]
+    assert_user_error(invoke("extract", *args, "--out", url), "already exists", "--overwrite")
+    r = invoke("extract", *args, "--out", url, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert open_store(url).split("train").reader_kind == "shards"  # read as the local path: memory-mapped
