@@ -29,7 +29,9 @@ from featcache import ExtractConfig, extract, open_store
 from featcache import store as S
 from featcache.backbone import Backbone, load_backbone
 from featcache.bundled import bolt_dataset_path, minilm_path
-from featcache.writer import plan_extraction
+from featcache.kinds import ROOT, get_kind
+from featcache.kinds.encoder import padded_text
+from featcache.layout import plan_layout
 
 EXAMPLES = int(os.environ.get("LST_BENCH_EXAMPLES", "1000"))
 DTYPE_EXAMPLES = int(os.environ.get("LST_BENCH_DTYPE_EXAMPLES", "400"))
@@ -50,28 +52,29 @@ def subset(root: Path, n: int) -> Path:
     return folder
 
 
+def plan_store(cfg: ExtractConfig, backbone: Backbone):
+    """What `extract` plans before running the backbone: tokenisation and sizing (encoder kind)."""
+    plan = get_kind("encoder").plan(cfg, backbone.config, backbone)
+    return plan, plan_layout(cfg, plan)
+
+
 def shard_batches(cfg: ExtractConfig, backbone: Backbone) -> tuple[list[tuple[torch.Tensor, ...]], int, list[int]]:
     """The batches `extract` feeds the backbone (per shard, length-sorted, --batch-size), as tensors."""
-    plan = plan_extraction(cfg, backbone)
+    plan, layout = plan_store(cfg, backbone)
     pad_id = backbone.tokenizer.pad_token_id or 0
     batches, tokens = [], 0
-    for split in plan.plans.values():
-        tokens += split.n_tokens
-        for k in range(split.n_shards(plan.shard_tokens)):
-            start, stop = k * plan.shard_tokens, min((k + 1) * plan.shard_tokens, split.n_tokens)
-            first = int(np.searchsorted(split.offsets, start, side="right")) - 1
-            last = int(np.searchsorted(split.offsets, stop, side="left"))
-            members = sorted(range(first, last), key=lambda i: len(split.input_ids[i]))
+    for name, parts in plan.parts.items():
+        part, tokenised = parts[ROOT], plan.state[name]
+        tokens += part.n_tokens
+        shard = layout.shard_tokens[ROOT]
+        for k in range(layout.n_shards(ROOT, part)):
+            start, stop = k * shard, min((k + 1) * shard, part.n_tokens)
+            first = int(np.searchsorted(part.offsets, start, side="right")) - 1
+            last = int(np.searchsorted(part.offsets, stop, side="left"))
+            members = sorted(range(first, last), key=lambda i: part.lengths[i])
             for b in range(0, len(members), cfg.batch_size):
-                rows = [split.input_ids[i] for i in members[b:b + cfg.batch_size]]
-                types = [split.token_type_ids[i] for i in members[b:b + cfg.batch_size]]
-                width = max(map(len, rows))
-                ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-                tt, mask = torch.zeros_like(ids), torch.zeros_like(ids)
-                for r, (x, t) in enumerate(zip(rows, types)):
-                    ids[r, :len(x)], tt[r, :len(x)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(t), 1
-                batches.append((ids, mask, tt))
-    return batches, tokens, plan.layers
+                batches.append(padded_text(tokenised, members[b:b + cfg.batch_size], pad_id))
+    return batches, tokens, next(iter(plan.parts.values()))[ROOT].layers
 
 
 def _clock(fn) -> tuple[float, float, Any]:
@@ -87,7 +90,7 @@ def bench_extraction(root: Path, data: Path, backbone: Backbone) -> tuple[dict[s
                         max_length=MAX_LENGTH, device="cpu", overwrite=True)
     no_sample = ExtractConfig(**{**cfg.__dict__, "out": str(root / "fp16_nosample.zarr"), "error_sample": 0})
     batches, tokens, layers = shard_batches(cfg, backbone)
-    plan_s, _ = timed(lambda: plan_extraction(cfg, backbone))  # tokenisation + sizing, inside extract() too
+    plan_s, _ = timed(lambda: plan_store(cfg, backbone))  # tokenisation + sizing, inside extract() too
     runs = []
     for _ in range(REPEATS):  # interleaved, so that a noisy neighbour hits all three alike
         fwd = _clock(lambda: [backbone.hidden_states(i, m, t, layers) for i, m, t in batches])
@@ -251,7 +254,7 @@ def markdown(r: dict[str, Any]) -> str:
         (f"Ratio extract / forward: **{e['ratio_median']:.2f}** wall-clock, {e['ratio_cpu_median']:.2f} in CPU "
          f"time of the process (median of {len(e['runs'])} interleaved runs; goal >= {e['goal']}). Without the "
          f"fixed-size error sample: {e['ratio_no_sample_median']:.2f} wall, {e['ratio_no_sample_cpu_median']:.2f} "
-         f"CPU. Tokenisation alone (`plan_extraction`): {e['plan_s']:.2f} s."),
+         f"CPU. Tokenisation alone (`plan_store`): {e['plan_s']:.2f} s."),
         "",
         (f"## Reading shuffled training batches ({rd['batches']} batches of {rd['batch_size']}, "
         f"{rd['tokens_read']:,} tokens, {rd['bytes_per_token']:,} bytes/token; page cache {rd['page_cache']})"),
