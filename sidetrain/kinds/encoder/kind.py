@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...recipe import Recipe, backbone_config
 from ..registry import SearchFacts, StoreKind
+from .model import reduction_rule
 from .predict import Predictor
 from .recipe import encoder_recipe, init_model
 
@@ -27,10 +28,9 @@ class EncoderKind(StoreKind):
 
     def search_facts(self, manifest: dict[str, Any]) -> SearchFacts:
         config = backbone_config(manifest)
-        width, heads = int(config.hidden_size), int(config.num_attention_heads)
-        return SearchFacts(width, heads, tuple(r for r in range(2, 65) if width % r == 0 and (width // r) % heads == 0),
-                           f"divide width {width} into {heads} heads", tuple(x for x in manifest["layers"] if x > 0),
-                           stackable=True)
+        factors, rule = reduction_rule(config)
+        return SearchFacts(int(config.hidden_size), int(config.num_attention_heads), tuple(factors), rule,
+                           tuple(x for x in manifest["layers"] if x > 0), stackable=True)
 
     def predict_lines(self, run: Path, config: dict[str, Any], texts: list[str], generate: bool,
                       device: str) -> list[str]:

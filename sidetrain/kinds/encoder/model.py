@@ -1,6 +1,6 @@
 """The LST side network for encoder-only backbones (DESIGN.md section 1).
 
-    s = W_emb e + b_emb                                   # embedding ladder, d -> d/r
+    s = W_emb e + b_emb                                   # embedding ladder, d -> d/r  (sidetrain/ladders.py)
     for j, i in enumerate(K):                             # kept backbone layers
         mu = sigmoid(alpha_j / T)
         s = mu * s + (1 - mu) * (W_j h_i + b_j)           # ladder j, d -> d/r
@@ -23,12 +23,20 @@ from torch import nn
 
 from featcache.errors import TrainConfigError, expected
 
-GATE_TEMPERATURE = 0.1
+from ...ladders import Ladders, kept_blocks, mix
+
 # Config fields that families use for the same quantity (BERT-style first, then DistilBERT-style, ...):
 FF_WIDTH_FIELDS = ("intermediate_size", "hidden_dim", "ffn_dim", "d_ff", "encoder_ffn_dim")
 HEAD_SIZE_FIELDS = ("head_dim", "attention_head_size")
 HIDDEN_DROPOUT_FIELDS = ("hidden_dropout_prob", "dropout")
 ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def reduction_rule(backbone_config, num_heads: int | None = None) -> tuple[list[int], str]:
+    """Every r in 2..64 that gives a side network (width d/r split into the heads), and why."""
+    d = int(backbone_config.hidden_size)
+    heads = int(num_heads or backbone_config.num_attention_heads)
+    return [r for r in range(2, 65) if d % r == 0 and (d // r) % heads == 0], f"divide width {d} into {heads} heads"
 
 
 def side_config(backbone_config, reduction_factor: int, num_blocks: int, attention_dropout: float,
@@ -39,7 +47,7 @@ def side_config(backbone_config, reduction_factor: int, num_blocks: int, attenti
     flag = "--side-heads" if num_heads else "the backbone's head count"
 
     def good() -> list[int]:
-        return [r for r in range(2, 65) if d % r == 0 and (d // r) % heads == 0]
+        return reduction_rule(backbone_config, num_heads)[0]
 
     if d % reduction_factor:
         raise TrainConfigError(expected(f"--reduction-factor dividing the width {d}", reduction_factor,
@@ -114,35 +122,13 @@ class LadderSideNetwork(nn.Module):
                  reduction_factor: int = 8, dropout: float = 0.1, attention_dropout: float = 0.0,
                  pooling: str = "mean", num_heads: int | None = None) -> None:
         super().__init__()
-        if 0 not in stored_layers:
-            raise TrainConfigError(expected("layer 0 (the embedding output) in the store for the embedding ladder",
-                                            f"stored layers {stored_layers}"))
-        blocks = [x for x in stored_layers if x]
-        bad = [k for k in kept_layers if k not in blocks]
-        if bad or not kept_layers:
-            raise TrainConfigError(expected(f"--layers among the stored block layers {blocks}",
-                                            f"{kept_layers or 'none'} ({bad or 'none'} out of range)",
-                                            "Pick stored layers (0, the embedding output, always feeds the "
-                                            "embedding ladder), or re-extract with more --layers."))
-        if sorted(set(kept_layers)) != list(kept_layers):
-            raise TrainConfigError(expected("--layers in increasing order without repeats", kept_layers))
+        kept_layers = kept_blocks(stored_layers, kept_layers)
         self.config = side_config(backbone_config, reduction_factor, len(kept_layers), attention_dropout,
                                   dropout, num_heads)
         d, ds = int(backbone_config.hidden_size), self.config.hidden_size
-        self.emb_pos = stored_layers.index(0)
-        positions = [stored_layers.index(k) for k in kept_layers]
-        self.register_buffer("ladder_pos", torch.tensor(positions), persistent=False)
-        # kept layers stored side by side (the usual case) are a slice: a view, where indexing copies the batch
-        run = positions == list(range(positions[0], positions[0] + len(positions)))
-        self._ladder_slice = slice(positions[0], positions[0] + len(positions)) if run else None
-        self.kept_layers = list(kept_layers)
+        self.kept_layers = kept_layers
         self.pooling = pooling
-        self.embed_ladder = nn.Linear(d, ds)
-        # All ladder projections in one contraction: (K, d, d/r) weights, (K, d/r) biases.
-        self.ladder_weight = nn.Parameter(torch.empty(len(kept_layers), d, ds))
-        self.ladder_bias = nn.Parameter(torch.zeros(len(kept_layers), ds))
-        nn.init.normal_(self.ladder_weight, std=d ** -0.5)
-        self.gate_alpha = nn.Parameter(torch.zeros(len(kept_layers)))  # mu = 0.5 at init
+        self.ladders = Ladders(d, ds, stored_layers, kept_layers)
         # The side blocks run inside the family's own model forward, so whatever its blocks need besides
         # (hidden, mask) (relative positions in MPNet/DeBERTa, its mask format) is computed the family's way.
         # Hooks put the ladders in: the embeddings' output becomes the embedding ladder's, and block j's
@@ -159,23 +145,39 @@ class LadderSideNetwork(nn.Module):
         self.head_dropout = nn.Dropout(dropout)
         self.head = nn.Linear(d, num_outputs)
 
+    @property
+    def ladder_weight(self) -> nn.Parameter:
+        """(K, d, d/r): the ladder projections of the kept layers."""
+        return self.ladders.weight
+
+    @property
+    def gate_alpha(self) -> nn.Parameter:
+        return self.ladders.alpha
+
+    @property
+    def _ladder_slice(self) -> slice | None:
+        """Where the kept layers sit side by side in the store (read as a view); None: gathered."""
+        return self.ladders.slice
+
+    @_ladder_slice.setter
+    def _ladder_slice(self, value: slice | None) -> None:
+        self.ladders.slice = value
+
     def _embedding_ladder_output(self, module, args, output) -> torch.Tensor:
         return self._run["s"]
 
     def _mix_ladder(self, j: int, module, args, kwargs):
         """Block j's input s -> mu_j * s + (1 - mu_j) * ladder_j."""
-        gate, ladder = self._run["gates"][j], self._run["ladders"][:, :, j]
+        ladders, gates = self._run["ladders"], self._run["gates"]
         if args:
-            return (gate * args[0] + (1 - gate) * ladder, *args[1:]), kwargs
-        kwargs["hidden_states"] = gate * kwargs["hidden_states"] + (1 - gate) * ladder
+            return (mix(args[0], ladders, gates, j), *args[1:]), kwargs
+        kwargs["hidden_states"] = mix(kwargs["hidden_states"], ladders, gates, j)
         return args, kwargs
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, n_stored, d) backbone states; mask (B, T) bool -> (B, num_outputs)."""
-        s = self.embed_ladder(hidden[:, :, self.emb_pos])  # (B, T, ds)
-        kept = hidden[:, :, self._ladder_slice] if self._ladder_slice else hidden[:, :, self.ladder_pos]
-        ladders = torch.einsum("btkd,kds->btks", kept, self.ladder_weight) + self.ladder_bias
-        self._run = {"s": s, "ladders": ladders, "gates": torch.sigmoid(self.gate_alpha / GATE_TEMPERATURE)}
+        s, ladders, gates = self.ladders(hidden)  # (B, T, ds), (B, T, K, ds), (K,)
+        self._run = {"s": s, "ladders": ladders, "gates": gates}
         try:
             s = self.side(inputs_embeds=s, attention_mask=mask.long())[0]  # (B, T, ds) after the last block
         finally:

@@ -9,7 +9,7 @@ from featcache.seq2seq import Seq2SeqBackbone
 
 from ...recipe import Recipe, backbone_config
 from ..registry import SearchFacts, StoreKind
-from .model import T5LadderSideNetwork
+from .model import T5LadderSideNetwork, reduction_rule
 from .predict import predict_lines
 from .prune import fisher_scores, pruned_init
 from .recipe import seq2seq_recipe
@@ -33,11 +33,11 @@ class Seq2SeqKind(StoreKind):
 
     def search_facts(self, manifest: dict[str, Any]) -> SearchFacts:
         config = backbone_config(manifest)
-        d, d_kv, d_ff = int(config.d_model), int(config.d_kv), int(config.d_ff)
+        factors, rule = reduction_rule(config)
         s = manifest["seq2seq"]
         blocks = [x for x in s["encoder_layers"] if x > 0 and x in s["decoder_layers"]]  # one --layers for both
-        return SearchFacts(d, int(config.num_heads), tuple(r for r in range(2, 65) if not (d % r or d_kv % r or d_ff % r)),
-                           f"divide d_model {d}, d_kv {d_kv} and d_ff {d_ff}", tuple(blocks), stackable=False)
+        return SearchFacts(int(config.d_model), int(config.num_heads), tuple(factors), rule, tuple(blocks),
+                           stackable=False)
 
     def predict_lines(self, run: Path, config: dict[str, Any], texts: list[str], generate: bool,
                       device: str) -> list[str]:

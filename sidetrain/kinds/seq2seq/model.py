@@ -10,7 +10,8 @@
 
 Side blocks are transformers' T5Block built from the backbone config with d_model, d_ff and d_kv
 divided by r and the head count kept, so block 0's relative-position bias (buckets x heads) has the
-backbone's shape and starts as a copy of it. The LM head and both biases come from the store.
+backbone's shape and starts as a copy of it. The LM head and both biases come from the store. The
+ladders (and their gates) are the encoder-only network's (sidetrain/ladders.py), one set per stack.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from torch import nn
 
 from featcache.errors import TrainConfigError, expected
 
-GATE_TEMPERATURE = 0.1
+from ...ladders import Ladders, kept_blocks, mix
+
+
+def reduction_rule(backbone_config) -> tuple[list[int], str]:
+    """Every r in 2..64 that gives a T5 side network (d_model, d_kv and d_ff divisible by r), and why."""
+    d, d_kv, d_ff = int(backbone_config.d_model), int(backbone_config.d_kv), int(backbone_config.d_ff)
+    return [r for r in range(2, 65) if not (d % r or d_kv % r or d_ff % r)], \
+        f"divide d_model {d}, d_kv {d_kv} and d_ff {d_ff}"
 
 
 def side_t5_config(backbone_config, reduction_factor: int, n_enc: int, n_dec: int, dropout: float):
@@ -31,9 +39,8 @@ def side_t5_config(backbone_config, reduction_factor: int, n_enc: int, n_dec: in
     d, d_kv, d_ff = int(backbone_config.d_model), int(backbone_config.d_kv), int(backbone_config.d_ff)
     r = reduction_factor
     if d % r or d_kv % r or d_ff % r:
-        good = [k for k in range(2, 65) if not (d % k or d_kv % k or d_ff % k)]
-        raise TrainConfigError(expected(f"--reduction-factor dividing d_model {d}, d_kv {d_kv} and d_ff {d_ff}", r,
-                                        f"Try one of {good}."))
+        good, rule = reduction_rule(backbone_config)
+        raise TrainConfigError(expected(f"--reduction-factor to {rule}", r, f"Try one of {good}."))
     cfg = copy.deepcopy(backbone_config)
     cfg.d_model, cfg.d_kv, cfg.d_ff = d // r, d_kv // r, d_ff // r
     cfg.num_layers, cfg.num_decoder_layers = n_enc, n_dec
@@ -44,40 +51,9 @@ def side_t5_config(backbone_config, reduction_factor: int, n_enc: int, n_dec: in
     return cfg
 
 
-class Ladders(nn.Module):
-    """Embedding ladder + one gated ladder per kept layer (d -> d/r), as in the encoder-only network."""
-
-    def __init__(self, d: int, ds: int, emb_pos: int, positions: list[int]) -> None:
-        super().__init__()
-        self.emb_pos = emb_pos
-        self.register_buffer("pos", torch.tensor(positions), persistent=False)
-        self.embed = nn.Linear(d, ds)
-        self.weight = nn.Parameter(torch.empty(len(positions), d, ds))  # (K, d, d/r)
-        self.bias = nn.Parameter(torch.zeros(len(positions), ds))
-        nn.init.normal_(self.weight, std=d ** -0.5)
-        self.alpha = nn.Parameter(torch.zeros(len(positions)))  # mu = 0.5 at init
-
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """hidden (B, T, n_stored, d) -> start (B, T, ds), ladders (B, T, K, ds), gates (K,)."""
-        ladders = torch.einsum("btkd,kds->btks", hidden[:, :, self.pos], self.weight) + self.bias
-        return self.embed(hidden[:, :, self.emb_pos]), ladders, torch.sigmoid(self.alpha / GATE_TEMPERATURE)
-
-
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """bool mask (..., K) True = attend -> additive float mask: 0 or the dtype's minimum."""
     return (~mask).to(dtype) * torch.finfo(dtype).min
-
-
-def _kept(stored: list[int], kept: list[int] | None, flag: str) -> list[int]:
-    if 0 not in stored:
-        raise TrainConfigError(expected("layer 0 (the embedding output) in the store for the embedding ladder",
-                                        f"stored layers {stored}"))
-    blocks = [x for x in stored if x > 0]
-    kept = blocks if kept is None else list(kept)
-    bad = [k for k in kept if k not in blocks]
-    if bad or not kept:
-        raise TrainConfigError(expected(f"{flag} among the stored block layers {blocks}", kept or "none"))
-    return kept
 
 
 class T5LadderSideNetwork(nn.Module):
@@ -88,14 +64,14 @@ class T5LadderSideNetwork(nn.Module):
         super().__init__()
         from transformers.models.t5.modeling_t5 import T5Block, T5LayerNorm
 
-        enc_kept, dec_kept = _kept(enc_stored, enc_kept, "--layers"), _kept(dec_stored, dec_kept, "--layers")
+        enc_kept, dec_kept = kept_blocks(enc_stored, enc_kept), kept_blocks(dec_stored, dec_kept)
         self.enc_kept, self.dec_kept = enc_kept, dec_kept
         self.config = side_t5_config(backbone_config, reduction_factor, len(enc_kept), len(dec_kept), dropout)
         enc_cfg, dec_cfg = copy.deepcopy(self.config), copy.deepcopy(self.config)
         enc_cfg.is_decoder, dec_cfg.is_decoder = False, True
         d, ds = int(backbone_config.d_model), self.config.d_model
-        self.enc_ladders = Ladders(d, ds, enc_stored.index(0), [enc_stored.index(k) for k in enc_kept])
-        self.dec_ladders = Ladders(d, ds, dec_stored.index(0), [dec_stored.index(k) for k in dec_kept])
+        self.enc_ladders = Ladders(d, ds, enc_stored, enc_kept)
+        self.dec_ladders = Ladders(d, ds, dec_stored, dec_kept)
         self.enc_blocks = nn.ModuleList(T5Block(enc_cfg, has_relative_attention_bias=i == 0, layer_idx=i)
                                         for i in range(len(enc_kept)))
         self.dec_blocks = nn.ModuleList(T5Block(dec_cfg, has_relative_attention_bias=i == 0, layer_idx=i)
@@ -145,7 +121,7 @@ class T5LadderSideNetwork(nn.Module):
         mask = _additive(enc_mask[:, None, None, :], s.dtype)  # (B, 1, 1, T)
         bias = None
         for j, block in enumerate(self.enc_blocks):
-            s = gates[j] * s + (1 - gates[j]) * ladders[:, :, j]
+            s = mix(s, ladders, gates, j)
             s, bias, _ = block(s, attention_mask=mask, position_bias=bias)
         return self.dropout(self.enc_norm(s))
 
@@ -161,7 +137,7 @@ class T5LadderSideNetwork(nn.Module):
         cross_mask = _additive(enc_mask[:, None, None, :], t.dtype)  # (N, 1, 1, T)
         bias = cross_bias = None
         for j, block in enumerate(self.dec_blocks):
-            t = gates[j] * t + (1 - gates[j]) * ladders[:, :, j]
+            t = mix(t, ladders, gates, j)
             t, bias, cross_bias = block(t, self_mask, bias, enc_out, cross_mask, cross_bias)
         t = self.dropout(self.dec_norm(t))
         return (self.up(t) * self.out_scale) @ self.lm_head.T  # (N, U, vocab)
