@@ -3,6 +3,7 @@
 Per split S and part P (P = "" is S's own group, e.g. "dec" is S/dec):
     S/P/hidden      (n_tokens, n_layers, d)  storage dtype; sharded along tokens, one writer per shard
     S/P/scales      (n_tokens, n_layers) float32   int8 stores only, sharded like hidden
+    S/P/shard_crc   (n_shards,) uint32             zlib crc32 of shard k's hidden (+ scales) bytes
     S/P/shard_done  (n_shards,) uint8              1 once shard k of hidden is written whole
     S/P/<column>    whatever the kind stores beside the states (offsets, input_ids, labels, ...)
 Shard sizes are set per part name (the same in every split), since parts differ in bytes per token.
@@ -20,6 +21,7 @@ from . import store as S
 from .config import ExtractConfig
 from .kinds import ROOT, KindPlan, PartPlan
 from .plan import shard_tokens_for
+from .reader import CHECKSUMS
 
 
 @dataclass
@@ -83,6 +85,8 @@ def create_part(group: zarr.Group, part: PartPlan, store_dtype: str, chunk_token
                            shards=(shard_tokens, n_layers), compressors=None, fill_value=0, overwrite=True)
     for name, values in part.columns.items():
         group.create_array(name, data=values, overwrite=True)
-    # one uncompressed byte per shard, each its own chunk: writers of different shards never share a file
+    # one uncompressed value per shard, each its own chunk: writers of different shards never share a file
+    group.create_array(CHECKSUMS, shape=(max(math.ceil(part.n_tokens / shard_tokens), 1),), dtype="uint32",
+                       chunks=(1,), compressors=None, fill_value=0, overwrite=True)
     group.create_array("shard_done", shape=(max(math.ceil(part.n_tokens / shard_tokens), 1),), dtype="uint8",
                        chunks=(1,), compressors=None, fill_value=0, overwrite=True)

@@ -22,6 +22,7 @@ How hidden states are read (`reader=`):
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from .errors import StoreError, expected
 log = logging.getLogger(__name__)
 
 READERS = ("auto", "shards", "zarr")
+CHECKSUMS = "shard_crc"  # (n_shards,) uint32 per part: zlib crc32 of hidden (+ scales) bytes
 FROZEN_WEIGHTS = "backbone_weights"  # root group of frozen arrays that stage 2 needs without the backbone
 
 
@@ -105,9 +107,12 @@ class _ShardViews:
             self._parts[k] = self._map(k)
         return self._parts[k]
 
+    def file(self, k: int) -> Path:
+        return self._root / self.array.metadata.encode_chunk_key((k,) + (0,) * (self.array.ndim - 1))
+
     def _map(self, k: int) -> np.ndarray:
         rows = min(self.shard_rows, self.array.shape[0] - k * self.shard_rows)
-        path = self._root / self.array.metadata.encode_chunk_key((k,) + (0,) * (self.array.ndim - 1))
+        path = self.file(k)
         n_chunks = self.shard_rows // self.chunk_rows if self.shard_rows % self.chunk_rows == 0 else -1
         used = -(-rows // self.chunk_rows)  # inner chunks holding real rows
         chunk_bytes = self.chunk_rows * self._row_bytes
@@ -144,6 +149,20 @@ class _Rows:
     @property
     def kind(self) -> str:
         return "memory" if self._memory is not None else "shards" if self._shards is not None else "zarr"
+
+    @property
+    def shard_rows(self) -> int:
+        return int(self.array.metadata.chunk_grid.chunk_shape[0])
+
+    def shard(self, k: int) -> np.ndarray:
+        """Every stored row of shard k, contiguous (what the writer checksummed)."""
+        if self._memory is not None:
+            return self._memory[k * self.shard_rows:(k + 1) * self.shard_rows]
+        if self._shards is not None:
+            if not self._shards.file(k).is_file():
+                raise StoreError("its file is missing")
+            return np.ascontiguousarray(self._shards.part(k))
+        return self.array[k * self.shard_rows:(k + 1) * self.shard_rows]
 
     def load(self) -> None:
         if self._memory is None:
@@ -184,20 +203,55 @@ class PartReader:
     """
 
     def __init__(self, group: zarr.Group, name: str, store_dtype: str, layers: list[int],
-                 reader: str = "auto") -> None:
+                 reader: str = "auto", check_done: bool = True) -> None:
         self.name = name
         self.store_dtype = store_dtype
         self.layers: list[int] = list(layers)
-        self._group = group
+        self.group = group
         self.offsets = group["offsets"][:]
         self.lengths = np.diff(self.offsets)
         done = group["shard_done"][:]
-        if self.n_tokens and not done.all():
+        if check_done and self.n_tokens and not done.all():
             raise StoreError(f"Split part '{name}' has {int((done == 0).sum())} unwritten shards; "
                              "re-run the extraction to complete it.")
         self._hidden = _Rows(group["hidden"], reader)
         # int8 stores: one float32 scale per token and layer, sharded like hidden
         self._scales = _Rows(group["scales"], reader) if "scales" in group else None
+        # crc32 of each shard's bytes, recorded by the writer; stores written before checksums have none
+        self._crc = group[CHECKSUMS][:] if CHECKSUMS in group else None
+        self._verified: set[int] = set()
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_tokens // self._hidden.shard_rows)
+
+    def shard_problem(self, k: int) -> str | None:
+        """Why shard k cannot be trusted (missing, unreadable, checksum mismatch), or None when it is sound."""
+        if self._crc is None:
+            return None
+        try:
+            crc = zlib.crc32(self._hidden.shard(k))
+            if self._scales is not None:
+                crc = zlib.crc32(self._scales.shard(k), crc)
+        except StoreError as err:
+            return str(err)
+        except Exception as err:  # noqa: BLE001 - zarr raises ValueError/KeyError/OSError for torn shards
+            return f"unreadable ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
+        return None if crc == int(self._crc[k]) else "checksum mismatch (its bytes changed since they were written)"
+
+    def _check_shards(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Verify, once per process, every shard a read touches; a damaged one is an error, never data."""
+        if self._crc is None or len(self._verified) == len(self._crc):
+            return
+        rows = self._hidden.shard_rows
+        touched = {k for a, b in zip(np.asarray(lo).tolist(), np.asarray(hi).tolist()) if b > a
+                   for k in range(a // rows, (b - 1) // rows + 1)}
+        for k in sorted(touched - self._verified):
+            problem = self.shard_problem(k)
+            if problem is not None:
+                raise StoreError(f"Shard {k} of '{self.name}' is damaged: {problem}. `lst inspect STORE --verify` "
+                                 "lists every bad shard; re-running the same `lst extract` recomputes them.")
+            self._verified.add(k)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -213,10 +267,10 @@ class PartReader:
 
     def column(self, name: str) -> np.ndarray:
         """A whole per-row or per-token array stored beside the hidden states (e.g. T5's `candidates`)."""
-        if name not in self._group or not isinstance(self._group[name], zarr.Array):
+        if name not in self.group or not isinstance(self.group[name], zarr.Array):
             raise StoreError(expected(f"an array '{name}' in '{self.name}'",
-                                      f"arrays {sorted(k for k, _ in self._group.arrays())}"))
-        return self._group[name][:]
+                                      f"arrays {sorted(k for k, _ in self.group.arrays())}"))
+        return self.group[name][:]
 
     def layer_positions(self, layers: list[int] | None) -> list[int]:
         """Positions in the stored layer axis of the requested hidden_states indices."""
@@ -246,6 +300,7 @@ class PartReader:
         """int8 stores: the float32 scales of token ranges lo[i]:hi[i], (n, n_layers); None for other dtypes."""
         if self._scales is None:
             return None
+        self._check_shards(lo, hi)
         pos = self.layer_positions(layers)
         return self._scales.gather(lo, hi, None if len(pos) == len(self.layers) else pos)
 
@@ -256,6 +311,7 @@ class PartReader:
     def _raw_rows(self, lo: np.ndarray, hi: np.ndarray, layers: list[int] | None,
                   with_scales: bool = True) -> tuple[np.ndarray, str, np.ndarray | None]:
         """(stored values, storage dtype, int8 scales or None) of token ranges lo[i]:hi[i], concatenated."""
+        self._check_shards(lo, hi)
         pos = self.layer_positions(layers)
         cols = None if len(pos) == len(self.layers) else pos
         scales = self._scales.gather(lo, hi, cols) if with_scales and self._scales is not None else None
@@ -278,10 +334,10 @@ class SplitReader(PartReader):
         """A further ragged part of this split (T5: 'dec'), with its own offsets, layers and shards."""
         if name not in self._parts:
             layers = part_layers(self.manifest, name)
-            if layers is None or name not in self._group:
+            if layers is None or name not in self.group:
                 raise StoreError(expected(f"a part '{name}' in split '{self.name}'",
                                           f"parts {sorted(self.manifest.get('parts', {'': {}}))}"))
-            self._parts[name] = PartReader(self._group[name], f"{self.name}/{name}", self.store_dtype, layers,
+            self._parts[name] = PartReader(self.group[name], f"{self.name}/{name}", self.store_dtype, layers,
                                            self._reader)
         return self._parts[name]
 
@@ -364,10 +420,10 @@ class StoreReader:
             raise StoreError(expected("an existing feature store", f"'{path}' (no such path)",
                                       "Create one with `lst extract`."))
         try:
-            self._group = zarr.open_group(zarr_location(self.path), mode="r")
+            self.group = zarr.open_group(zarr_location(self.path), mode="r")
         except Exception as err:  # noqa: BLE001 - zarr raises several types for "not a group"
             raise StoreError(expected("a Zarr v3 feature store", f"'{path}' ({type(err).__name__})")) from None
-        self.manifest = S.check_manifest(self._group.attrs.get(S.MANIFEST_KEY), self.path)
+        self.manifest = S.check_manifest(self.group.attrs.get(S.MANIFEST_KEY), self.path)
         if not self.manifest.get("complete"):
             raise StoreError(f"The store at '{path}' is incomplete (extraction did not finish). "
                              "Re-run the same `lst extract` command to resume it.")
@@ -381,15 +437,15 @@ class StoreReader:
         if name not in self.manifest["splits"]:
             raise StoreError(expected(f"split '{name}' in the store", f"splits {self.split_names}"))
         if name not in self._splits:
-            self._splits[name] = SplitReader(self._group[name], name, self.manifest, self.reader)
+            self._splits[name] = SplitReader(self.group[name], name, self.manifest, self.reader)
         return self._splits[name]
 
     def frozen_weights(self) -> dict[str, np.ndarray]:
         """Frozen backbone pieces a kind keeps in the store for stage 2 (T5: its LM head and the
         relative-position biases), by name; {} when the store keeps none."""
-        if FROZEN_WEIGHTS not in self._group:
+        if FROZEN_WEIGHTS not in self.group:
             return {}
-        return {name: array[:] for name, array in self._group[FROZEN_WEIGHTS].arrays()}
+        return {name: array[:] for name, array in self.group[FROZEN_WEIGHTS].arrays()}
 
 
 def open_store(path: str | Path, reader: str = "auto") -> StoreReader:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
@@ -36,6 +37,8 @@ from .errors import LstError, StoreError, expected
 from .kinds import ROOT, KindPlan, PartPlan, RowsFn, StoreKind, kind_for_request
 from .layout import Layout, create_part, plan_layout
 from .progress import progress_bar
+from .reader import CHECKSUMS
+from .verify import verify_group
 
 log = logging.getLogger(__name__)
 FROZEN_WEIGHTS = "backbone_weights"
@@ -52,20 +55,34 @@ def open_for_write(cfg: ExtractConfig, request: dict[str, Any]) -> tuple[zarr.Gr
     found = describe(cfg.out)
     if found.manifest is not None:
         manifest = found.manifest
+        diff = sorted(k for k in request if manifest.get("request", {}).get(k) != request[k])
         if cfg.overwrite:
             remove_store(cfg.out)
-        elif manifest.get("complete"):
-            raise StoreError(f"A complete store already exists at '{cfg.out}'. Pass --overwrite to replace it.")
-        elif manifest.get("request") != request:
-            diff = sorted(k for k in request if manifest.get("request", {}).get(k) != request[k])
+        elif diff and manifest.get("complete"):
+            raise StoreError(f"A complete store already exists at '{cfg.out}' (made with other options: "
+                             f"{', '.join(diff)}). Pass --overwrite to replace it.")
+        elif diff:
             raise StoreError(f"An incomplete store at '{cfg.out}' was made with other options ({', '.join(diff)}); "
                              "pass --overwrite to start again, or repeat the original command to resume.")
-        else:
-            return zarr.open_group(where, mode="r+"), bool(manifest.get("layout_complete"))
+        else:  # the same extraction again: resume it, or repair a complete one's damaged shards
+            group = zarr.open_group(where, mode="r+")
+            if manifest.get("complete"):
+                _reopen_damaged(cfg, group, manifest)
+            return group, bool(manifest.get("layout_complete"))
     elif found.holds_anything and not found.bare:
         raise StoreError(expected("an empty directory or an lst store at --out", f"'{cfg.out}' holds something else",
                                   SOMETHING_ELSE_HINT))
     return zarr.open_group(where, mode="a"), False
+
+
+def _reopen_damaged(cfg: ExtractConfig, group: zarr.Group, manifest: dict[str, Any]) -> None:
+    """A complete store asked for again: verify every shard and mark the damaged ones to be recomputed."""
+    report = verify_group(group, manifest)
+    for bad in report["bad"]:
+        log.warning("Recomputing shard %d of '%s': %s", bad["shard"], bad["part"], bad["problem"])
+        group[bad["part"]]["shard_done"][bad["shard"]] = 0
+    if not report["bad"]:
+        log.info("The store at %s is complete and all %d shards verify; nothing to do.", cfg.out, report["checked"])
 
 
 def extract(cfg: ExtractConfig, backbone: Any | None = None) -> dict[str, Any]:
@@ -273,7 +290,10 @@ def _compute_shard(part: PartPlan, start: int, stop: int, rows: RowsFn, store_dt
 
 
 def _write_shard(g: zarr.Group, k: int, start: int, stop: int, buffer: np.ndarray, scales: np.ndarray | None) -> None:
+    crc = zlib.crc32(buffer)  # what readers verify before trusting the shard
     g["hidden"][start:stop] = buffer  # the whole shard in one write
     if scales is not None:
         g["scales"][start:stop] = scales
-    g["shard_done"][k] = 1  # recorded only after the data is in place
+        crc = zlib.crc32(scales, crc)
+    g[CHECKSUMS][k] = crc
+    g["shard_done"][k] = 1  # recorded only after the data and its checksum are in place
