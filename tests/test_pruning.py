@@ -14,10 +14,10 @@ from torch import nn
 from featcache.backbone import Backbone, load_backbone
 from featcache.errors import TrainConfigError
 from featcache.reader import open_store
-from sidetrain import TrainConfig, train
+from sidetrain import TrainConfig, fisher, train
 from sidetrain.kinds.encoder import prune as P
-from sidetrain.kinds.encoder.model import LadderSideNetwork, _block_list
-from sidetrain.train import build_model
+from sidetrain.kinds.encoder.model import LadderSideNetwork, block_list
+from sidetrain.kinds.encoder.recipe import build_model
 
 N = 32  # examples scored in these tests (1024 in real runs)
 
@@ -110,6 +110,49 @@ def test_scores_are_cached_per_split_and_count(store, backbone, scores, monkeypa
     assert P.fisher_path(reader, "dev", 30).exists() and path.stat().st_mtime_ns == stamp
 
 
+def test_cache_of_an_older_format_is_recomputed(store, backbone, monkeypatch):
+    from safetensors.torch import save_file
+
+    reader, n = open_store(store), N - 16
+    path = P.fisher_path(reader, "train", n)
+    meta = fisher.cache_meta("train", n, reader.manifest["backbone"]["revision"])
+    old = {k: v for k, v in meta.items() if k != "format"}  # what the code before sidetrain/fisher.py wrote
+    save_file({"model": torch.ones(32)}, str(path), metadata=old)
+    calls = []
+    monkeypatch.setattr(P, "_compute", lambda *a, **k: calls.append(a[2]) or {"model": torch.zeros(32)})
+    assert torch.equal(P.fisher_scores(reader, "train", backbone, n_examples=n)["model"], torch.zeros(32))
+    assert calls == [n] and fisher.read_cached_scores(path, meta) is not None  # rewritten in the current format
+
+
+def test_fisher_information_sums_squared_gradients_of_the_scored_weights_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 1)).requires_grad_(False)
+    model[2].weight.requires_grad_(True)  # a flag to restore as it was
+    batches = [torch.randn(5, 3), torch.randn(2, 3)]
+
+    def loss(x):
+        return model(x).pow(2).mean()
+
+    scored = {"first": model[0].weight, "last": model[2].bias}
+    got = fisher.fisher_information(model, batches, loss, scored)
+    assert got.keys() == scored.keys() and model.training  # back in training mode
+    assert not model[0].weight.requires_grad and model[2].weight.requires_grad and not model[2].bias.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()  # the reference: eval mode (no dropout), plain autograd
+    want = {k: torch.zeros_like(p) for k, p in scored.items()}
+    for p in scored.values():
+        p.requires_grad_(True)
+    for x in batches:
+        for k, g in zip(scored, torch.autograd.grad(loss(x), list(scored.values()))):
+            want[k] += g ** 2
+    assert all(torch.allclose(got[k], want[k]) for k in want)
+
+
+def test_example_batches_are_the_first_n_sorted_by_length():
+    batches = fisher.example_batches(np.array([5, 3, 9, 3, 1, 7]), 5, 2)
+    assert [b.tolist() for b in batches] == [[4, 1], [3, 0], [2]]  # example 5 is not among the first 5
+
+
 def test_train_with_pruned_init(store, tmp_path):
     def run(name: str, init: str) -> np.ndarray:
         train(TrainConfig(store=str(store), out=str(tmp_path / name), epochs=1, batch_size=16, reduction_factor=4,
@@ -163,7 +206,7 @@ def test_block_layouts_of_other_families(family):
     torch.manual_seed(0)
     config = AutoConfig.for_model(family, **FAMILIES[family])
     model = AutoModel.from_config(config).eval()
-    blocks = _block_list(model, 2)
+    blocks = block_list(model, 2)
     axes = [P.block_axes(b, 32) for b in blocks]
     extra = [("qk", "model")] * 2 + [("qk",)] * 2 if family == "deberta-v2" else []  # pos_key/pos_query_proj
     assert sorted(axes[0].values()) == sorted(LAYOUT + extra)

@@ -4,27 +4,24 @@ Side block j starts as the backbone block it sits beside, structurally pruned to
 the residual stream (one channel set shared by every block, since the residual adds them up),
 feed-forward neurons, and attention inner dims, chosen per head so the side keeps the backbone's head
 count. Query and key dims are ranked together (their dot product pairs them), value dims with the
-output projection's inputs (the same axis). Ranks come from the empirical Fisher information (sum over
-batches of squared gradients) over the first ~1024 training examples.
+output projection's inputs (the same axis). Ranks come from the empirical Fisher information over the
+first ~1024 training examples (the accumulation, cache and ranking: sidetrain/fisher.py).
 
-An encoder-only backbone has no task head to take a gradient from, so a linear head is first fitted on
-the mean-pooled last layer (from the store when it holds that layer) and its task loss is used.
-Scores do not depend on r or the kept layers: they are cached once beside the store and every trial of
-a search slices from the same file.
+What is specific to this kind: the loss (an encoder-only backbone has no task head to take a gradient
+from, so a linear head is first fitted on the mean-pooled last layer, from the store when it holds that
+layer, and its task loss is used), which channel group each axis of a block parameter indexes, and the
+slicing into the side blocks. The scored weights are the backbone blocks, every parameter of them: they
+are exactly what `pruned_init` copies.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from featcache.backbone import Backbone, load_backbone
@@ -32,12 +29,20 @@ from featcache.errors import TrainConfigError, expected
 from featcache.reader import SplitReader, StoreReader
 from featcache.store import check_match
 
-from ...probe import _fit
-from .model import LadderSideNetwork, _block_list
+from ...fisher import (
+    BATCH_SIZE,
+    N_EXAMPLES,
+    cache_meta,
+    cache_path,
+    cached_scores,
+    example_batches,
+    fisher_information,
+    top_channels,
+    top_per_head,
+)
+from ...probe import fit_linear
+from .model import LadderSideNetwork, block_list
 
-log = logging.getLogger(__name__)
-N_EXAMPLES = 1024  # the paper's budget
-BATCH_SIZE = 16
 # Attention projections are d x d: shapes cannot tell them apart, names must. BERT / RoBERTa / ELECTRA /
 # MiniLM, DistilBERT, MPNet, DeBERTa-v2 (whose position projections pair with query/key dims too).
 # 'qk' = query/key inner dims, 'vo' = value out dims = output-projection in dims.
@@ -47,18 +52,6 @@ ATTENTION = [("qk", re.compile(r"(attention\.self\.(pos_)?(query|key)(_proj)?|\.
 # (out axis, in axis) of each role's weight; a bias has the out axis only.
 AXES = {"qk": ("qk", "model"), "vo": ("vo", "model"), "out": ("model", "vo"),
         "ff_in": ("ff", "model"), "ff_out": ("model", "ff")}
-
-
-def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k best-scored channels, in their original order (r = 1 keeps a block exactly as it is)."""
-    return torch.sort(torch.topk(scores, k).indices).values
-
-
-def top_per_head(scores: torch.Tensor, heads: int, k: int) -> torch.Tensor:
-    """The k best-scored dims inside every head (scores: heads * head_dim), so the head count is kept."""
-    per_head = scores.view(heads, -1)
-    idx = torch.sort(torch.topk(per_head, k, dim=1).indices, dim=1).values
-    return (idx + torch.arange(heads)[:, None] * per_head.shape[1]).reshape(-1)
 
 
 # ---------------------------------------------------------------- which channel each axis indexes
@@ -103,10 +96,7 @@ def _weight_axes(stem: str, shape: tuple[int, ...], d: int, d_ff: int | None) ->
 
 def fisher_path(store: StoreReader, split: str, n: int) -> Path | None:
     """`<store>.fisher-encoder-<split>-<n>.safetensors`; None for a remote store (not cached)."""
-    if "://" in store.path:
-        return None
-    safe = re.sub(r"[^\w.-]", "_", split)
-    return Path(f"{store.path.rstrip('/')}.fisher-encoder-{safe}-{n}.safetensors")
+    return cache_path(store, "encoder", split, n)
 
 
 def fisher_scores(store: StoreReader, split_name: str = "train", backbone: Backbone | None = None,
@@ -123,70 +113,34 @@ def fisher_scores(store: StoreReader, split_name: str = "train", backbone: Backb
                                         "a split without labels"))
     n = min(n_examples, len(split))
     m = store.manifest
-    meta = {"split": split_name, "n_examples": str(n), "backbone_revision": str(m["backbone"]["revision"])}
-    path = fisher_path(store, split_name, n)
-    cached = read_cached_scores(path, meta)
-    if cached is not None:
-        return cached
-    backbone = backbone or load_backbone(m["backbone"]["name"], "fp32", device)
-    check_match("backbone weights", m["backbone"]["revision"], backbone.revision)
-    scores = _compute(backbone, split, n, m["task"]["type"], int(m["task"]["num_labels"]), batch_size)
-    write_cached_scores(path, scores, meta)
-    return scores
 
+    def compute() -> dict[str, torch.Tensor]:
+        bb = backbone or load_backbone(m["backbone"]["name"], "fp32", device)
+        check_match("backbone weights", m["backbone"]["revision"], bb.revision)
+        return _compute(bb, split, n, m["task"]["type"], int(m["task"]["num_labels"]), batch_size)
 
-def read_cached_scores(path: Path | None, meta: dict[str, str]) -> dict[str, torch.Tensor] | None:
-    """Scores cached at `path` when they were computed for `meta` (split, count, backbone weights): a
-    re-extracted store with other weights recomputes."""
-    if path is None or not path.exists():
-        return None
-    with safe_open(str(path), "pt") as f:
-        if f.metadata() != meta:
-            return None
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
-
-
-def write_cached_scores(path: Path | None, scores: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Written whole, then renamed: parallel sweep workers see the whole file or none. None: a remote store."""
-    if path is None:
-        log.info("Fisher scores over %s examples computed (remote store: not cached)", meta["n_examples"])
-        return
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous().cpu() for k, v in scores.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
-    log.info("Fisher scores over %s examples cached in %s", meta["n_examples"], path)
+    return cached_scores(fisher_path(store, split_name, n), cache_meta(split_name, n, m["backbone"]["revision"]),
+                         compute)
 
 
 def _compute(backbone: Backbone, split: SplitReader, n: int, task: str, num_labels: int,
              batch_size: int) -> dict[str, torch.Tensor]:
-    model, dev, d = backbone.model, backbone.device, backbone.hidden_size
-    blocks = _block_list(model, backbone.num_layers)
+    d = backbone.hidden_size
+    blocks = block_list(backbone.model, backbone.num_layers)
     axes = [block_axes(b, d, f"block {i}: ") for i, b in enumerate(blocks)]  # fail before the slow part
-    order = np.argsort(split.lengths[:n], kind="stable")  # similar lengths per batch: less padding
-    batches = [order[b:b + batch_size] for b in range(0, n, batch_size)]
-    head = _fit_head(backbone, split, batches, task, num_labels).to(dev)
-    params = [dict(b.named_parameters()) for b in blocks]
-    fisher = [{k: torch.zeros_like(p) for k, p in ps.items()} for ps in params]
-    was = {p: p.requires_grad for ps in params for p in ps.values()}
-    for p in was:
-        p.requires_grad_(True)  # only block weights: no gradient into the (large) embeddings
-    try:
-        for idx in batches:
-            b = split.token_batch(idx)
-            logits = head(_pooled_last(backbone, b))
-            y = b.labels.to(dev)
-            loss = (F.mse_loss(logits.squeeze(-1), y.float()) if task == "regression"
-                    else F.cross_entropy(logits, y.long()))
-            grads = iter(torch.autograd.grad(loss, [p for ps in params for p in ps.values()], allow_unused=True))
-            for ps, fs in zip(params, fisher):
-                for k in ps:
-                    g = next(grads)
-                    if g is not None:  # a weight the loss does not reach scores 0
-                        fs[k] += g.detach() ** 2
-    finally:
-        for p, flag in was.items():
-            p.requires_grad_(flag)
-    return _channel_scores(fisher, axes, d)
+    batches = example_batches(split.lengths, n, batch_size)
+    head = _fit_head(backbone, split, batches, task, num_labels).to(backbone.device)
+
+    def loss(idx: np.ndarray) -> torch.Tensor:
+        b = split.token_batch(idx)
+        logits = head(_pooled_last(backbone, b))
+        y = b.labels.to(backbone.device)
+        return F.mse_loss(logits.squeeze(-1), y.float()) if task == "regression" else F.cross_entropy(logits, y.long())
+
+    params = {f"{i}.{k}": p for i, b in enumerate(blocks) for k, p in b.named_parameters()}
+    fisher = fisher_information(backbone.model, batches, loss, params)
+    per_block = [{k: fisher[f"{i}.{k}"] for k, _ in b.named_parameters()} for i, b in enumerate(blocks)]
+    return _channel_scores(per_block, axes, d)
 
 
 def _pooled_last(backbone: Backbone, b) -> torch.Tensor:
@@ -216,7 +170,7 @@ def _fit_head(backbone: Backbone, split: SplitReader, batches: list[np.ndarray],
             labels.append(b.labels)
     x, y = torch.cat(feats), torch.cat(labels)
     mean, std = x.mean(0), x.std(0).nan_to_num(1.0).clamp(min=1e-6)  # standardised: L-BFGS converges fast
-    head = _fit((x - mean) / std, y.float() if task == "regression" else y.long(), num_labels, 1e-3, task)
+    head = fit_linear((x - mean) / std, y.float() if task == "regression" else y.long(), num_labels, 1e-3, task)
     with torch.no_grad():  # fold the standardisation into the head, which then takes raw features
         head.weight /= std
         head.bias -= head.weight @ mean
@@ -242,7 +196,7 @@ def _channel_scores(fisher: list[dict[str, torch.Tensor]], axes: list[dict[str, 
 def pruned_init(side: LadderSideNetwork, backbone: Backbone, scores: dict[str, torch.Tensor]) -> None:
     """Overwrite every side block with the slices of the backbone block it sits beside."""
     d, heads = backbone.hidden_size, int(backbone.config.num_attention_heads)
-    source = _block_list(backbone.model, backbone.num_layers)
+    source = block_list(backbone.model, backbone.num_layers)
     keep_model = top_channels(scores["model"], side.config.hidden_size)
     with torch.no_grad():
         for j, layer in enumerate(side.kept_layers):

@@ -2,16 +2,20 @@
 
 Each side block starts as the backbone block it sits beside, structurally pruned to 1/r of its
 channels: d_model channels (one set for the whole residual stream), feed-forward neurons and, per
-head, key/value dimensions, ranked by empirical Fisher information (sum of squared gradients of the
-teacher-forced loss, per batch) over the first ~1024 training examples. The Fisher scores need
-backbone gradients once; they are cached beside the store (`<store>.fisher.safetensors`, keyed like the
-encoder's by split, count and backbone weights) and do not depend on r or the kept layers, so every
-trial slices from the same file.
+head, key/value dimensions, ranked by empirical Fisher information over the first ~1024 training
+examples (the accumulation, the cache beside the store and the ranking: sidetrain/fisher.py). The
+cache file is `<store>.fisher.safetensors` (the train split is fixed by the manifest); it is recomputed
+for another count, other backbone weights or an older cache format.
+
+What is specific to this kind: the loss (the teacher-forced cross-entropy of the gold target text),
+the T5 parameter names -> channel groups, and the slicing into the side blocks. The scored weights are
+what `pruned_init` copies: every encoder and decoder block (but block 0's relative position bias,
+which the side network copies whole at construction) and each stack's final layer norm. The shared
+embedding and the LM head start no side weight and are not scored.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
@@ -20,57 +24,65 @@ import torch
 
 from featcache.reader import StoreReader
 from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone
+from featcache.store import check_match
 
-from ..encoder.prune import read_cached_scores, top_channels, top_per_head, write_cached_scores
+from ...fisher import (
+    BATCH_SIZE,
+    N_EXAMPLES,
+    cache_meta,
+    cache_path,
+    cached_scores,
+    example_batches,
+    fisher_information,
+    top_channels,
+    top_per_head,
+)
+from .data import open_decoder
 from .model import T5LadderSideNetwork
 
-log = logging.getLogger(__name__)
 ATTN = re.compile(r"layer\.(\d)\.(SelfAttention|EncDecAttention)\.([qkvo])\.weight$")
+# the backbone weights pruned_init copies, hence the ones scored
+SCORED = re.compile(r"^(encoder|decoder)\.(block\.\d+\.(?!.*relative_attention_bias)|final_layer_norm\.)")
 
 
 def fisher_path(store: StoreReader) -> Path | None:
-    return None if "://" in store.path else Path(store.path.rstrip("/") + ".fisher.safetensors")
+    """`<store>.fisher.safetensors`; None for a remote store (not cached)."""
+    return cache_path(store)
 
 
-def fisher_scores(store: StoreReader, backbone: Seq2SeqBackbone | None = None, n_examples: int = 1024,
-                  batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Channel importances: 'model' (d,), '<stack>.<b>.ff' (d_ff,), '<stack>.<b>.layer.<k>' (heads*d_kv,)."""
+def fisher_scores(store: StoreReader, backbone: Seq2SeqBackbone | None = None, n_examples: int = N_EXAMPLES,
+                  batch_size: int = BATCH_SIZE) -> dict[str, torch.Tensor]:
+    """Channel importances: 'model' (d,), '<stack>.<b>.ff' (d_ff,), '<stack>.<b>.layer.<k>' (heads*d_kv,).
+
+    Read from the cache file when it was computed for the same split, count and backbone weights; the
+    backbone is only loaded (when not given) if they must be computed.
+    """
     m = store.manifest
     split_name = m["seq2seq"]["train_split"]
-    split = store.split(split_name)
-    n = min(n_examples, len(split))
-    path = fisher_path(store)
-    meta = {"split": split_name, "n_examples": str(n), "backbone_revision": str(m["backbone"]["revision"])}
-    cached = read_cached_scores(path, meta)
-    if cached is not None:
-        return cached
-    from .recipe import open_decoder
+    n = min(n_examples, len(store.split(split_name)))
 
-    backbone = backbone or load_seq2seq_backbone(m["backbone"]["name"], "fp32", "auto")
-    model = backbone.model
-    model.requires_grad_(True)
-    dec = open_decoder(store, split_name)
-    fisher = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
-    try:
-        for b in range(0, n, batch_size):
-            idx = np.arange(b, min(b + batch_size, n))
-            enc = split.token_batch(idx)
-            targets, mask, _ = dec.token_part(dec.rows(idx))
-            labels = targets.masked_fill(~mask, -100)
-            model.zero_grad(set_to_none=True)
-            dev = backbone.device
-            loss = model(input_ids=enc.input_ids.to(dev), attention_mask=enc.mask.long().to(dev),
-                         labels=labels.to(dev)).loss
-            loss.backward()
-            for name, p in model.named_parameters():
-                if p.grad is not None:
-                    fisher[name] += p.grad.detach() ** 2
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.requires_grad_(False)
-    scores = _channel_scores(fisher, int(m["hidden_size"]))
-    write_cached_scores(path, scores, meta)
-    return scores
+    def compute() -> dict[str, torch.Tensor]:
+        bb = backbone or load_seq2seq_backbone(m["backbone"]["name"], "fp32", "auto")
+        check_match("backbone weights", m["backbone"]["revision"], bb.revision)
+        return _compute(bb, store, split_name, n, batch_size)
+
+    return cached_scores(fisher_path(store), cache_meta(split_name, n, m["backbone"]["revision"]), compute)
+
+
+def _compute(backbone: Seq2SeqBackbone, store: StoreReader, split_name: str, n: int,
+             batch_size: int) -> dict[str, torch.Tensor]:
+    model, dev = backbone.model, backbone.device
+    split, dec = store.split(split_name), open_decoder(store, split_name)
+
+    def loss(idx: np.ndarray) -> torch.Tensor:
+        enc = split.token_batch(idx)
+        targets, mask, _ = dec.token_part(dec.rows(idx))
+        return model(input_ids=enc.input_ids.to(dev), attention_mask=enc.mask.long().to(dev),
+                     labels=targets.masked_fill(~mask, -100).to(dev)).loss
+
+    params = {name: p for name, p in model.named_parameters() if SCORED.search(name)}
+    fisher = fisher_information(model, example_batches(split.lengths, n, batch_size), loss, params)
+    return _channel_scores(fisher, int(model.config.d_model))
 
 
 def _channel_scores(fisher: dict[str, torch.Tensor], d: int) -> dict[str, torch.Tensor]:
@@ -80,7 +92,7 @@ def _channel_scores(fisher: dict[str, torch.Tensor], d: int) -> dict[str, torch.
         f = f.float().cpu()
         parts = name.split(".")
         if parts[0] not in ("encoder", "decoder"):
-            continue  # shared embedding / LM head: not part of a side block
+            continue  # shared embedding / LM head: not scored (SCORED), no side weight starts from them
         if name.endswith("layer_norm.weight"):
             model += f
             continue
