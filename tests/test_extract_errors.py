@@ -57,8 +57,9 @@ def test_complete_url_store_needs_overwrite(tiny_bert, tiny_dataset):
     url = "memory://lst-errors/store.zarr"
     args = ("extract", tiny_bert, tiny_dataset, "--out", url, "--device", "cpu", "--split", "dev", "--max-length", 12)
     assert invoke(*args).exit_code == 0
-    assert_user_error(invoke(*args), "complete store", "--overwrite")
+    assert_user_error(invoke(*args[:-1], 16), "complete store", "other options: max_length", "--overwrite")
     assert open_store(url).manifest["complete"]  # untouched
+    assert invoke(*args).exit_code == 0  # the same command again: verified, nothing to redo
 
 
 def settings(model, data, out) -> ExtractConfig:
@@ -148,7 +149,7 @@ def test_extract_checks_what_is_at_a_url_out(tiny_bert, tiny_dataset, tmp_path):
     url = f"file://{tmp_path / 'store'}"
     assert invoke("extract", *args, "--out", url).exit_code == 0
     assert open_store(tmp_path / "store").manifest["complete"]
-    assert_user_error(invoke("extract", *args, "--out", url), "already exists", "--overwrite")
-    r = invoke("extract", *args, "--out", url, "--overwrite")
+    assert_user_error(invoke("extract", *args, "--out", url, "--max-length", 12), "already exists", "--overwrite")
+    r = invoke("extract", *args, "--out", url, "--max-length", 12, "--overwrite")
     assert r.exit_code == 0, r.output
     assert open_store(url).split("train").reader_kind == "shards"  # read as the local path: memory-mapped

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import json
 import os
 import signal
@@ -120,6 +122,8 @@ def test_nan_in_store_is_named(tiny_bert, tiny_dataset, tmp_path):
     offsets = zarr.open_group(str(path), mode="r")["train/offsets"][:]
     hidden = zarr.open_array(str(path / "train" / "hidden"), mode="r+")
     hidden[int(offsets[7]), 1, 3] = np.nan  # example 7, layer 1
+    rows = hidden.shards[0]  # as if the backbone had produced it (fp16 overflow): its checksum follows
+    zarr.open_array(str(path / "train" / "shard_crc"), mode="r+")[0] = zlib.crc32(np.ascontiguousarray(hidden[:rows]))
     with pytest.raises(StoreError, match="split 'train', example 7"):
         train(cfg(path, tmp_path / "r", preload=False))
     # a split held on the device is checked once, when it is loaded (not per batch)
