@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import zlib
-
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
