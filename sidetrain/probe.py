@@ -1,12 +1,13 @@
 """The floor every side network must beat: a linear probe on the mean-pooled last stored layer.
 
 Multinomial logistic regression (or least squares for regression tasks) on the same store, splits and
-metrics as `lst train`; full-batch L-BFGS, with the L2 strength picked on the eval split.
+metrics as `lst train`; full-batch L-BFGS, with the L2 strength picked on the eval split. It writes the
+run files `lst train` writes (run_files.py), one history record per L2 strength; not the epoch loop of
+train.py (a full-batch L-BFGS fit has no epochs, batches or schedule to share).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -21,7 +22,9 @@ from featcache.reader import SplitReader, StoreReader
 from . import metrics as M
 from .data import CachedBatches, length_bucketed_batches
 from .memory import PeakMemory
-from .recipe import check_labels, pick_eval_split, resolved_config
+from .recipe import check_labels, labelled_splits, pick_eval_split, resolved_config
+from .run_files import summary as run_summary
+from .run_files import write_config, write_run
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -69,13 +72,15 @@ def _predict(lin: torch.nn.Linear, x: torch.Tensor, task: str) -> np.ndarray:
 
 
 def train_probe(cfg: TrainConfig, store: StoreReader) -> dict[str, Any]:
+    """Fit the probe for each L2 strength, keep the best on the eval split, write the run files
+    (run_files.py: the same files and metrics.json keys as `lst train`)."""
     manifest = store.manifest
     task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
     metric = cfg.metric or M.default_metric(manifest)
     layer = manifest["layers"][-1]
     train_split = check_labels(store, cfg.train_split)
     eval_name = pick_eval_split(store, cfg.eval_split, cfg.train_split)
-    names = [n for n in store.split_names if store.split(n).labels is not None]
+    names = labelled_splits(store)
     t0 = time.perf_counter()
     with PeakMemory(torch.device("cpu")) as mem:
         feats = {n: pooled_features(store.split(n), layer, cfg.preload) for n in names}
@@ -86,8 +91,11 @@ def train_probe(cfg: TrainConfig, store: StoreReader) -> dict[str, Any]:
         y_train = y_train.float() if task == "regression" else y_train.long()
         history, best, best_lin = [], -np.inf, None
         for l2 in L2_GRID if eval_name else L2_GRID[1:2]:
+            t_fit = time.perf_counter()
             lin = fit_linear(feats[cfg.train_split], y_train, num_labels, l2, task)
-            record = {"l2": l2}
+            record = {"epoch": len(history) + 1, "step": len(history) + 1, "seconds": time.perf_counter() - t_fit,
+                      "data_wait_fraction": 0.0, "train_loss": _loss(lin, feats[cfg.train_split], y_train, task),
+                      "l2": l2}
             if eval_name:
                 scores = M.compute(task, _predict(lin, feats[eval_name], task), store.split(eval_name).labels, num_labels)
                 record.update({f"eval_{k}": v for k, v in scores.items()})
@@ -105,18 +113,19 @@ def train_probe(cfg: TrainConfig, store: StoreReader) -> dict[str, Any]:
         predictions[name] = pred.tolist()
         results[name] = M.compute(task, pred, store.split(name).labels, num_labels)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = resolved_config(cfg, manifest, metric, eval_name)
-    resolved.update(probe_layer=layer, probe_l2_grid=list(L2_GRID))
-    (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
-    summary = {"metric": metric, "eval_split": eval_name, "best_eval": None if best == -np.inf else best,
-               "splits": results, "history": history, "steps": len(history), "train_seconds": seconds,
-               "examples_per_second": len(train_split) * len(history) / max(seconds, 1e-9),
-               "peak_memory_bytes": mem.peak_bytes, "peak_memory_kind": mem.kind, "mode": "cached",
-               "head": "probe", "probe_layer": layer,
-               "trainable_parameters": sum(p.numel() for p in best_lin.parameters())}
-    torch.save({"weight": best_lin.weight.detach(), "bias": best_lin.bias.detach(), "mean": mean, "std": std},
-               out / "probe.pt")
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (out / "predictions.json").write_text(json.dumps(predictions))
+    write_config(out, resolved_config(cfg, manifest, metric, eval_name, probe_layer=layer, probe_l2_grid=list(L2_GRID)))
+    summary = run_summary(metric=metric, eval_split=eval_name, best_eval=None if best == -np.inf else best,
+                          splits=results, history=history, steps=len(history), train_seconds=seconds,
+                          examples=len(train_split) * len(history), wait_seconds=0.0,
+                          peak_memory_bytes=mem.peak_bytes, peak_memory_kind=mem.kind, mode="cached", head="probe",
+                          trainable_parameters=sum(p.numel() for p in best_lin.parameters()))
+    weights = {"weight": best_lin.weight, "bias": best_lin.bias, "mean": mean, "std": std}
+    write_run(out, weights, summary, predictions, [r["train_loss"] for r in history])
     return summary
+
+
+def _loss(lin: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, task: str) -> float:
+    """The fitted probe's task loss on its training features (without the L2 term)."""
+    with torch.no_grad():
+        out = lin(x)
+        return float(F.mse_loss(out.squeeze(-1), y) if task == "regression" else F.cross_entropy(out, y))

@@ -89,9 +89,12 @@ def resolved_config(cfg: TrainConfig, manifest: dict[str, Any], metric: str, eva
                     manifest_keys: tuple[str, ...] = RUN_MANIFEST_KEYS, **extra: Any) -> dict[str, Any]:
     """RUN/config.json: the options as run (kept layers filled in), the manifest fields the run depends
     on, and whatever a kind adds (`extra`)."""
+    recorded = {k: manifest[k] for k in manifest_keys}
+    if "kind" in manifest:  # `lst predict` finds the run's plug-in by it (older stores: by their shape)
+        recorded["kind"] = manifest["kind"]
     resolved = asdict(cfg)
     resolved.update(metric=metric, eval_split=eval_split,
                     layers=cfg.layers if cfg.layers is not None else [x for x in manifest["layers"] if x > 0],
-                    store_manifest={k: manifest[k] for k in manifest_keys})
+                    store_manifest=recorded)
     resolved.update(extra)
     return resolved

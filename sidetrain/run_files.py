@@ -1,4 +1,32 @@
-"""The files every training run leaves in its folder, written in one place so every trainer agrees."""
+"""The files every training run leaves in its folder, written (and read back) in one place so every
+trainer agrees: `lst train` (train.py), the linear probe (probe.py) and stacked trials (search/stacked.py).
+
+    RUN/config.json        the options as run and the store facts the run relied on (recipe.resolved_config)
+    RUN/metrics.json       the summary below, the same keys for every trainer
+    RUN/model.safetensors  the trained weights (the probe: its linear head and feature standardisation)
+    RUN/predictions.json   {split: [prediction per example, in the split's order]} for every labelled
+                           split except the training split
+    RUN/train_log.jsonl    {"step", "loss"} per optimiser step (the probe: per L2 value fitted)
+
+metrics.json (`summary()`):
+    metric               the metric the best epoch was picked on
+    eval_split           the split it was read on (null: none; then the last epoch is kept)
+    best_eval            that metric at the best epoch (null without an eval split)
+    splits               {split: {metric: value}} for every labelled split except the training split
+    history              one record per epoch (the probe: per L2 value): epoch, step, seconds,
+                         data_wait_fraction, train_loss, eval_<metric> for every metric of the eval split,
+                         and what a trainer adds (the probe: l2)
+    steps                optimiser steps taken
+    train_seconds        time in training epochs (evaluation excluded; stacked: shared by K members)
+    seconds_per_epoch    train_seconds / epochs run
+    examples_per_second  training examples seen per train second
+    data_wait_fraction   share of train_seconds spent waiting for batches
+    peak_memory_bytes    peak memory while training (peak_memory_kind: which memory, or why not measured)
+    mode                 "cached" (from the store) or "online" (the backbone live)
+    head                 "lst" (a side network) or "probe" (the linear probe)
+    stacked_with         how many trials trained in one vmapped pass (1: alone)
+    trainable_parameters parameters the optimiser updated
+"""
 
 from __future__ import annotations
 
@@ -6,15 +34,52 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from featcache.errors import LstError, TrainConfigError, expected
 
-def write_run(out: Path, model: nn.Module, summary: dict[str, Any], predictions: dict[str, list],
-              losses: list[float]) -> None:
-    """RUN/model.safetensors, metrics.json, predictions.json and train_log.jsonl (one loss per step)."""
-    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+RUN_FILES = ("config.json", "model.safetensors")  # what a finished run folder holds at least
+
+
+def summary(*, metric: str, eval_split: str | None, best_eval: float | None, splits: dict[str, dict[str, float]],
+            history: list[dict[str, Any]], steps: int, train_seconds: float, examples: int, wait_seconds: float,
+            peak_memory_bytes: int, peak_memory_kind: str, mode: str, head: str, trainable_parameters: int,
+            stacked_with: int = 1) -> dict[str, Any]:
+    """metrics.json, with the schema above (`examples`: training examples seen; `wait_seconds`: waiting for batches)."""
+    return {"metric": metric, "eval_split": eval_split, "best_eval": best_eval, "splits": splits,
+            "history": history, "steps": steps, "train_seconds": train_seconds,
+            "seconds_per_epoch": train_seconds / max(1, len(history)),
+            "examples_per_second": examples / max(train_seconds, 1e-9),
+            "data_wait_fraction": wait_seconds / max(train_seconds, 1e-9),
+            "peak_memory_bytes": peak_memory_bytes, "peak_memory_kind": peak_memory_kind, "mode": mode,
+            "head": head, "stacked_with": stacked_with, "trainable_parameters": trainable_parameters}
+
+
+def write_config(out: Path, resolved: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
+
+
+def write_run(out: Path, weights: nn.Module | dict[str, torch.Tensor], summary: dict[str, Any],
+              predictions: dict[str, list], losses: list[float]) -> None:
+    """RUN/model.safetensors, metrics.json, predictions.json and train_log.jsonl (config.json: `write_config`)."""
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / "model.safetensors"))
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     (out / "predictions.json").write_text(json.dumps(predictions))
     (out / "train_log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
                                                  for i, v in enumerate(losses)))
+
+
+def read_run_config(run: str | Path) -> dict[str, Any]:
+    """RUN/config.json of a finished LST run (the options as run and the store manifest it trained on)."""
+    path = Path(run)
+    if not all((path / name).is_file() for name in RUN_FILES):
+        raise LstError(expected("a finished run folder (config.json and model.safetensors)", f"'{run}'",
+                                "Train one with `lst train STORE --out RUN`."))
+    config = json.loads((path / "config.json").read_text())
+    if config.get("head", "lst") != "lst":
+        raise TrainConfigError(expected("an LST run for `lst predict`", f"a '{config['head']}' run"))
+    return config

@@ -29,7 +29,8 @@ from .data import batch_stream, length_bucketed_batches
 from .kinds.registry import kind_for
 from .memory import PeakMemory
 from .recipe import Recipe, autocast, check_labels, pick_eval_split
-from .run_files import write_run
+from .run_files import summary as run_summary
+from .run_files import write_config, write_run
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -78,7 +79,7 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
              "train_seconds": 0.0, "wait_seconds": 0.0}
     if cfg.resume and (out / CHECKPOINT).exists():
         state = _load_checkpoint(out / CHECKPOINT, recipe.resolved, model, optim, sched)
-    (out / "config.json").write_text(json.dumps(recipe.resolved, indent=2, sort_keys=True))
+    write_config(out, recipe.resolved)
     with PeakMemory(device) as mem, progress_bar("train", total, unit="step") as bar:
         bar.advance(state["step"])
         for epoch in range(state["epoch"], cfg.epochs):
@@ -136,15 +137,11 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
         results[name] = _scores(recipe, name, pred, store)
     step, history, best = state["step"], state["history"], state["best"]
     examples = len(train_split) * len(history) if not cfg.max_steps else step * cfg.batch_size
-    seconds = state["train_seconds"]
-    summary = {"metric": metric, "eval_split": eval_name, "best_eval": None if best == -np.inf else best,
-               "splits": results, "history": history, "steps": step, "train_seconds": seconds,
-               "seconds_per_epoch": seconds / max(1, len(history)),
-               "examples_per_second": examples / max(seconds, 1e-9),
-               "data_wait_fraction": state["wait_seconds"] / max(seconds, 1e-9),
-               "peak_memory_bytes": mem.peak_bytes, "peak_memory_kind": mem.kind,
-               "mode": "online" if cfg.online else "cached", "head": "lst",
-               "trainable_parameters": sum(p.numel() for p in params)}
+    summary = run_summary(metric=metric, eval_split=eval_name, best_eval=None if best == -np.inf else best,
+                          splits=results, history=history, steps=step, train_seconds=state["train_seconds"],
+                          examples=examples, wait_seconds=state["wait_seconds"], peak_memory_bytes=mem.peak_bytes,
+                          peak_memory_kind=mem.kind, mode="online" if cfg.online else "cached", head="lst",
+                          trainable_parameters=sum(p.numel() for p in params))
     write_run(out, model, summary, predictions, state["losses"])
     return summary
 

@@ -13,7 +13,7 @@ from conftest import assert_user_error, invoke, synthetic_rows, torch_threads, w
 from test_t5 import tiny_t5  # noqa: F401 - a fixture: the tiny random T5 with the MiniLM tokenizer
 
 from featcache import ExtractConfig, extract, open_store
-from featcache.errors import StoreError, SweepError
+from featcache.errors import LstError, StoreError, SweepError
 from sidetrain import TrainConfig, train
 from sidetrain.kinds.registry import SearchFacts, StoreKind, kind_for, kind_names, register_kind
 
@@ -80,11 +80,59 @@ def test_the_shared_modules_ask_no_kind():
         assert '"seq2seq" in' not in source, path
 
 
-def test_t5_runs_pick_the_best_epoch_by_the_dataset_metric(cola_t5_store, tmp_path):
-    summary = train(TrainConfig(store=str(cola_t5_store), out=str(tmp_path / "run"), epochs=1, batch_size=8,
-                                reduction_factor=4, device="cpu"))
+@pytest.fixture(scope="module")
+def t5_run(cola_t5_store, tmp_path_factory) -> tuple[Path, dict]:
+    run = tmp_path_factory.mktemp("t5_run") / "run"
+    return run, train(TrainConfig(store=str(cola_t5_store), out=str(run), epochs=1, batch_size=8, reduction_factor=4,
+                                  device="cpu"))
+
+
+def test_t5_runs_pick_the_best_epoch_by_the_dataset_metric(t5_run):
+    run, summary = t5_run
     assert summary["metric"] == "matthews"  # as the encoder recipe and `lst sweep` over the same store
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["metric"] == "matthews"
+    assert json.loads((run / "config.json").read_text())["metric"] == "matthews"
+
+
+def test_predict_lines_dispatches_on_the_runs_kind(tiny_store, t5_run, tmp_path):
+    from sidetrain.kinds.encoder.predict import Predictor
+    from sidetrain.kinds.seq2seq import predict as t5_predict
+    from sidetrain.predict import predict_lines
+
+    texts = [text for text, _ in synthetic_rows(5, 7)]
+    run = tmp_path / "run"
+    train(TrainConfig(store=str(tiny_store), out=str(run), epochs=1, reduction_factor=4, device="cpu"))
+    predictor = Predictor(run, "cpu")
+    assert predict_lines(str(run), texts, device="cpu") == predictor.label_names(predictor.predict(texts))
+    t5, _ = t5_run
+    assert predict_lines(str(t5), texts, device="cpu") == t5_predict.predict_lines(t5, texts, device="cpu")
+    assert len(predict_lines(str(t5), texts[:2], generate=True, device="cpu")) == 2
+    with pytest.raises(LstError, match="generates text .*seq2seq.*Drop --generate"):
+        predict_lines(str(run), texts, generate=True, device="cpu")
+    with pytest.raises(LstError, match="finished run folder"):
+        predict_lines(str(tmp_path / "nope"), texts)
+    train(TrainConfig(store=str(tiny_store), out=str(tmp_path / "probe"), head="probe", device="cpu"))
+    with pytest.raises(LstError, match="an LST run"):
+        predict_lines(str(tmp_path / "probe"), texts)
+
+
+def test_every_trainer_writes_the_same_run_files(tiny_store, tmp_path):
+    """lst train, the linear probe and stacked trials: the same files, and metrics.json with the same keys."""
+    from sidetrain.search.stacked import train_stacked
+
+    kw = {"store": str(tiny_store), "device": "cpu", "epochs": 1, "reduction_factor": 4}
+    runs = {"lst": train(TrainConfig(out=str(tmp_path / "lst"), **kw)),
+            "probe": train(TrainConfig(out=str(tmp_path / "probe"), head="probe", **kw))}
+    runs["stacked"] = train_stacked([TrainConfig(out=str(tmp_path / "stacked"), **kw),
+                                     TrainConfig(out=str(tmp_path / "stacked2"), lr=1e-2, **kw)])[0]
+    files = {name: {p.name for p in (tmp_path / name).iterdir()} - {"checkpoint.pt"} for name in runs}
+    assert files["lst"] == files["probe"] == files["stacked"] == {
+        "config.json", "metrics.json", "model.safetensors", "predictions.json", "train_log.jsonl"}
+    keys = {name: set(json.loads((tmp_path / name / "metrics.json").read_text())) for name in runs}
+    assert keys["lst"] == keys["probe"] == keys["stacked"] == set(runs["lst"])
+    for name, summary in runs.items():
+        assert {"epoch", "step", "seconds", "data_wait_fraction", "train_loss"} <= set(summary["history"][0]), name
+        assert summary["head"] == ("probe" if name == "probe" else "lst") and summary["mode"] == "cached"
+        assert summary["stacked_with"] == (2 if name == "stacked" else 1)
 
 
 def test_sweep_on_a_t5_store(cola_t5_store, tmp_path):

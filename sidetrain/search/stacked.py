@@ -35,7 +35,8 @@ from ..config import TrainConfig
 from ..data import CachedBatches, iterate, length_bucketed_batches
 from ..kinds.registry import kind_for
 from ..recipe import pick_eval_split, resolved_config
-from ..run_files import write_run
+from ..run_files import summary as run_summary
+from ..run_files import write_config, write_run
 
 log = logging.getLogger(__name__)
 PER_MEMBER = {"out", "lr", "weight_decay", "grad_clip", "init"}  # may differ inside a stack
@@ -112,10 +113,8 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
     for c in cfgs:  # as train(): the seed fixes the initial weights (and --init pruned starts from the backbone)
         torch.manual_seed(c.seed)
         models.append(kind.stack_member(c, store, device))
-    for c, model in zip(cfgs, models):
-        Path(c.out).mkdir(parents=True, exist_ok=True)
-        (Path(c.out) / "config.json").write_text(
-            json.dumps({**resolved_config(c, manifest, metric, eval_name), "stacked_with": k_n}, indent=2, sort_keys=True))
+    for c in cfgs:
+        write_config(Path(c.out), resolved_config(c, manifest, metric, eval_name, stacked_with=k_n))
     params, buffers = stack_module_state(models)  # {name: (K, ...)} leaves with requires_grad
     frozen = {n for n, p in models[0].named_parameters() if not p.requires_grad}  # unused side embeddings
     params = {n: p.detach() if n in frozen else p for n, p in params.items()}
@@ -163,12 +162,13 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
             step += 1
             if step >= total:
                 break
-        train_seconds += time.perf_counter() - t0
+        seconds = (time.perf_counter() - t0) / k_n  # one pass trains every member: each gets its share
+        train_seconds += seconds
         base.eval()
         preds = _predict(lambda b: vforward(params, buffers, b.hidden, b.mask), k_n, sources[eval_name],
                          store.split(eval_name), cfg0.batch_size, task, device) if eval_name else None
         for k in range(k_n):
-            record = {"epoch": epoch + 1, "step": step,
+            record = {"epoch": epoch + 1, "step": step, "seconds": seconds, "data_wait_fraction": 0.0,
                       "train_loss": float(np.mean([x[k] for x in losses[-len(batches):]]))}
             if preds is not None:
                 scores = M.compute(task, preds[k], store.split(eval_name).labels, num_labels)
@@ -192,7 +192,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
         state = best_state[k] or {n: p[k].detach() for n, p in {**params, **buffers}.items()}
         model.load_state_dict(state, strict=False)
         out.append(_finish(c, model, store, sources, task, num_labels, metric, eval_name, best[k], history[k],
-                           [float(x[k]) for x in losses], step, train_seconds / k_n, device, k_n))
+                           [float(x[k]) for x in losses], step, train_seconds, device, k_n))
     return out
 
 
@@ -222,13 +222,12 @@ def _finish(cfg: TrainConfig, model, store, sources, task, num_labels, metric, e
                         device)[0]
         predictions[name] = pred.tolist()
         results[name] = M.compute(task, pred, split.labels, num_labels)
-    n_train = len(store.split(cfg.train_split))
-    summary = {"metric": metric, "eval_split": eval_name, "best_eval": None if best == -np.inf else float(best),
-               "splits": results, "history": history, "steps": step, "train_seconds": train_seconds,
-               "examples_per_second": n_train * len(history) / max(train_seconds, 1e-9),
-               "peak_memory_bytes": 0, "peak_memory_kind": "not measured (stacked)", "mode": "cached-stacked",
-               "stacked_with": k_n,
-               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    summary = run_summary(metric=metric, eval_split=eval_name, best_eval=None if best == -np.inf else float(best),
+                          splits=results, history=history, steps=step, train_seconds=train_seconds,
+                          examples=len(store.split(cfg.train_split)) * len(history), wait_seconds=0.0,
+                          peak_memory_bytes=0, peak_memory_kind="not measured (stacked)", mode="cached", head="lst",
+                          trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                          stacked_with=k_n)
     out = Path(cfg.out)
     write_run(out, model, summary, predictions, losses)
     return summary

@@ -5,7 +5,6 @@ plus the trained side network. The backbone runs here (inference needs it); trai
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from featcache.backbone import load_backbone, resolve_device
-from featcache.errors import LstError, TrainConfigError, expected
+from featcache.errors import LstError, expected
 from featcache.store import check_match
 
 from ...config import TrainConfig
 from ...data import length_bucketed_batches
 from ...recipe import autocast
+from ...run_files import read_run_config
 from .recipe import build_model
 
 log = logging.getLogger(__name__)
@@ -36,13 +36,7 @@ def read_texts(path: str | Path) -> list[str]:
 
 def load_run(run: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
     """The run's options and the store manifest it was trained on (RUN/config.json)."""
-    path = Path(run) / "config.json"
-    if not path.is_file() or not (Path(run) / "model.safetensors").is_file():
-        raise LstError(expected("a finished run folder (config.json and model.safetensors)", f"'{run}'",
-                                "Train one with `lst train STORE --out RUN`."))
-    resolved = json.loads(path.read_text())
-    if resolved.get("head", "lst") != "lst":
-        raise TrainConfigError(expected("an LST run for `lst predict`", f"a '{resolved['head']}' run"))
+    resolved = read_run_config(run)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in resolved.items() if k in names})
     return cfg, resolved["store_manifest"]

@@ -18,6 +18,7 @@ from featcache.errors import StoreError, expected
 from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone, pad_batch, shift_right
 
 from ...recipe import backbone_config
+from ...run_files import read_run_config
 from .model import T5LadderSideNetwork, sequence_scores
 
 
@@ -25,10 +26,7 @@ def load_run(run_dir: str | Path, device: str = "cpu",
              backbone: Seq2SeqBackbone | None = None) -> tuple[T5LadderSideNetwork, Seq2SeqBackbone, dict[str, Any]]:
     """The side network of RUN/ and its live backbone (checked against the weights hash it was trained on)."""
     run = Path(run_dir)
-    if not (run / "config.json").exists() or not (run / "model.safetensors").exists():
-        raise StoreError(expected("a run folder with config.json and model.safetensors", f"'{run}'",
-                                  "Train one with `lst train`."))
-    config = json.loads((run / "config.json").read_text())
+    config = read_run_config(run)
     manifest = config["store_manifest"]
     if "seq2seq" not in manifest:
         raise StoreError(expected("a run trained on an encoder-decoder (T5) store", f"'{run}' (encoder-only)"))

@@ -1,0 +1,24 @@
+"""`lst predict RUN`: one label (or, for kinds that generate, one generated text) per raw text, from a
+finished run. The run's recorded store manifest names its kind; the kind's plug-in rebuilds the side
+network, runs the backbone live (inference needs it; training never does) and labels the texts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from featcache.errors import LstError
+
+from .kinds.registry import kind_for, kind_names
+from .run_files import read_run_config
+
+
+def predict_lines(run: str, texts: list[str], generate: bool = False, device: str = "auto") -> list[str]:
+    """One label (or generated text with `generate`) per text; a tab splits the two texts of a pair."""
+    config = read_run_config(run)  # a finished LST run, or a one-line LstError
+    kind = kind_for(config["store_manifest"])
+    if generate and not kind.generates:
+        makers = [n for n in kind_names() if kind_for({"kind": n}).generates]
+        raise LstError(f"Expected a run trained on a store of a kind that generates text ({', '.join(makers)}) "
+                       f"for --generate. Got '{run}' (a {kind.name} run). Drop --generate.")
+    return kind.predict_lines(Path(run), config, texts, generate, device)
