@@ -62,9 +62,6 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, n_out: int, l2: float, task: st
     return lin
 
 
-_fit = fit_linear  # temporary alias until kinds/encoder/prune.py uses fit_linear
-
-
 def _predict(lin: torch.nn.Linear, x: torch.Tensor, task: str) -> np.ndarray:
     with torch.no_grad():
         out = lin(x)

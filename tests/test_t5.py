@@ -272,7 +272,7 @@ def test_interrupted_extraction_resumes(tiny_t5, t5_data, t5_store, tmp_path, mo
 
 
 def test_batches_read_from_disk_equal_preloaded(t5_store):
-    from sidetrain.kinds.seq2seq.recipe import CachedSeq2Seq, open_decoder
+    from sidetrain.kinds.seq2seq.data import CachedSeq2Seq, open_decoder
 
     store = open_store(t5_store)
     idx = np.array([7, 2, 3, 11])

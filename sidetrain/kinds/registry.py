@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featcache.errors import StoreError, TrainConfigError, expected
+from featcache.kinds import kind_of
 
 if TYPE_CHECKING:
     import torch
@@ -81,18 +82,10 @@ def kind_names() -> list[str]:
     return sorted(_KINDS)
 
 
-def kind_name(manifest: dict[str, Any]) -> str:
-    """The kind a manifest records; stores written before stage 1 recorded it are told apart by shape."""
-    try:
-        from featcache.kinds import kind_of
-    except ImportError:  # stage 1 without featcache.kinds: the same rule, here
-        return manifest.get("kind") or ("seq2seq" if "seq2seq" in manifest else "encoder")
-    return kind_of(manifest)
-
-
 def kind_for(manifest: dict[str, Any]) -> StoreKind:
-    """The registered plug-in for a store (or a run's recorded store manifest)."""
-    name = kind_name(manifest)
+    """The registered plug-in for a store (or a run's recorded store manifest); stores written before
+    the manifest recorded its kind are told apart by stage 1's rule (featcache.kinds.kind_of)."""
+    name = kind_of(manifest)
     if name not in _KINDS:
         raise StoreError(expected(f"a store kind among {kind_names()}", f"'{name}'",
                                   "This store was written by a newer lst, or its kind's plug-in is not installed."))

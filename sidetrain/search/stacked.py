@@ -96,7 +96,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
     cfg0, k_n = cfgs[0], len(cfgs)
     if cfg0.online:
         raise TrainConfigError(expected("cached runs for stacked training", "--online"))
-    if getattr(cfg0, "head", "lst") != "lst":
+    if cfg0.head != "lst":
         raise TrainConfigError(expected("the LST side network for stacked training", f"head {cfg0.head}"))
     callbacks = list(on_epoch or [None] * k_n)
     device = resolve_device(cfg0.device)

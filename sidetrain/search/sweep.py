@@ -142,7 +142,7 @@ def _run_stack(ctx: _Context, study, group: list[tuple[Any, dict[str, Any]]]) ->
     from .stacked import stack_key, train_stacked
 
     cfgs = [_train_config(ctx, t, v) for t, v in group]
-    if len(group) == 1 or len({stack_key(c) for c in cfgs}) != 1 or getattr(cfgs[0], "head", "lst") != "lst":
+    if len(group) == 1 or len({stack_key(c) for c in cfgs}) != 1 or cfgs[0].head != "lst":
         return [_run_trial(ctx, study, t, v) for t, v in group]
     seen: list[list[int]] = [[] for _ in group]
     hooks = [_pruning_hook(ctx, t, s) for (t, _), s in zip(group, seen)]

@@ -114,9 +114,6 @@ def block_list(model: nn.Module, n: int) -> nn.ModuleList:
                            "this backbone family is not supported by the encoder side network.")
 
 
-_block_list = block_list  # temporary alias until kinds/encoder/prune.py and tests/test_pruning.py use block_list
-
-
 class LadderSideNetwork(nn.Module):
     def __init__(self, backbone_config, num_outputs: int, stored_layers: list[int], kept_layers: list[int],
                  reduction_factor: int = 8, dropout: float = 0.1, attention_dropout: float = 0.0,

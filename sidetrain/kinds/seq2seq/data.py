@@ -40,9 +40,8 @@ class DecoderSplit:
     def __init__(self, split: SplitReader) -> None:
         self.part = split.part(DECODER_PART)
         self.offsets = self.part.offsets
-        self.candidates = self.part.column("candidates").astype(np.int64)
         self.target_ids = self.part.column("target_ids").astype(np.int64)
-        self.per_example = len(self.candidates) // max(len(split), 1)
+        self.per_example = len(self.part) // max(len(split), 1)  # candidates per example, adjacent rows
 
     def load(self) -> DecoderSplit:
         self.part.load()

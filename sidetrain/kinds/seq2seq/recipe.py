@@ -32,7 +32,6 @@ from .model import T5LadderSideNetwork, sequence_scores, target_loss
 if TYPE_CHECKING:
     from ...config import TrainConfig
 
-__all__ = ["CachedSeq2Seq", "build_seq2seq_model", "open_decoder", "seq2seq_recipe", "store_weights"]
 FROZEN = ("lm_head", "encoder_relative_bias", "decoder_relative_bias")  # kept in the store by stage 1
 # (side network, backbone) -> None: the side blocks start as the backbone's, Fisher-pruned (kind.py wires it)
 PrunedInit = Callable[[T5LadderSideNetwork, Seq2SeqBackbone], None]
@@ -83,15 +82,13 @@ def sources(cfg: TrainConfig, store: StoreReader, backbone: Seq2SeqBackbone | No
 
 def check_options(cfg: TrainConfig) -> None:
     """Options of the encoder-only trainer that have no meaning for T5 side networks."""
-    if cfg.head != "lst":
-        raise TrainConfigError(expected("--head lst for a T5 store", cfg.head))
     if cfg.side_heads is not None:
         raise TrainConfigError(expected("the backbone's head count for T5 side blocks (it carries the relative "
                                         "position bias)", f"--side-heads {cfg.side_heads}", "Drop --side-heads."))
 
 
 def seq2seq_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None,
-                   pruned_init: PrunedInit | None = None) -> Recipe:
+                   pruned_init: PrunedInit) -> Recipe:
     """The T5 side network, cached or live batches, the teacher-forced loss and candidate scoring.
     `pruned_init` runs for --init pruned, with the live backbone."""
     check_options(cfg)
@@ -106,8 +103,6 @@ def seq2seq_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, e
         backbone = load_seq2seq_backbone(manifest["backbone"]["name"], "fp32", str(device))
         check_match("backbone weights", manifest["backbone"]["revision"], backbone.revision)
     if cfg.init == "pruned":
-        if pruned_init is None:
-            raise TrainConfigError(expected("a pruned init for T5 side blocks", "none given", "Use --init random."))
         pruned_init(model, backbone)
     model = model.to(device)
     batches = sources(cfg, store, backbone)
