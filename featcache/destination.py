@@ -73,7 +73,7 @@ def _unreachable(out: str, err: BaseException) -> StoreError:
                                "Check the path or URL, its credentials and the network."))
 
 
-def _filesystem(out: str):
+def filesystem(out: str):
     """(fsspec filesystem, root path) for a URL."""
     try:
         import fsspec
@@ -93,7 +93,7 @@ def _listing(out: str) -> tuple[bool, bool, dict[str, str] | None, Any]:
             return True, True, None, None
         entries = {p.name: "directory" if p.is_dir() else "file" for p in path.iterdir()}
         return True, False, entries, lambda name: (path / name).read_bytes()
-    fs, root = _filesystem(out)
+    fs, root = filesystem(out)
     root = root.rstrip("/")
     if not fs.exists(root):
         return False, False, None, None
@@ -179,7 +179,7 @@ def remove_store(out: str) -> None:
                 raise StoreError(f"The old store at '{out}' was moved aside to '{doomed}' but could not be "
                                  f"deleted ({type(err).__name__}: {err}); delete that folder yourself.") from err
         else:
-            fs, root = _filesystem(out)
+            fs, root = filesystem(out)
             fs.rm(root.rstrip("/"), recursive=True)  # never shutil on a URL
     except StoreError:
         raise

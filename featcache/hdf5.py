@@ -28,6 +28,7 @@ from . import store as S
 from .destination import prepare_out, zarr_location
 from .errors import StoreError, expected
 from .inspect import open_manifest
+from .lease import writer_lease
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,10 @@ def import_hdf5(h5_path: str | Path, out: str | Path, overwrite: bool = False) -
         missing = [split for split in manifest["splits"] if split not in f]
         if missing:
             raise StoreError(expected(f"split(s) {missing} (named in the manifest) in '{h5_path}'", f"groups {sorted(f)}"))
-        prepare_out(out, overwrite)  # refuses to replace a store without --overwrite, or anything not ours
         try:
-            _write_store(f, out, manifest)
+            with writer_lease(out):  # one writer per store, as for `lst extract`
+                prepare_out(out, overwrite)  # refuses to replace a store without --overwrite, or anything not ours
+                _write_store(f, out, manifest)
         except OSError as err:  # a full disk, a path under a file, a lost connection: one line, no traceback
             raise StoreError(f"Could not write the store at '{out}' ({type(err).__name__}: {err}); "
                              "what it holds is not marked complete; fix the cause and re-run with --overwrite.") from err

@@ -18,6 +18,7 @@ never leaves half a file behind. Under torchrun the ranks split the shards of al
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import zlib
@@ -36,6 +37,7 @@ from .destination import SOMETHING_ELSE_HINT, describe, remove_store, zarr_locat
 from .errors import LstError, StoreError, expected
 from .kinds import ROOT, KindPlan, PartPlan, RowsFn, StoreKind, kind_for_request
 from .layout import Layout, create_part, plan_layout
+from .lease import writer_lease
 from .progress import progress_bar
 from .reader import CHECKSUMS
 from .verify import verify_group
@@ -180,37 +182,40 @@ def _run(cfg: ExtractConfig, kind: StoreKind, plan: KindPlan, layout: Layout, ba
          ctx: distributed.Context) -> dict[str, Any]:
     backbone = backbone or kind.load_backbone(cfg, ctx.device(cfg.device))
     request = _request(cfg, kind, plan, layout, backbone)
-    manifest, setup_error = None, None
-    if ctx.is_main:
+    with contextlib.ExitStack() as held:  # rank 0 holds the store's lease from setup to finalise
+        manifest, setup_error = None, None
+        if ctx.is_main:
+            try:
+                held.enter_context(writer_lease(cfg.out))
+                manifest = _with_store_errors(cfg, lambda: _setup(cfg, kind, plan, layout, backbone, request))
+            except LstError as err:
+                setup_error = err
+        failure = ctx.broadcast(None if setup_error is None else str(setup_error))  # no rank waits on a dead rank 0
+        if setup_error is not None:
+            raise setup_error
+        if failure is not None:
+            raise StoreError(failure)
+        group = zarr.open_group(zarr_location(cfg.out), mode="r+")
+        work = ctx.share([(split, p, k) for split, parts in plan.parts.items() for p, part in parts.items()
+                          for k in range(layout.n_shards(p, part))])
+        error: LstError | None = None
         try:
-            manifest = _with_store_errors(cfg, lambda: _setup(cfg, kind, plan, layout, backbone, request))
+            _with_store_errors(cfg, lambda: _extract_shards(group, kind, plan, layout, backbone, cfg, work,
+                                                            show=ctx.is_main))
         except LstError as err:
-            setup_error = err
-    failure = ctx.broadcast(None if setup_error is None else str(setup_error))  # no rank waits on a dead rank 0
-    if setup_error is not None:
-        raise setup_error
-    if failure is not None:
-        raise StoreError(failure)
-    group = zarr.open_group(zarr_location(cfg.out), mode="r+")
-    work = ctx.share([(split, p, k) for split, parts in plan.parts.items() for p, part in parts.items()
-                      for k in range(layout.n_shards(p, part))])
-    error: LstError | None = None
-    try:
-        _with_store_errors(cfg, lambda: _extract_shards(group, kind, plan, layout, backbone, cfg, work,
-                                                        show=ctx.is_main))
-    except LstError as err:
-        error = err
-    if not ctx.all_ok(error is None):
-        raise error or StoreError(f"Another extraction process failed; the shards this one wrote are kept. "
-                                  f"Re-run the same command to resume '{cfg.out}'.")
-    final_error: LstError | None = None
-    if ctx.is_main:
-        try:
-            _finalise(cfg, group, plan, layout, manifest)
-        except LstError as err:
-            final_error = err
-    if not ctx.all_ok(final_error is None):  # a barrier that also tells the other ranks rank 0 failed
-        raise final_error or StoreError(f"Rank 0 could not finalise '{cfg.out}'. Re-run the same command to resume.")
+            error = err
+        if not ctx.all_ok(error is None):
+            raise error or StoreError(f"Another extraction process failed; the shards this one wrote are kept. "
+                                      f"Re-run the same command to resume '{cfg.out}'.")
+        final_error: LstError | None = None
+        if ctx.is_main:
+            try:
+                _finalise(cfg, group, plan, layout, manifest)
+            except LstError as err:
+                final_error = err
+        if not ctx.all_ok(final_error is None):  # a barrier that also tells the other ranks rank 0 failed
+            raise final_error or StoreError(f"Rank 0 could not finalise '{cfg.out}'. "
+                                            "Re-run the same command to resume.")
     return manifest if ctx.is_main else dict(zarr.open_group(zarr_location(cfg.out), mode="r").attrs[S.MANIFEST_KEY])
 
 
