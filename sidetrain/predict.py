@@ -7,10 +7,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featcache.errors import LstError
+from featcache.errors import LstError, expected
 
 from .kinds.registry import kind_for, kind_names
 from .run_files import read_run_config
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """One example per line; a tab separates the two texts of a sentence pair. Empty lines are skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise LstError(expected("a text file with one example per line", f"'{path}' (no such file)"))
+    return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def predict_lines(run: str, texts: list[str], generate: bool = False, device: str = "auto") -> list[str]:

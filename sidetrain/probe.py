@@ -22,7 +22,7 @@ from featcache.reader import SplitReader, StoreReader
 from . import metrics as M
 from .data import CachedBatches, length_bucketed_batches
 from .memory import PeakMemory
-from .recipe import check_labels, labelled_splits, pick_eval_split, resolved_config
+from .recipe import check_labels, labelled_splits, pick_eval_split, resolved_config, select_metric
 from .run_files import summary as run_summary
 from .run_files import write_config, write_run
 
@@ -73,7 +73,7 @@ def train_probe(cfg: TrainConfig, store: StoreReader) -> dict[str, Any]:
     (run_files.py: the same files and metrics.json keys as `lst train`)."""
     manifest = store.manifest
     task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
-    metric = cfg.metric or M.default_metric(manifest)
+    metric = select_metric(cfg, manifest, task)
     layer = manifest["layers"][-1]
     train_split = check_labels(store, cfg.train_split)
     eval_name = pick_eval_split(store, cfg.eval_split, cfg.train_split)

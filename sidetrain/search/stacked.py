@@ -34,7 +34,7 @@ from .. import metrics as M
 from ..config import TrainConfig
 from ..data import CachedBatches, iterate, length_bucketed_batches
 from ..kinds.registry import kind_for
-from ..recipe import pick_eval_split, resolved_config
+from ..recipe import pick_eval_split, resolved_config, select_metric
 from ..run_files import summary as run_summary
 from ..run_files import write_config, write_run
 
@@ -103,7 +103,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
     store = store or open_store(cfg0.store)
     manifest = store.manifest
     task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
-    metric = cfg0.metric or M.default_metric(manifest)
+    metric = select_metric(cfg0, manifest, task)
     train_split = store.split(cfg0.train_split)
     eval_name = pick_eval_split(store, cfg0.eval_split, cfg0.train_split)
     kind = kind_for(manifest)

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """One example per line; a tab separates the two texts of a sentence pair. Empty lines are skipped."""
+    """One example per line; a tab separates the two texts of a sentence pair. Empty lines are skipped.
+    (cli.py's import until `lst predict` calls sidetrain.predict, which has the same function: then delete.)"""
     p = Path(path)
     if not p.is_file():
         raise LstError(expected("a text file with one example per line", f"'{path}' (no such file)"))
