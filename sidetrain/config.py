@@ -77,3 +77,8 @@ class TrainConfig:
             raise TrainConfigError(expected("--amp auto, bf16 or off", self.amp))
         if not 0 <= self.dropout < 1 or not 0 <= self.attention_dropout < 1:
             raise TrainConfigError(expected("--dropout in [0, 1)", (self.dropout, self.attention_dropout)))
+        # reachable from the command line since the CLI is generated from these fields
+        if self.grad_clip < 0:  # a negative norm would flip the gradients, silently
+            raise TrainConfigError(expected("--grad-clip of at least 0 (0: off)", self.grad_clip))
+        if self.max_steps < 0:
+            raise TrainConfigError(expected("--max-steps of at least 0 (0: no limit)", self.max_steps))

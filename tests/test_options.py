@@ -163,6 +163,17 @@ def test_sweep_flags_reach_the_config(monkeypatch, tmp_path):
                                 max_retries=0, prune=False)]
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (("train", "S", "-o", "R", "--grad-clip", -1), "--grad-clip"),
+    (("train", "S", "-o", "R", "--max-steps", -1), "--max-steps"),
+    (("sweep", "S", "-o", "D", "--stale-after-s", 5), "--stale-after-s"),
+    (("sweep", "S", "-o", "D", "--max-retries", -1), "--max-retries"),
+    (("extract", "M", "D", "-o", "S", "--chunk-tokens", 0), "--chunk-tokens"),
+])
+def test_new_flags_refuse_bad_values(args, fragment):
+    assert_user_error(invoke(*args), fragment)
+
+
 def test_grad_clip_is_saved_with_the_run(tiny_store, tmp_path, one_thread):
     run = tmp_path / "run"
     r = invoke("train", tiny_store, "--out", run, "--grad-clip", 0.5, "--max-steps", 1, "--epochs", 1,

@@ -44,6 +44,11 @@ class SweepConfig:
             raise SweepError(expected("--stack of at least 1", self.stack))
         if self.workers < 1:
             raise SweepError(expected("--workers of at least 1", self.workers))
+        if self.stale_after_s <= self.heartbeat_s:  # else live trials of other hosts would be retried
+            raise SweepError(expected(f"--stale-after-s above the heartbeat interval ({self.heartbeat_s:g} s)",
+                                      self.stale_after_s))
+        if self.max_retries < 0:
+            raise SweepError(expected("--max-retries of at least 0", self.max_retries))
 
     @property
     def storage_url(self) -> str:
