@@ -66,7 +66,7 @@ def zarr_location(out: str) -> str:
     return str(path) if path is not None else out
 
 
-def _unreachable(out: str, err: BaseException) -> StoreError:
+def unreachable(out: str, err: BaseException) -> StoreError:
     text = (str(err).strip().splitlines() or [""])[0]
     return StoreError(expected(f"a readable --out at '{out}'", f"{type(err).__name__}: {text}" if text
                                else type(err).__name__,
@@ -80,7 +80,7 @@ def filesystem(out: str):
 
         return fsspec.core.url_to_fs(out)
     except Exception as err:  # an unknown protocol or a missing driver (s3fs, gcsfs, ...)
-        raise _unreachable(out, err) from err
+        raise unreachable(out, err) from err
 
 
 def _listing(out: str) -> tuple[bool, bool, dict[str, str] | None, Any]:
@@ -122,7 +122,7 @@ def describe(out: str) -> Destination:
     except StoreError:
         raise
     except Exception as err:  # OSError, a driver's connection or permission error
-        raise _unreachable(out, err) from err
+        raise unreachable(out, err) from err
     try:
         meta = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -184,7 +184,7 @@ def remove_store(out: str) -> None:
     except StoreError:
         raise
     except Exception as err:  # OSError, a driver's connection or permission error
-        raise _unreachable(out, err) from err
+        raise unreachable(out, err) from err
     log.info("Removed the store at %s", out)
 
 

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from .destination import filesystem, local_path
+from .destination import filesystem, local_path, unreachable
 from .errors import StoreError
 
 SUFFIX = ".lst-lease"
@@ -111,12 +111,17 @@ def _object_lease(out: str, ttl_s: float) -> Iterator[dict[str, Any]]:
     def write() -> None:
         fs.pipe_file(key, json.dumps({**me, "expires": time.time() + ttl_s}).encode())
 
-    current = read()
-    if current and current.get("id") != me["id"] and current.get("expires", 0) > time.time():
-        raise _refused(out, current)
-    write()
-    time.sleep(SETTLE_S)
-    current = read()
+    try:
+        current = read()
+        if current and current.get("id") != me["id"] and current.get("expires", 0) > time.time():
+            raise _refused(out, current)
+        write()
+        time.sleep(SETTLE_S)
+        current = read()
+    except StoreError:
+        raise
+    except Exception as err:  # an unreachable endpoint, no permission: one line, as every --out error
+        raise unreachable(out, err) from err
     if not current or current.get("id") != me["id"]:
         raise _refused(out, current or {})
     stop = threading.Event()

@@ -13,15 +13,21 @@ How hidden states are read (`reader=`):
   Measured on MiniLM (benchmarks/bench_store.py, shuffled batches of 32): 0.6-0.9 of numpy gathering
   the same bytes from RAM; zarr-python's own reads reach ~0.002 of it (~1 ms per call), tensorstore
   0.03-0.27 (not a dependency).
+- "cache": a remote (fsspec) store's shards fetched whole, one request each, into a local cache
+  (`$LST_SHARD_CACHE`, default ~/.cache/lst/shards; files named by the shard's checksum, verified),
+  then memory-mapped: later epochs and runs read at local-disk speed.
 - "zarr": zarr-python, one orthogonal selection per batch. Used for remote (fsspec) or compressed
   stores, where memory-mapping is impossible.
-- "auto" (default): "shards" where possible, else "zarr".
+- "auto" (default): "shards" where possible, "cache" for remote stores with checksums (not memory://),
+  else "zarr".
 `load()` reads a whole split into RAM; every path then gathers from memory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,7 +44,8 @@ from .errors import StoreError, expected
 
 log = logging.getLogger(__name__)
 
-READERS = ("auto", "shards", "zarr")
+READERS = ("auto", "shards", "cache", "zarr")
+CACHE_ENV = "LST_SHARD_CACHE"  # where remote stores' shards are cached (default ~/.cache/lst/shards)
 CHECKSUMS = "shard_crc"  # (n_shards,) uint32 per part: zlib crc32 of hidden (+ scales) bytes
 FROZEN_WEIGHTS = "backbone_weights"  # root group of frozen arrays that stage 2 needs without the backbone
 
@@ -133,22 +140,85 @@ class _ShardViews:
         return self.array[k * self.shard_rows:k * self.shard_rows + rows]
 
 
-class _Rows:
-    """Rows [lo, hi) of a token-major array, gathered from RAM, memory-mapped shards, or zarr."""
+class _CachedShards:
+    """Shards of a remote store fetched whole (one request each) into a local cache, then memory-mapped.
 
-    def __init__(self, array: zarr.Array, reader: str) -> None:
+    Cache files are named by the shard's recorded checksum, so a re-extracted store never serves stale
+    bytes; a shard that fails verification is dropped from the cache and fetched again once.
+    """
+
+    def __init__(self, array: zarr.Array, checksums: np.ndarray) -> None:
+        self.array = array
+        self.shard_rows = int(array.metadata.chunk_grid.chunk_shape[0])
+        self._crc = checksums
+        key = hashlib.sha1(f"{array.store}/{array.path}".encode()).hexdigest()[:16]
+        self._dir = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lst" / "shards") / key
+        self._parts: dict[int, np.ndarray] = {}
+
+    def file(self, k: int) -> Path:
+        return self._dir / f"{k}-{int(self._crc[k]):08x}.npy"
+
+    def part(self, k: int) -> np.ndarray:
+        if k not in self._parts:
+            path = self.file(k)
+            if not path.is_file():
+                data = self.array[k * self.shard_rows:(k + 1) * self.shard_rows]
+                self._dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    np.save(f, data)
+                tmp.replace(path)  # atomic: parallel readers never see half a file
+            self._parts[k] = np.load(path, mmap_mode="r")
+        return self._parts[k]
+
+    def forget(self, k: int) -> None:
+        self._parts.pop(k, None)
+        self.file(k).unlink(missing_ok=True)
+
+
+def _remote_cacheable(array: zarr.Array) -> bool:
+    """A remote store worth caching on local disk (memory:// already is RAM)."""
+    from zarr.storage import FsspecStore
+
+    store = array.store
+    return isinstance(store, FsspecStore) and "memory" not in str(getattr(store.fs, "protocol", ""))
+
+
+class _Rows:
+    """Rows [lo, hi) of a token-major array, gathered from RAM, memory-mapped shards, a local cache of
+    a remote store's shards, or zarr."""
+
+    def __init__(self, array: zarr.Array, reader: str, checksums: np.ndarray | None = None) -> None:
         self.array = array
         self.shape = tuple(array.shape)
         self.dtype = array.dtype
         self._memory: np.ndarray | None = None
-        self._shards = _ShardViews(array) if reader != "zarr" and _ShardViews.supported(array) else None
+        self._shards: _ShardViews | _CachedShards | None = None
+        if reader in ("auto", "shards") and _ShardViews.supported(array):
+            self._shards = _ShardViews(array)
+        elif checksums is not None and (reader == "cache" or (reader == "auto" and _remote_cacheable(array))):
+            self._shards = _CachedShards(array, checksums)
         if reader == "shards" and self._shards is None:
             raise StoreError(expected("a local, uncompressed store for reader='shards'", f"'{array.store}'",
                                       "Use reader='auto' or 'zarr'."))
+        if reader == "cache" and self._shards is None:
+            raise StoreError(expected("a store with shard checksums for reader='cache'", f"'{array.store}'",
+                                      "Re-extract it with this version of lst, or use reader='zarr'."))
 
     @property
     def kind(self) -> str:
-        return "memory" if self._memory is not None else "shards" if self._shards is not None else "zarr"
+        if self._memory is not None:
+            return "memory"
+        if self._shards is None:
+            return "zarr"
+        return "cache" if isinstance(self._shards, _CachedShards) else "shards"
+
+    def forget(self, k: int) -> bool:
+        """Drop a cached copy of shard k (True when there was one to drop)."""
+        if isinstance(self._shards, _CachedShards):
+            self._shards.forget(k)
+            return True
+        return False
 
     @property
     def shard_rows(self) -> int:
@@ -158,9 +228,9 @@ class _Rows:
         """Every stored row of shard k, contiguous (what the writer checksummed)."""
         if self._memory is not None:
             return self._memory[k * self.shard_rows:(k + 1) * self.shard_rows]
+        if isinstance(self._shards, _ShardViews) and not self._shards.file(k).is_file():
+            raise StoreError("its file is missing")
         if self._shards is not None:
-            if not self._shards.file(k).is_file():
-                raise StoreError("its file is missing")
             return np.ascontiguousarray(self._shards.part(k))
         return self.array[k * self.shard_rows:(k + 1) * self.shard_rows]
 
@@ -214,11 +284,11 @@ class PartReader:
         if check_done and self.n_tokens and not done.all():
             raise StoreError(f"Split part '{name}' has {int((done == 0).sum())} unwritten shards; "
                              "re-run the extraction to complete it.")
-        self._hidden = _Rows(group["hidden"], reader)
-        # int8 stores: one float32 scale per token and layer, sharded like hidden
-        self._scales = _Rows(group["scales"], reader) if "scales" in group else None
         # crc32 of each shard's bytes, recorded by the writer; stores written before checksums have none
         self._crc = group[CHECKSUMS][:] if CHECKSUMS in group else None
+        self._hidden = _Rows(group["hidden"], reader, self._crc)
+        # int8 stores: one float32 scale per token and layer, sharded like hidden
+        self._scales = _Rows(group["scales"], reader, self._crc) if "scales" in group else None
         self._verified: set[int] = set()
 
     @property
@@ -229,6 +299,16 @@ class PartReader:
         """Why shard k cannot be trusted (missing, unreadable, checksum mismatch), or None when it is sound."""
         if self._crc is None:
             return None
+        problem = self._shard_problem(k)
+        # a locally cached copy may be what went bad: fetch it again, once
+        rows = [self._hidden] + ([self._scales] if self._scales is not None else [])
+        if problem is not None:
+            dropped = [r.forget(k) for r in rows]  # every cached copy, not just the first
+            if any(dropped):
+                problem = self._shard_problem(k)
+        return problem
+
+    def _shard_problem(self, k: int) -> str | None:
         try:
             crc = zlib.crc32(self._hidden.shard(k))
             if self._scales is not None:
@@ -422,7 +502,9 @@ class StoreReader:
         try:
             self.group = zarr.open_group(zarr_location(self.path), mode="r")
         except Exception as err:  # noqa: BLE001 - zarr raises several types for "not a group"
-            raise StoreError(expected("a Zarr v3 feature store", f"'{path}' ({type(err).__name__})")) from None
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise StoreError(expected("a Zarr v3 feature store", f"'{path}' ({type(err).__name__}: {first})",
+                                      "Check the path or URL, its credentials and the network.")) from None
         self.manifest = S.check_manifest(self.group.attrs.get(S.MANIFEST_KEY), self.path)
         if not self.manifest.get("complete"):
             raise StoreError(f"The store at '{path}' is incomplete (extraction did not finish). "
