@@ -63,6 +63,9 @@ def user_errors(fn):
         logging.basicConfig(level=logging.INFO, format="%(message)s", force=True,
                             handlers=[RichHandler(console=console, show_time=False, show_path=False)])
         logging.getLogger("transformers").setLevel(logging.ERROR)
+        for chatty in ("botocore", "aiobotocore", "s3fs", "fsspec"):  # credential lookups are not news
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # aiohttp's "Unclosed client session" at exit
         try:
             return fn(*args, **kwargs)
         except LstError as err:
@@ -259,22 +262,13 @@ def predict(
 ) -> None:
     """Label raw text with a trained run: the backbone named in its store manifest + its side network."""
     from featcache.errors import LstError
-    from sidetrain.kinds.encoder.predict import Predictor, read_texts
-    from sidetrain.kinds.seq2seq.predict import is_seq2seq_run, predict_lines
+    from sidetrain.predict import predict_lines, read_texts
 
     texts = (read_texts(input) if input else []) + list(text or [])
     if not texts:
         raise LstError("Expected INPUT (a text file) or --text. Got neither.")
-    if is_seq2seq_run(run):  # T5: candidate scoring or generation, backbone live
-        for t, out in zip(texts, predict_lines(run, texts, generate, device)):
-            typer.echo(f"{out}\t{t}")
-        return
-    if generate:
-        raise LstError(f"Expected a run trained on a T5 store for --generate. Got '{run}' (encoder-only). "
-                       "Drop --generate.")
-    predictor = Predictor(run, device)
-    for t, label in zip(texts, predictor.label_names(predictor.predict(texts))):
-        typer.echo(f"{label}\t{t}")
+    for t, out in zip(texts, predict_lines(run, texts, generate, device)):
+        typer.echo(f"{out}\t{t}")
 
 
 def _print_results(summary: dict, title: str, extra: dict[str, str] | None = None) -> None:
@@ -336,17 +330,31 @@ class ExportFormat(str, Enum):
 def inspect(
     store: Annotated[str, typer.Argument(help="A store written by `lst extract` (complete or not).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Check every written shard against the checksum its "
+                                                          "writer recorded and name each bad one (exit 1 if any); "
+                                                          "re-running the same `lst extract` recomputes them.")]
+    = False,
 ) -> None:
     """What a store holds: splits, tokens, layers, dtype, size, fingerprints, completeness, measured error."""
     import json
 
-    from featcache.inspect import inspect_store, render
+    from featcache.inspect import inspect_store, render, verify_store
 
     info = inspect_store(store)
+    report = verify_store(store) if verify else None
+    if report is not None:
+        info["verify"] = report
     if json_out:
         typer.echo(json.dumps(info, indent=2, default=str))
     else:
         Console().print(render(info))
+    if report is not None:
+        for bad in report["bad"]:
+            console.print(f"[red]bad shard[/red] {bad['part']} #{bad['shard']}: {bad['problem']}", highlight=False)
+        unchecked = f"; no checksums in {', '.join(report['without_checksums'])}" if report["without_checksums"] else ""
+        console.print(f"verify: {report['checked']} shards checked, {len(report['bad'])} bad{unchecked}.")
+        if report["bad"]:
+            raise typer.Exit(1)
 
 
 @app.command()

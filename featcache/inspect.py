@@ -20,6 +20,7 @@ import zarr
 from . import store as S
 from .destination import local_path, zarr_location
 from .errors import StoreError, expected
+from .verify import verify_group
 
 # The writer measures, on a sample, the error of each storage dtype and of the compute precision
 # against fp32, under the manifest key `fidelity`; other top-level keys naming an error are shown too.
@@ -282,3 +283,9 @@ def render(info: dict[str, Any]):
                 splits.add_row(f"  {part}", f"{p['rows'] or 0:,} rows", f"{p['tokens'] or 0:,}", "", "",
                                f"{p['shards_done']}/{p['shards_total']}", _size(p["bytes_on_disk"]))
     return Group(facts, splits)
+
+
+def verify_store(path: str | Path) -> dict[str, Any]:
+    """Every written shard checked against its recorded checksum (featcache/verify.py), naming bad ones."""
+    group, manifest = open_manifest(path)
+    return verify_group(group, manifest)

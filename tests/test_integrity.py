@@ -108,3 +108,16 @@ def test_stores_without_checksums_still_read(good_store, tmp_path):
     read_everything(copy)
     report = verify_group(zarr.open_group(str(copy), mode="r"), open_store(copy).manifest, show=False)
     assert report["checked"] == 0 and sorted(report["without_checksums"]) == ["dev", "test", "train"]
+
+
+def test_inspect_verify_names_bad_shards_in_one_line_each(good_store, tmp_path):
+    from conftest import invoke
+
+    copy = tmp_path / "copy"
+    shutil.copytree(good_store, copy)
+    r = invoke("inspect", copy, "--verify")
+    assert r.exit_code == 0 and "0 bad" in r.output, r.output
+    damage(shard_file(copy, "dev", 0), "zeroed")
+    r = invoke("inspect", copy, "--verify")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "bad shard dev #0: checksum mismatch" in r.output and "1 bad" in r.output
