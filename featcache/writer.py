@@ -34,7 +34,7 @@ from . import store as S
 from .backbone import load_model_config
 from .config import ExtractConfig
 from .destination import SOMETHING_ELSE_HINT, describe, remove_store, zarr_location
-from .errors import LstError, StoreError, expected
+from .errors import BackboneError, LstError, StoreError, expected
 from .kinds import ROOT, KindPlan, PartPlan, RowsFn, StoreKind, kind_for_request
 from .layout import Layout, create_part, plan_layout
 from .lease import writer_lease
@@ -93,8 +93,7 @@ def extract(cfg: ExtractConfig, backbone: Any | None = None) -> dict[str, Any]:
     Under torchrun every process calls this with the same config: rank 0 lays the store out, each
     rank computes its own block of shards, and rank 0 finalises the manifest after all are done.
     """
-    config = backbone.config if backbone is not None else load_model_config(cfg.model)
-    kind = kind_for_request(cfg, config)
+    kind, config = _kind_and_config(cfg, backbone)
     plan = kind.plan(cfg, config, backbone)
     layout = plan_layout(cfg, plan)
     if cfg.dry_run:  # the caller shows the summary; nothing is written, no weights are loaded
@@ -106,6 +105,21 @@ def extract(cfg: ExtractConfig, backbone: Any | None = None) -> dict[str, Any]:
         return _run(cfg, kind, plan, layout, backbone, ctx)
     finally:
         ctx.close()
+
+
+def _kind_and_config(cfg: ExtractConfig, backbone: Any | None) -> tuple[StoreKind, Any]:
+    """The kind that extracts this request, and the backbone's transformers config (None for a backbone
+    that has none, such as a named CNN a kind knows: the kind then claims it by name)."""
+    if backbone is not None:
+        return kind_for_request(cfg, getattr(backbone, "config", None)), getattr(backbone, "config", None)
+    try:
+        config = load_model_config(cfg.model)
+    except BackboneError as err:
+        try:
+            return kind_for_request(cfg, None), None
+        except BackboneError:
+            raise err from None
+    return kind_for_request(cfg, config), config
 
 
 def _request(cfg: ExtractConfig, kind: StoreKind, plan: KindPlan, layout: Layout, backbone: Any) -> dict[str, Any]:
