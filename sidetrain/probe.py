@@ -22,7 +22,14 @@ from featcache.reader import SplitReader, StoreReader
 from . import metrics as M
 from .data import CachedBatches, length_bucketed_batches
 from .memory import PeakMemory
-from .recipe import check_labels, labelled_splits, pick_eval_split, resolved_config, select_metric
+from .recipe import (
+    check_labels,
+    evaluate_splits,
+    labelled_splits,
+    pick_eval_split,
+    resolved_config,
+    select_metric,
+)
 from .run_files import summary as run_summary
 from .run_files import write_config, write_run
 
@@ -102,13 +109,8 @@ def train_probe(cfg: TrainConfig, store: StoreReader) -> dict[str, Any]:
             log.info("probe: %s", record)
         best_lin = best_lin or lin
     seconds = time.perf_counter() - t0
-    results, predictions = {}, {}
-    for name in names:
-        if name == cfg.train_split:
-            continue
-        pred = _predict(best_lin, feats[name], task)
-        predictions[name] = pred.tolist()
-        results[name] = M.compute(task, pred, store.split(name).labels, num_labels)
+    results, predictions = evaluate_splits(store, names, cfg.train_split, task, num_labels,
+                                           lambda name: _predict(best_lin, feats[name], task))
     out = Path(cfg.out)
     write_config(out, resolved_config(cfg, manifest, metric, eval_name, probe_layer=layer, probe_l2_grid=list(L2_GRID)))
     summary = run_summary(metric=metric, eval_split=eval_name, best_eval=None if best == -np.inf else best,

@@ -70,6 +70,20 @@ def labelled_splits(store: StoreReader) -> list[str]:
     return [n for n in store.split_names if store.split(n).labels is not None]
 
 
+def evaluate_splits(store: StoreReader, names: list[str], train_split: str, task: str, num_labels: int,
+                    predict: Callable[[str], np.ndarray]) -> tuple[dict[str, dict[str, float]], dict[str, list]]:
+    """Scores and predictions of every split in `names` but the training one: metrics.json's `splits`
+    and predictions.json, for every trainer."""
+    results, predictions = {}, {}
+    for name in names:
+        if name == train_split:
+            continue
+        pred = predict(name)
+        predictions[name] = pred.tolist()
+        results[name] = M.compute(task, pred, store.split(name).labels, num_labels)
+    return results, predictions
+
+
 def select_metric(cfg: TrainConfig, manifest: dict[str, Any], task: str) -> str:
     """--metric, or the default for the dataset the store was extracted from (CoLA: Matthews, MRPC: F1)."""
     metric = cfg.metric or M.default_metric(manifest)

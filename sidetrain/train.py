@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .data import batch_stream, length_bucketed_batches
 from .kinds.registry import kind_for
 from .memory import PeakMemory
-from .recipe import Recipe, autocast, check_labels, pick_eval_split
+from .recipe import Recipe, autocast, check_labels, evaluate_splits, pick_eval_split
 from .run_files import summary as run_summary
 from .run_files import write_config, write_run
 
@@ -128,13 +128,8 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
                                                  for k, v in record.items()})
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
-    results, predictions = {}, {}
-    for name in sources:
-        if name == cfg.train_split:
-            continue
-        pred = recipe.predict(name, amp)
-        predictions[name] = pred.tolist()
-        results[name] = _scores(recipe, name, pred, store)
+    results, predictions = evaluate_splits(store, list(sources), cfg.train_split, recipe.task, recipe.num_labels,
+                                           lambda name: recipe.predict(name, amp))
     step, history, best = state["step"], state["history"], state["best"]
     examples = len(train_split) * len(history) if not cfg.max_steps else step * cfg.batch_size
     summary = run_summary(metric=metric, eval_split=eval_name, best_eval=None if best == -np.inf else best,

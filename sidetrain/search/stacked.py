@@ -34,7 +34,7 @@ from .. import metrics as M
 from ..config import TrainConfig
 from ..data import CachedBatches, iterate, length_bucketed_batches
 from ..kinds.registry import kind_for
-from ..recipe import pick_eval_split, resolved_config, select_metric
+from ..recipe import evaluate_splits, pick_eval_split, resolved_config, select_metric
 from ..run_files import summary as run_summary
 from ..run_files import write_config, write_run
 
@@ -212,16 +212,9 @@ def _predict(logits_of: Callable[[Any], torch.Tensor], k_n: int, source, split, 
 def _finish(cfg: TrainConfig, model, store, sources, task, num_labels, metric, eval_name, best, history, losses,
             step, train_seconds, device, k_n) -> dict[str, Any]:
     """Evaluate one member and write its run folder (the files `train()` writes)."""
-    results, predictions = {}, {}
-    for name in store.split_names:
-        split = store.split(name)
-        if name == cfg.train_split or split.labels is None or name not in sources:
-            continue
-        model.eval()
-        pred = _predict(lambda b: model(b.hidden, b.mask)[None], 1, sources[name], split, cfg.batch_size, task,
-                        device)[0]
-        predictions[name] = pred.tolist()
-        results[name] = M.compute(task, pred, split.labels, num_labels)
+    model.eval()
+    results, predictions = evaluate_splits(store, list(sources), cfg.train_split, task, num_labels, lambda name: _predict(
+        lambda b: model(b.hidden, b.mask)[None], 1, sources[name], store.split(name), cfg.batch_size, task, device)[0])
     summary = run_summary(metric=metric, eval_split=eval_name, best_eval=None if best == -np.inf else float(best),
                           splits=results, history=history, steps=step, train_seconds=train_seconds,
                           examples=len(store.split(cfg.train_split)) * len(history), wait_seconds=0.0,
