@@ -26,15 +26,6 @@ from .recipe import build_model
 log = logging.getLogger(__name__)
 
 
-def read_texts(path: str | Path) -> list[str]:
-    """One example per line; a tab separates the two texts of a sentence pair. Empty lines are skipped.
-    (cli.py's import until `lst predict` calls sidetrain.predict, which has the same function: then delete.)"""
-    p = Path(path)
-    if not p.is_file():
-        raise LstError(expected("a text file with one example per line", f"'{path}' (no such file)"))
-    return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def load_run(run: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
     """The run's options and the store manifest it was trained on (RUN/config.json)."""
     resolved = read_run_config(run)

@@ -7,7 +7,6 @@ greedily, re-running the backbone decoder on the whole prefix at each step (simp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +106,6 @@ def _generate(model, backbone, s, side_enc, enc_out, mask, max_new_tokens: int) 
         if all(done):
             break
     return made
-
-
-def is_seq2seq_run(run_dir: str | Path) -> bool:
-    path = Path(run_dir) / "config.json"
-    return path.is_file() and "seq2seq" in json.loads(path.read_text()).get("store_manifest", {})
 
 
 def predict_lines(run_dir: str | Path, lines: list[str], generate: bool = False, device: str = "auto",
