@@ -1,6 +1,7 @@
 """Stage 2 of lst: train Ladder Side-Tuning side networks from a feature store, without the backbone.
 
-Public API: `train(TrainConfig(store=..., out=...))`.
+Public API: `train(TrainConfig(store=..., out=...))`; `sidetrain.predict.predict_lines(run, texts)` for
+raw text. Each kind of store is a plug-in (`sidetrain.kinds.register_kind`, kinds/registry.py).
 """
 
 from .config import TrainConfig
