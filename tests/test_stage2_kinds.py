@@ -149,3 +149,21 @@ def test_sweep_on_a_t5_store(cola_t5_store, tmp_path):
         run_sweep(SweepConfig(store=str(cola_t5_store), out=str(tmp_path / "stacked"), trials=2, stack=2))
     assert_user_error(invoke("sweep", cola_t5_store, "--out", tmp_path / "cli", "--trials", 3, "--stack", 2),
                       "--stack 1")
+
+
+def test_t5_decoder_rows_come_through_the_store_reader(cola_t5_store):
+    """No zarr in stage 2: T5's decoder rows are a part of the split, read as the store's reader= says."""
+    import numpy as np
+    import torch
+
+    from sidetrain.kinds.seq2seq.data import CachedSeq2Seq, open_decoder
+
+    idx = np.array([5, 0, 3])
+    batches = {}
+    for reader in ("shards", "zarr"):
+        store = open_store(cola_t5_store, reader=reader)
+        dec = open_decoder(store, "dev")
+        assert dec.part.reader_kind == reader
+        batches[reader] = CachedSeq2Seq(store.split("dev"), dec, preload=False)(idx)
+    for name in ("enc_hidden", "dec_hidden", "dec_mask", "targets", "row_example"):
+        assert torch.equal(getattr(batches["shards"], name), getattr(batches["zarr"], name)), name
