@@ -41,7 +41,8 @@ def open_manifest(path: str | Path) -> tuple[zarr.Group, dict[str, Any]]:
         raise StoreError(expected("a Zarr v3 feature store written by `lst extract`",
                                   f"'{where}', which is not a Zarr group ({type(err).__name__})",
                                   "Point at the folder `lst extract --out` wrote.")) from None
-    return group, S.check_manifest(group.attrs.get(S.MANIFEST_KEY), where)
+    return group, S.check_manifest(group.attrs.get(S.MANIFEST_KEY), where,
+                                 bare=not dict(group.attrs) and not list(group.keys()))
 
 
 def _stored_bytes(group: zarr.Group) -> int:

@@ -76,7 +76,7 @@ def preflight(plan: KindPlan, layout: Layout) -> dict[str, Any]:
 def create_part(group: zarr.Group, part: PartPlan, store_dtype: str, chunk_tokens: int, shard_tokens: int) -> None:
     """The arrays of one part, states empty (fill 0) and every shard marked not done."""
     n_layers, d = len(part.layers), part.hidden_size
-    chunk = min(chunk_tokens, max(part.n_tokens, 1))
+    chunk = chunk_tokens  # may exceed a tiny part: zarr needs shards to be whole chunks, not arrays
     group.create_array("hidden", shape=(part.n_tokens, n_layers, d), dtype=S.ZARR_DTYPES[store_dtype],
                        chunks=(chunk, n_layers, d), shards=(shard_tokens, n_layers, d),
                        compressors=None, fill_value=0, overwrite=True)

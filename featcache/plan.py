@@ -26,6 +26,7 @@ class SplitPlan:
     labels: np.ndarray | None
     truncated: int
     rejected_rows: int
+    rejected_lines: list[int] = field(default_factory=list)
     offsets: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -111,7 +112,8 @@ def plan_splits(cfg: ExtractConfig, tokenizer) -> tuple[dict[str, SplitPlan], di
         ids = enc["input_ids"]
         types = enc.get("token_type_ids") or [[0] * len(x) for x in ids]
         truncated = sum(len(a) > len(b) for a, b in zip(full, ids))
-        plans[name] = SplitPlan(name, ids, types, labels[name], truncated, table.rejected_rows)
+        plans[name] = SplitPlan(name, ids, types, labels[name], truncated, table.rejected_rows,
+                                 table.rejected_lines)
     info = {"source": data.source, "fingerprint": data.fingerprint, "columns": asdict(columns),
             "quoting": {k: v.quoting for k, v in data.splits.items() if v.quoting}}
     return plans, {"dataset": info, "task": {"type": task, "label_names": label_names,

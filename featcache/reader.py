@@ -505,7 +505,8 @@ class StoreReader:
             first = (str(err).strip().splitlines() or [""])[0][:200]
             raise StoreError(expected("a Zarr v3 feature store", f"'{path}' ({type(err).__name__}: {first})",
                                       "Check the path or URL, its credentials and the network.")) from None
-        self.manifest = S.check_manifest(self.group.attrs.get(S.MANIFEST_KEY), self.path)
+        self.manifest = S.check_manifest(self.group.attrs.get(S.MANIFEST_KEY), self.path,
+                                 bare=not dict(self.group.attrs) and not list(self.group.keys()))
         if not self.manifest.get("complete"):
             raise StoreError(f"The store at '{path}' is incomplete (extraction did not finish). "
                              "Re-run the same `lst extract` command to resume it.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -33,6 +33,8 @@ class Quoting(str, Enum):
     csv = "csv"    # standard CSV quoting: quoted fields may hold delimiters and newlines
     none = "none"  # quotes are plain characters (GLUE's TSVs need this)
 
+MAX_LINES_SHOWN, MAX_LINES_KEPT = 5, 100  # rejected rows named in the log / kept in the manifest
+
 
 @dataclass
 class SplitTable:
@@ -42,6 +44,7 @@ class SplitTable:
     source: str
     rejected_rows: int = 0
     quoting: str = ""
+    rejected_lines: list[int] = field(default_factory=list)  # 1-based line numbers (first few) of rejected rows
 
 
 @dataclass
@@ -61,17 +64,17 @@ def _read_delimited(path: Path, quoting: Quoting, header: bool) -> SplitTable:
                      "Re-encode it, e.g. iconv -f latin1 -t utf-8.")
         ) from None
 
-    def parse(mode: Quoting) -> tuple[list[str], list[list[str]], int]:
+    def parse(mode: Quoting) -> tuple[list[str], list[list[str]], list[int]]:
+        """(column names, good rows, line numbers of the rows rejected for their field count)."""
         q = csv.QUOTE_NONE if mode is Quoting.none else csv.QUOTE_MINIMAL
         reader = csv.reader(text.splitlines(keepends=True) if mode is Quoting.none else _lines(text),
                             delimiter=delimiter, quoting=q)
-        rows = [r for r in reader if r]
+        rows = [(reader.line_num, r) for r in reader if r]  # line_num: where the row ends (quoted newlines)
         if not rows:
-            return [], [], 0
-        names = rows[0] if header else [str(i) for i in range(len(rows[0]))]
+            return [], [], []
+        names = rows[0][1] if header else [str(i) for i in range(len(rows[0][1]))]
         body = rows[1:] if header else rows
-        good = [r for r in body if len(r) == len(names)]
-        return names, good, len(body) - len(good)
+        return names, [r for _, r in body if len(r) == len(names)], [n for n, r in body if len(r) != len(names)]
 
     mode = quoting
     if quoting is Quoting.auto:
@@ -82,10 +85,14 @@ def _read_delimited(path: Path, quoting: Quoting, header: bool) -> SplitTable:
             mode = Quoting.csv
     else:
         names, rows, bad = parse(quoting)
-    frame = pd.DataFrame(rows, columns=names) if names else pd.DataFrame()
+    if not names:
+        raise DatasetError(expected("a header row and at least one row of data", f"an empty file {path}"))
+    frame = pd.DataFrame(rows, columns=names)
     if bad:
-        log.warning("%s: rejected %d rows with the wrong number of fields (quoting=%s)", path, bad, mode.value)
-    return SplitTable(frame, str(path), bad, mode.value)
+        shown = ", ".join(map(str, bad[:MAX_LINES_SHOWN])) + (", ..." if len(bad) > MAX_LINES_SHOWN else "")
+        log.warning("%s: rejected %d rows with the wrong number of fields (quoting=%s), at lines %s",
+                    path, len(bad), mode.value, shown)
+    return SplitTable(frame, str(path), len(bad), mode.value, bad[:MAX_LINES_KEPT])
 
 
 def _lines(text: str):
@@ -96,6 +103,13 @@ def _lines(text: str):
 
 
 def _read_file(path: Path, quoting: Quoting, header: bool) -> SplitTable:
+    table = _read_any(path, quoting, header)
+    if len(table.frame.columns) == 0:
+        raise DatasetError(expected("a header row and at least one row of data", f"an empty file {path}"))
+    return table
+
+
+def _read_any(path: Path, quoting: Quoting, header: bool) -> SplitTable:
     suffix = path.suffix.lower()
     try:
         if suffix in (".tsv", ".csv"):

@@ -86,7 +86,12 @@ def new_manifest(**fields: Any) -> dict[str, Any]:
     return manifest
 
 
-def check_manifest(manifest: dict[str, Any] | None, where: str) -> dict[str, Any]:
+def check_manifest(manifest: dict[str, Any] | None, where: str, bare: bool = False) -> dict[str, Any]:
+    """The manifest, checked; `bare`: the group is empty (an extraction stopped before its manifest)."""
+    if manifest is None and bare:
+        raise StoreError(expected("a complete feature store", f"no manifest at '{where}' (an empty group: what an "
+                                  "extraction stopped before writing the manifest leaves)",
+                                  "Re-run the same `lst extract` to resume it."))
     if manifest is None:
         raise StoreError(expected("an lst feature store (a Zarr group with an 'lst' manifest)",
                                   f"no manifest at '{where}'", "Create one with `lst extract`."))

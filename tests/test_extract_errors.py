@@ -153,3 +153,22 @@ def test_extract_checks_what_is_at_a_url_out(tiny_bert, tiny_dataset, tmp_path):
     r = invoke("extract", *args, "--out", url, "--max-length", 12, "--overwrite")
     assert r.exit_code == 0, r.output
     assert open_store(url).split("train").reader_kind == "shards"  # read as the local path: memory-mapped
+
+
+def test_empty_files_ragged_line_numbers_and_a_store_killed_before_its_manifest(tiny_bert, tmp_path, caplog):
+    data = tmp_path / "data"
+    write_tsv(data / "train.tsv", [("a b", "x"), ("c d", "y"), ("e\tf", "x"), ("g h", "y"), ("i\tj", "y")])
+    extract(ExtractConfig(model=str(tiny_bert), dataset=str(data), out=str(tmp_path / "r"), max_length=8,
+                          device="cpu", error_sample=0))
+    facts = open_store(tmp_path / "r").manifest["splits"]["train"]
+    assert facts["rejected_rows"] == 2 and facts["rejected_lines"] == [4, 6]  # the header is line 1
+    assert "at lines 4, 6" in caplog.text
+    (data / "train.tsv").write_text("")
+    assert_user_error(invoke("extract", tiny_bert, data, "--out", tmp_path / "s"), "an empty file", "train.tsv")
+    (data / "train.jsonl").write_text("")
+    (data / "train.tsv").unlink()
+    assert_user_error(invoke("extract", tiny_bert, data, "--out", tmp_path / "s"), "an empty file", "train.jsonl")
+    zarr.open_group(str(tmp_path / "killed"), mode="a")  # what a kill during the error sample leaves
+    assert_user_error(invoke("train", tmp_path / "killed", "--out", tmp_path / "run"), "stopped before writing the "
+                      "manifest", "Re-run the same `lst extract`")
+    assert_user_error(invoke("inspect", tmp_path / "killed"), "stopped before writing the manifest")

@@ -33,8 +33,8 @@ def text_plan(cfg: ExtractConfig, tokenizer, config, layers: list[int], hidden_s
                              "hidden_size": hidden_size, "config": config.to_dict()},
                 "tokenizer": {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id},
                 "layers": layers, "hidden_size": hidden_size, "max_length": cfg.max_length, **meta}
-    facts = {n: {"truncated": p.truncated, "rejected_rows": p.rejected_rows, "labelled": p.labels is not None}
-             for n, p in splits.items()}
+    facts = {n: {"truncated": p.truncated, "rejected_rows": p.rejected_rows, "labelled": p.labels is not None,
+                 **({"rejected_lines": p.rejected_lines} if p.rejected_lines else {})} for n, p in splits.items()}
     return KindPlan(parts, cfg.store_dtype, request, manifest, facts, state=splits)
 
 
