@@ -24,6 +24,7 @@ from .errors import StoreError, expected
 log = logging.getLogger(__name__)
 
 ZARR_JSON = "zarr.json"
+IMPORTING = "importing"  # manifest flag of a store `lst import` has not finished
 # zarr's LocalStore writes `<name>.<32 hex>.partial` and renames it; a kill can leave one behind
 _ZARR_TEMP = re.compile(r"^zarr\.[0-9a-f]{32}\.partial$")
 SOMETHING_ELSE_HINT = "Choose another --out; lst never deletes what it did not write."
@@ -197,6 +198,7 @@ def prepare_out(out: str, overwrite: bool, what: str = "store") -> None:
         return
     if not found.is_store:
         raise _something_else(out)
-    if not overwrite:
+    crashed_import = bool(found.manifest.get(IMPORTING)) and not found.manifest.get("complete")
+    if not overwrite and not crashed_import:  # a killed import is redone by the same command
         raise StoreError(f"A {what} already exists at '{out}'. Pass --overwrite to replace it.")
     remove_store(out)

@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from . import store as S
-from .destination import prepare_out, zarr_location
+from .destination import IMPORTING, prepare_out, zarr_location
 from .errors import StoreError, expected
 from .inspect import open_manifest
 from .lease import writer_lease
@@ -181,7 +181,7 @@ def _write_store(f, out: str, manifest: dict[str, Any]) -> None:
 
     root = zarr.open_group(zarr_location(out), mode="w")
     # incomplete until every array is in: a crashed import is never mistaken for a store
-    root.attrs[S.MANIFEST_KEY] = {**manifest, "complete": False}
+    root.attrs[S.MANIFEST_KEY] = {**manifest, "complete": False, IMPORTING: True}
     nodes: list[tuple[str, Any]] = []
     f.visititems(lambda path, node: nodes.append((path, node)))
     total = sum(n.nbytes for _, n in nodes if isinstance(n, h5py.Dataset))
