@@ -52,6 +52,9 @@ class ExtractConfig:
     dry_run: bool = opt(False, "Print the pre-flight summary (examples, tokens, truncated, layers, bytes/token, "
                                "store size, shards) and exit without loading the backbone.")
     error_sample: int = opt(32, "Examples on which storage error and precision drift are measured (0: skip).")
+    image_column: str | None = opt(None, "Image stores: the column of a csv/tsv/jsonl/parquet split holding image "
+                                         "paths (relative to the file) or a datasets Image feature (default: "
+                                         "image, image_path, path, file, ...).")
     label_text: str | None = opt(None, "Encoder-decoder (T5): JSON file mapping each label to its target text "
                                        "(default: T5's GLUE words, else the label names).")
 

@@ -8,7 +8,7 @@ and stage 2 looks its own plug-in up by the same name. Adding a kind: one module
 below, and its stage-2 package under sidetrain/kinds/.
 """
 
-from . import encoder, seq2seq  # noqa: F401 - importing a kind registers it
+from . import encoder, image, seq2seq  # noqa: F401 - importing a kind registers it
 from .registry import (
     ROOT,
     KindPlan,

@@ -5,7 +5,7 @@ lookup always sees them. A new kind: a subpackage here that calls `register_kind
 imported below.
 """
 
-from . import encoder, seq2seq  # noqa: F401 - importing a kind registers it
+from . import encoder, image, seq2seq  # noqa: F401 - importing a kind registers it
 from .registry import SearchFacts, StoreKind, kind_for, kind_names, register_kind
 
 __all__ = ["SearchFacts", "StoreKind", "kind_for", "kind_names", "register_kind"]

@@ -1,0 +1,44 @@
+"""The image store kind as a stage-2 plug-in: LST on image classification (docs/images.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...recipe import Recipe, backbone_config
+from ..registry import SearchFacts, StoreKind
+from .model import cnn_heads, reduction_rule
+from .predict import predict_images
+from .recipe import image_recipe, is_cnn
+
+if TYPE_CHECKING:
+    import torch
+
+    from featcache.reader import StoreReader
+
+    from ...config import TrainConfig
+
+
+class ImageKind(StoreKind):
+    probe = True  # the probe reads the mean over tokens of the last stored layer (a CNN: every pooled stage)
+
+    def recipe(self, cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:
+        return image_recipe(cfg, store, device, eval_name)
+
+    def search_facts(self, manifest: dict[str, Any]) -> SearchFacts:
+        if is_cnn(manifest):
+            image = manifest["image"]
+            d = max(image["widths"])
+            heads = cnn_heads(d // 8)
+            factors, rule = reduction_rule(d, heads)
+            return SearchFacts(d, heads, tuple(factors), rule, tuple(k for k in image["stages"] if k > 0),
+                               stackable=False)
+        config = backbone_config(manifest)
+        factors, rule = reduction_rule(int(config.hidden_size), int(config.num_attention_heads))
+        return SearchFacts(int(config.hidden_size), int(config.num_attention_heads), tuple(factors), rule,
+                           tuple(x for x in manifest["layers"] if x > 0), stackable=False)
+
+    def predict_lines(self, run: Path, config: dict[str, Any], texts: list[str], generate: bool,
+                      device: str) -> list[str]:
+        """`texts` are image paths."""
+        return predict_images(run, config, texts, device)
