@@ -253,7 +253,8 @@ def sweep(
 @user_errors
 def predict(
     run: Annotated[str, typer.Argument(help="A run folder written by `lst train`.")],
-    input: Annotated[str | None, typer.Argument(help="A text file, one example per line (pairs: text<TAB>text).")]
+    inputs: Annotated[list[str] | None, typer.Argument(
+        help="Text files, one example per line (pairs: text<TAB>text); for a run on an image store, image files.")]
     = None,
     text: Annotated[list[str] | None, typer.Option("--text", help="A text to label (repeatable).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -262,11 +263,11 @@ def predict(
 ) -> None:
     """Label raw text with a trained run: the backbone named in its store manifest + its side network."""
     from featcache.errors import LstError
-    from sidetrain.predict import predict_lines, read_texts
+    from sidetrain.predict import predict_lines, read_inputs
 
-    texts = (read_texts(input) if input else []) + list(text or [])
+    texts = read_inputs(run, inputs or []) + list(text or [])
     if not texts:
-        raise LstError("Expected INPUT (a text file) or --text. Got neither.")
+        raise LstError("Expected INPUTS (text files, or image files for an image run) or --text. Got neither.")
     for t, out in zip(texts, predict_lines(run, texts, generate, device)):
         typer.echo(f"{out}\t{t}")
 

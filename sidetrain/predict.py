@@ -21,6 +21,16 @@ def read_texts(path: str | Path) -> list[str]:
     return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def read_inputs(run: str, paths: list[str]) -> list[str]:
+    """`lst predict RUN INPUTS...`: the examples INPUTS hold. Text runs: the lines of each text file; kinds
+    whose inputs are files themselves (images) take the paths as they are."""
+    if not paths:
+        return []
+    if kind_for(read_run_config(run)["store_manifest"]).inputs_are_files:
+        return list(paths)
+    return [t for p in paths for t in read_texts(p)]
+
+
 def predict_lines(run: str, texts: list[str], generate: bool = False, device: str = "auto") -> list[str]:
     """One label (or generated text with `generate`) per text; a tab splits the two texts of a pair."""
     config = read_run_config(run)  # a finished LST run, or a one-line LstError

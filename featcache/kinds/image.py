@@ -40,6 +40,7 @@ from ..images import (
     vision_config,
 )
 from ..plan import check_layers
+from . import encoder, seq2seq  # noqa: F401 - the text kinds register (and are detected) first
 from .registry import ROOT, KindPlan, PartPlan, RowsFn, StoreKind, register_kind
 
 

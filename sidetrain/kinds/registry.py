@@ -47,6 +47,7 @@ class StoreKind:
     name: str = ""
     probe: bool = False  # `--head probe` (linear probe on pooled stored states) applies
     generates: bool = False  # `lst predict --generate` applies
+    inputs_are_files: bool = False  # `lst predict RUN INPUTS`: each input is one example's file (an image)
 
     def recipe(self, cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:
         """Side network, batch sources (cached, or the live backbone for --online), loss and predictions."""

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 
 class ImageKind(StoreKind):
+    inputs_are_files = True  # `lst predict RUN IMAGE...`
     probe = True  # the probe reads the mean over tokens of the last stored layer (a CNN: every pooled stage)
 
     def recipe(self, cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:
