@@ -26,6 +26,11 @@ metrics.json (`summary()`):
     head                 "lst" (a side network) or "probe" (the linear probe)
     stacked_with         how many trials trained in one vmapped pass (1: alone)
     trainable_parameters parameters the optimiser updated
+
+What may be at an --out (`prepare_run_dir`, for `lst train`, the probe, stacked members and `lst sweep`):
+nothing, an empty folder, or a folder lst wrote, recognised by its entries (RUN_NAMES, or SWEEP_NAMES for
+a sweep) and, where there is one, by its config.json / sweep.json holding lst's keys. Anything else, a
+plain file included, is refused in one line: lst never overwrites or deletes what it did not write.
 """
 
 from __future__ import annotations
@@ -38,9 +43,51 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from featcache.errors import LstError, TrainConfigError, expected
+from featcache.errors import LstError, SweepError, TrainConfigError, expected
 
 RUN_FILES = ("config.json", "model.safetensors")  # what a finished run folder holds at least
+# Every entry a trainer writes in RUN/ (checkpoint.tmp and config.json.tmp: renamed into place).
+RUN_NAMES = frozenset({"config.json", "config.json.tmp", "checkpoint.pt", "checkpoint.tmp", "metrics.json",
+                       "model.safetensors", "predictions.json", "train_log.jsonl"})
+# Every entry `lst sweep` writes in OUT/ (study.db-*: SQLite's journal files; .claim.lock: claims.py).
+SWEEP_NAMES = frozenset({"sweep.json", "space.json", "study.db", "study.db-journal", "study.db-wal", "study.db-shm",
+                         "trials", "logs", "summary.json", "summary.png", "best", ".claim.lock"})
+_RUN_KEYS = {"store", "out", "store_manifest"}  # in every RUN/config.json (recipe.resolved_config)
+_SWEEP_KEYS = {"store", "out", "trials", "study_name"}  # in every OUT/sweep.json
+_HINT = "Choose another --out; lst never deletes what it did not write."
+
+
+def _has_keys(path: Path, keys: set[str]) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and keys <= data.keys()
+
+
+def prepare_run_dir(out: str | Path, kind: str = "run", also: tuple[str, ...] = (), create: bool = True) -> Path:
+    """Create --out, or check that what is there is an lst run folder (`kind` "run") or sweep folder
+    ("sweep") that may be resumed or trained into again; refuse anything else before a byte is written.
+    `also`: further names lst writes there (a sweep's journal storage file inside --out); `create`: False
+    to check only (a trainer checks first and creates the folder when it writes config.json)."""
+    path = Path(out)
+    error = SweepError if kind == "sweep" else TrainConfigError
+    what, names, marker, keys = ("a sweep folder", SWEEP_NAMES, "sweep.json", _SWEEP_KEYS) if kind == "sweep" \
+        else ("a run folder", RUN_NAMES, "config.json", _RUN_KEYS)
+    if path.exists() and not path.is_dir():
+        raise error(expected(f"an empty folder or an lst {what[2:]} at --out", f"'{out}', a file", _HINT))
+    if path.is_dir():
+        entries = sorted(p.name for p in path.iterdir())
+        foreign = [n for n in entries if n not in names and n not in also]
+        if marker in entries and marker not in foreign and not _has_keys(path / marker, keys):
+            foreign = sorted([*foreign, marker])
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise error(expected(f"an empty folder or an lst {what[2:]} at --out",
+                                 f"'{out}' holding files lst did not write ({shown})", _HINT))
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def summary(*, metric: str, eval_split: str | None, best_eval: float | None, splits: dict[str, dict[str, float]],
@@ -58,8 +105,12 @@ def summary(*, metric: str, eval_split: str | None, best_eval: float | None, spl
 
 
 def write_config(out: Path, resolved: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
+    """RUN/config.json, written whole, then renamed (a kill never leaves a half config that would make the
+    folder unrecognisable); checks --out first (`prepare_run_dir`) for trainers that did not."""
+    prepare_run_dir(out)
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
+    tmp.replace(out / "config.json")
 
 
 def write_run(out: Path, weights: nn.Module | dict[str, torch.Tensor], summary: dict[str, Any],

@@ -29,8 +29,8 @@ from .data import batch_stream, length_bucketed_batches
 from .kinds.registry import kind_for
 from .memory import PeakMemory
 from .recipe import Recipe, autocast, check_labels, evaluate_splits, pick_eval_split
+from .run_files import prepare_run_dir, write_config, write_run
 from .run_files import summary as run_summary
-from .run_files import write_config, write_run
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -47,6 +47,7 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
     there; raising stops the run).
     """
     device = resolve_device(cfg.device)
+    out = prepare_run_dir(cfg.out, create=False)  # nothing or an lst run: never overwrite what lst did not write
     torch.manual_seed(cfg.seed)
     store = store or open_store(cfg.store)
     kind = kind_for(store.manifest)
@@ -64,8 +65,6 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
     amp = autocast(cfg, device)
     forward = torch.compile(model, dynamic=True) if cfg.compile else model
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     steps_per_epoch = -(-len(train_split) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else min(500, total // 10)

@@ -30,6 +30,7 @@ from featcache.reader import StoreReader, open_store
 from .. import metrics as M
 from ..config import TrainConfig
 from ..recipe import pick_eval_split
+from ..run_files import prepare_run_dir
 from ..train import train
 from . import space as S
 from .claims import claim, claim_group, claim_lock, heartbeat, recover_stale
@@ -270,11 +271,21 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _storage_names(cfg: SweepConfig) -> tuple[str, ...]:
+    """A journal storage file the user put inside --out (and its lock): lst writes those too."""
+    if not (cfg.storage or "").startswith("journal://"):
+        return ()
+    path = Path(cfg.storage[len("journal://"):])
+    if path.resolve().parent != Path(cfg.out).resolve():
+        return ()
+    return path.name, f"{path.name}.lock"
+
+
 def run_sweep(cfg: SweepConfig, store: StoreReader | None = None) -> dict[str, Any]:
     """Create or resume the study, run trials until it holds `cfg.trials` finished ones, write results."""
     out = Path(cfg.out)
     ctx = _prepare(cfg, store)  # validates store and space before anything is created
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(out, "sweep", also=_storage_names(cfg))  # never writes into what lst did not write
     study = open_study(cfg, open_storage(cfg.storage_url), create=True)
     check_identity(study, identity(cfg, ctx.store, ctx.space, ctx.metric), cfg)
     (out / "sweep.json").write_text(json.dumps({**asdict(cfg), "storage": redact(cfg.storage_url),
