@@ -246,3 +246,35 @@ def test_two_machines_share_a_journal_file(store, tmp_path):
         assert where == [Path(t.user_attrs["dir"]).name]
     best = json.loads((tmp_path / "m1" / "summary.json").read_text())["best"]
     assert (tmp_path / "m1" / "best").exists() == (Path(best["dir"]).name == "m1")  # no dangling link
+
+
+def test_failed_and_unscored_trials_show_their_state_and_no_metric():
+    from optuna.trial import TrialState
+    from rich.console import Console
+
+    from sidetrain.search.report import results_table, summarize
+
+    study = optuna.create_study(direction="maximize")
+    done = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)})
+    study.tell(done, 0.5)
+    failed = study.ask()  # reported an epoch (0.9), then crashed: not a 0.9 trial
+    failed.report(0.9, 1)
+    failed.set_user_attr("error", "RuntimeError: boom")
+    study.tell(failed, state=TrialState.FAIL)
+    study.tell(study.ask(), state=TrialState.PRUNED)  # pruned before any evaluation
+    pruned = study.ask()
+    pruned.report(0.25, 1)
+    study.tell(pruned, state=TrialState.PRUNED)
+    summary = summarize(study, "accuracy")
+    values = {t["number"]: (t["state"], t["value"]) for t in summary["trials"]}
+    assert values == {0: ("COMPLETE", 0.5), 1: ("FAIL", None), 2: ("PRUNED", None), 3: ("PRUNED", 0.25)}
+    assert summary["best"]["number"] == 0
+    console = Console(record=True, width=200)
+    console.print(results_table(summary))
+    rows = {}
+    for line in console.export_text().splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if cells and cells[0].split(" ")[0].isdigit():
+            rows[int(cells[0].split(" ")[0])] = cells[:3]  # trial, accuracy, state
+    assert rows == {0: ["0 *", "0.5000", "complete"], 3: ["3", "0.2500", "pruned"],
+                    1: ["1", "", "failed"], 2: ["2", "", "pruned"]}  # failed / unscored: their state, no accuracy

@@ -18,9 +18,10 @@ logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font-cache chatter
 
 def _trial_record(t) -> dict[str, Any]:
     a = t.user_attrs
-    value = t.value
-    if value is None and t.intermediate_values:  # a pruned trial: its last reported score
+    value = t.value if t.state.name == "COMPLETE" else None
+    if t.state.name == "PRUNED" and t.intermediate_values:  # a pruned trial: its last reported score
         value = t.intermediate_values[max(t.intermediate_values)]
+    # A failed (or killed, or running) trial has no score, whatever epochs it reported before it stopped.
     duration = (t.datetime_complete - t.datetime_start).total_seconds() \
         if t.datetime_complete and t.datetime_start else None
     return {"number": t.number, "state": t.state.name, "value": value, "params": t.params,
@@ -155,11 +156,13 @@ def load_summary(out: str | Path) -> dict[str, Any]:
 
 
 def results_table(summary: dict[str, Any], top: int = 10):
-    """A rich table of the best trials (complete first, then pruned), for the CLI to print."""
+    """A rich table of the best trials (complete first, then pruned), for the CLI to print; then, up to `top`
+    rows in all, the trials without a score (failed, or pruned before any evaluation): their state, no metric."""
     from rich.table import Table
 
-    rows = sorted((t for t in summary["trials"] if t["value"] is not None),
-                  key=lambda t: (t["state"] != "COMPLETE", -t["value"]))[:top]
+    scored = sorted((t for t in summary["trials"] if t["value"] is not None),
+                    key=lambda t: (t["state"] != "COMPLETE", -t["value"]))
+    rows = (scored + [t for t in summary["trials"] if t["value"] is None and t["state"] in ("FAIL", "PRUNED")])[:top]
     params = sorted({k for t in rows for k in t["params"]})
     c = summary["counts"]
     table = Table(title=f"sweep '{summary['study']}': {c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, "
@@ -168,11 +171,16 @@ def results_table(summary: dict[str, Any], top: int = 10):
         table.add_column(name, justify="left" if name in ("state", *params) else "right", no_wrap=True)
     best = (summary.get("best") or {}).get("number")
     for t in rows:
-        cells = [f"{t['number']}{' *' if t['number'] == best else ''}", f"{t['value']:.4f}", t["state"].lower()]
+        score = "" if t["value"] is None else f"{t['value']:.4f}"
+        cells = [f"{t['number']}{' *' if t['number'] == best else ''}", score, _state(t["state"])]
         cells += [_fmt(t["params"].get(p)) for p in params]
         cells += [str(t["epochs_run"] or ""), f"{t['duration_s']:.1f}" if t["duration_s"] else ""]
         table.add_row(*cells)
     return table
+
+
+def _state(state: str) -> str:
+    return "failed" if state == "FAIL" else state.lower()
 
 
 def _fmt(v: Any) -> str:
