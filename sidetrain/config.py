@@ -38,6 +38,8 @@ class TrainConfig:
     amp: str = opt("auto", "auto (bf16 autocast on CUDA, off on CPU), bf16 or off.")
     compile: bool = opt(False, "torch.compile the side network (pays compile time once per run).")
     seed: int = opt(0, "Seeds the initialisation, dropout and batch order: same seed, same losses.")
+    data_seed: int | None = opt(None, "Seeds the batch order alone (default: --seed); stacked trials share their "
+                                      "stack's.")
     device: str = opt("auto", "auto, cpu or cuda.")
     train_split: str = opt("train", "Split to train on.")
     eval_split: str | None = opt(None, "Split for model selection (default: the first of dev, validation, "

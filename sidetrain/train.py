@@ -86,7 +86,7 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
                 break
             model.train()
             t0 = time.perf_counter()
-            batches = length_bucketed_batches(train_split.lengths, cfg.batch_size, cfg.seed, epoch)
+            batches = length_bucketed_batches(train_split.lengths, cfg.batch_size, data_seed(cfg), epoch)
             source = sources[cfg.train_split]
             stream = batch_stream(source, batches, device, _prefetch(cfg, source, device))
             try:
@@ -138,6 +138,11 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
                           trainable_parameters=sum(p.numel() for p in params))
     write_run(out, model, summary, predictions, state["losses"])
     return summary
+
+
+def data_seed(cfg: TrainConfig) -> int:
+    """The seed of the batch order: --data-seed, else --seed."""
+    return cfg.seed if cfg.data_seed is None else cfg.data_seed
 
 
 def _scores(recipe: Recipe, name: str, pred: np.ndarray, store: StoreReader) -> dict[str, float]:

@@ -1,18 +1,29 @@
-"""K side networks trained in one pass over the data: one read of each batch, one batched forward.
+"""K side networks trained in one pass over the data: one read of each batch, one forward for all.
 
-Trials that share everything that shapes the network and the batches (reduction factor, kept layers,
-batch size, epochs, seed, dropout, ...) and differ only in optimiser settings (lr, weight decay,
-gradient clipping) are stacked with torch.func: parameters get a leading K axis and the model runs
-under vmap, so K small kernels become one batched kernel (on a CPU the side network is bound by
-kernel overhead, not FLOPs). AdamW is written out here because its learning rate differs per slice.
+    train_stacked([TrainConfig(...), TrainConfig(...), ...])      # a list of `train()` summaries
 
-Each member writes the same run folder as `lst train`. With dropout on, members draw their own masks
-(vmap randomness="different"), so a member equals a separate run in distribution, not bit for bit.
+Members share the batches (same batch size, same batch order: seeded by the first member's --data-seed
+or --seed, recorded as `data_seed` in every member's config.json, so `lst train` with a member's
+config.json walks the same batches) and the network shape (reduction factor, kept layers, side heads,
+pooling). Everything else is per member: seed (its own initial weights and dropout masks), dropout and
+attention-dropout rates, lr, weight decay, gradient clipping, warm-up, schedule length (epochs,
+--max-steps), --init. `stack_key` says which configs can share a stack.
+
+The members' trainable parameters are one (K, P) tensor, a row per member. The store kind may fuse
+the K networks into one (`kind.fuse_stack`: the encoder kind's kinds/encoder/stacked_model.py, every
+linear a batched matmul over the member axis, one SDPA call over members x heads); otherwise the
+members run under torch.func.vmap over views of the rows (then dropout must be equal across members).
+AdamW (decoupled decay, bias correction; torch's formula), clipping and the schedule are written out
+here over the rows, with a rate per member. A member that finishes (its epochs or steps) or is pruned
+(its `on_epoch` raised) stops updating; at the end of that epoch it is evaluated, its run folder
+written, and its row dropped from the stack (compaction), so the others run at the smaller size.
+Each member writes the run folder `lst train` writes (run_files.py).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -34,70 +45,151 @@ from .. import metrics as M
 from ..config import TrainConfig
 from ..data import CachedBatches, iterate, length_bucketed_batches
 from ..kinds.registry import kind_for
-from ..recipe import evaluate_splits, pick_eval_split, resolved_config, select_metric
+from ..recipe import autocast, evaluate_splits, pick_eval_split, resolved_config, select_metric
 from ..run_files import summary as run_summary
 from ..run_files import write_config, write_run
 
 log = logging.getLogger(__name__)
-PER_MEMBER = {"out", "lr", "weight_decay", "grad_clip", "init"}  # may differ inside a stack
+# May differ inside a stack (the fused network; under vmap dropout rates must be equal).
+PER_MEMBER = {"out", "seed", "data_seed", "lr", "weight_decay", "grad_clip", "warmup_steps", "epochs", "max_steps",
+              "dropout", "attention_dropout", "init", "resume"}
+VMAP_SHARED = ("dropout", "attention_dropout")
+BATCH_ORDER = "shared by the stack: the same batch size and batch order (data_seed) for every member"
 
 
 def stack_key(cfg: TrainConfig) -> tuple:
-    """Configs with equal keys can be trained in one stack."""
+    """Configs with equal keys can train in one stack (same network shape, same batches, same placement)."""
     return tuple((k, json.dumps(v, sort_keys=True)) for k, v in sorted(asdict(cfg).items()) if k not in PER_MEMBER)
 
 
-class _StackedAdamW:
-    """torch.optim.AdamW's update (decoupled decay, bias correction) with a learning rate per stack member."""
+class _VmapStack:
+    """The fallback for side networks the kind does not fuse: torch.func.vmap over views of the rows."""
 
-    def __init__(self, params: dict[str, torch.Tensor], lrs: torch.Tensor, decays: torch.Tensor,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.params, self.lrs, self.decays, self.betas, self.eps = params, lrs, decays, betas, eps
-        self.m = {k: torch.zeros_like(p) for k, p in params.items()}
-        self.v = {k: torch.zeros_like(p) for k, p in params.items()}
+    def __init__(self, models: list[torch.nn.Module]) -> None:
+        from torch.func import stack_module_state
+
+        self.names = [n for n, p in models[0].named_parameters() if p.requires_grad]
+        self.shapes = [tuple(p.shape) for n, p in models[0].named_parameters() if p.requires_grad]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        params, self.buffers = stack_module_state(models)
+        self.frozen = {n: p.detach() for n, p in params.items() if n not in self.names}
+        self.base = copy.deepcopy(models[0]).to("meta")
+        for module in self.base.modules():  # vmap has no batching rule for CPU flash attention; eager batches
+            if getattr(module, "config", None) is not None:
+                module.config._attn_implementation = "eager"
+
+    def row(self, model) -> torch.Tensor:
+        params = dict(model.named_parameters())
+        return torch.cat([params[n].detach().reshape(-1) for n in self.names])
+
+    def state(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: c.reshape(s).clone() for n, s, c in zip(self.names, self.shapes, torch.split(row.detach(), self.sizes))}
+
+    def forward(self, flat, hidden, mask, training, dropout=None, attention_dropout=0.0) -> torch.Tensor:
+        from torch.func import functional_call
+
+        n_m = flat.shape[0]
+        params = {n: c.view(n_m, *s) for n, s, c in zip(self.names, self.shapes, torch.split(flat, self.sizes, dim=1))}
+        idx = self.rows  # the members still in the stack, as rows of the frozen tensors and buffers
+        params.update({n: p[idx] for n, p in self.frozen.items()})
+        buffers = {n: b[idx] for n, b in self.buffers.items()}
+        self.base.train(training)
+
+        def one(p, b, h, m):
+            return functional_call(self.base, (p, b), (h, m))
+
+        return torch.vmap(one, in_dims=(0, 0, None, None), randomness="different")(params, buffers, hidden, mask)
+
+
+class _Rows:
+    """The trainable rows (K, P) of the members still stepping, AdamW's moments, and the per-member rates."""
+
+    def __init__(self, flat: torch.Tensor, members: list[int], cfgs: list[TrainConfig], device) -> None:
+        self.flat = flat.requires_grad_(True)
+        self.m = torch.zeros_like(flat)
+        self.v = torch.zeros_like(flat)
+        self.members = members
         self.t = 0
+        self._set(cfgs, device)
+
+    def _set(self, cfgs, device) -> None:
+        pick = [cfgs[k] for k in self.members]
+
+        def col(f):
+            return torch.tensor([float(f(c)) for c in pick], device=device)
+
+        self.lr, self.decay = col(lambda c: c.lr), col(lambda c: c.weight_decay)
+        self.clip = col(lambda c: c.grad_clip or 0.0)
+        self.dropout, self.attention_dropout = col(lambda c: c.dropout), col(lambda c: c.attention_dropout)
+
+    def keep(self, members: list[int], cfgs, device) -> None:
+        """Compaction: only these members' rows (and moments) stay in the stack."""
+        idx = torch.tensor([self.members.index(k) for k in members], dtype=torch.long, device=self.flat.device)
+        self.flat = self.flat.detach()[idx].clone().requires_grad_(True)
+        self.m, self.v = self.m[idx].clone(), self.v[idx].clone()
+        self.members = members
+        self._set(cfgs, device)
 
     @torch.no_grad()
-    def step(self, factor: float) -> None:
+    def step(self, factors: torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        """clip_grad_norm_ per member, then torch.optim.AdamW's update with lr * factor per member."""
+        g = self.flat.grad
+        if bool((self.clip > 0).any()):
+            norm = g.pow(2).sum(1).sqrt()
+            coef = (self.clip / (norm + 1e-6)).clamp(max=1.0)
+            g.mul_(torch.where(self.clip > 0, coef, torch.ones_like(coef))[:, None])
         self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1 - b1 ** self.t, math.sqrt(1 - b2 ** self.t)
-        for k, p in self.params.items():
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            lr = (self.lrs * factor).view(shape)
-            p.mul_(1 - lr * self.decays.view(shape))
-            self.m[k].lerp_(p.grad, 1 - b1)
-            self.v[k].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            p.addcdiv_(self.m[k] * (lr / c1), (self.v[k].sqrt() / c2).add_(self.eps), value=-1.0)
-            p.grad = None
+        b1, b2 = betas
+        lr = (self.lr * factors)[:, None]
+        p = self.flat
+        p.mul_(1 - lr * self.decay[:, None])
+        self.m.lerp_(g, 1 - b1)
+        self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (self.v.sqrt() / math.sqrt(1 - b2 ** self.t)).add_(eps)
+        p.addcdiv_(self.m * (lr / (1 - b1 ** self.t)), denom, value=-1.0)
+        p.grad = None
 
 
-def _clip(params: dict[str, torch.Tensor], max_norms: torch.Tensor) -> None:
-    """clip_grad_norm_ per member: each member's gradient norm over all its parameters."""
-    sq = sum(p.grad.pow(2).flatten(1).sum(1) for p in params.values())
-    coef = (max_norms / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-    coef = torch.where(max_norms > 0, coef, torch.ones_like(coef))
-    for p in params.values():
-        p.grad.mul_(coef.view((-1,) + (1,) * (p.dim() - 1)))
+def _schedule(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """train()'s total steps and warm-up for one member."""
+    total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    return total, cfg.warmup_steps if cfg.warmup_steps >= 0 else min(500, total // 10)
+
+
+def _factor(s: int, total: int, warmup: int) -> float:
+    """train()'s LambdaLR at step s (0 past the member's last step: it no longer updates)."""
+    if s >= total:
+        return 0.0
+    return (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+
+
+def _check(cfgs: list[TrainConfig]) -> None:
+    if not cfgs:
+        raise TrainConfigError(expected("at least one config to train", "none"))
+    keys = [stack_key(c) for c in cfgs]
+    if len(set(keys)) != 1:
+        diff = sorted({k for key in keys for k, v in key if dict(keys[0]).get(k) != v})
+        raise TrainConfigError(expected("configs that share the network shape and the batches (stack_key)",
+                                        f"configs that differ in {', '.join(diff)}"))
+    if cfgs[0].online:
+        raise TrainConfigError(expected("cached runs for stacked training", "--online"))
+    if cfgs[0].head != "lst":
+        raise TrainConfigError(expected("the LST side network for stacked training", f"head {cfgs[0].head}"))
 
 
 def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
-                  on_epoch: list[Callable[[int, dict[str, Any]], None] | None] | None = None) -> list[dict[str, Any]]:
-    """Train len(cfgs) side networks in one pass; a list of `train()`-like summaries, one per config.
+                  on_epoch: list[Callable[[int, dict[str, Any]], None] | None] | None = None,
+                  engine: str = "auto") -> list[dict[str, Any]]:
+    """Train len(cfgs) side networks in one pass; a list of `train()` summaries, one per config.
 
-    `on_epoch[k]` raising stops reporting for member k (a pruned trial); its summary has "stopped": the
-    exception, and its run folder only config.json (as a pruned `train()` run).
+    `on_epoch[k]` raising stops member k (a pruned trial): its summary has "stopped": the exception, and
+    its run folder only config.json (as a pruned `train()` run). `engine`: auto (the kind's fused
+    network when it has one, else vmap), fused, or vmap.
     """
-    from torch.func import functional_call, stack_module_state
-
-    if len({stack_key(c) for c in cfgs}) != 1:
-        raise TrainConfigError(expected("configs that differ only in lr, weight decay and grad clip",
-                                        "configs that differ in the network or the batches"))
+    _check(cfgs)
     cfg0, k_n = cfgs[0], len(cfgs)
-    if cfg0.online:
-        raise TrainConfigError(expected("cached runs for stacked training", "--online"))
-    if cfg0.head != "lst":
-        raise TrainConfigError(expected("the LST side network for stacked training", f"head {cfg0.head}"))
+    batch_seed = cfg0.seed if cfg0.data_seed is None else cfg0.data_seed
+    cfgs = [dataclasses.replace(c, data_seed=batch_seed) for c in cfgs]  # as run: recorded in config.json
     callbacks = list(on_epoch or [None] * k_n)
     device = resolve_device(cfg0.device)
     store = store or open_store(cfg0.store)
@@ -113,114 +205,135 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
     for c in cfgs:  # as train(): the seed fixes the initial weights (and --init pruned starts from the backbone)
         torch.manual_seed(c.seed)
         models.append(kind.stack_member(c, store, device))
+    net = getattr(kind, "fuse_stack", lambda members: None)(models) if engine in ("auto", "fused") else None
+    if net is None and engine == "fused":
+        raise TrainConfigError(expected("a side network the store kind fuses", type(models[0]).__name__,
+                                        "Use engine='vmap'."))
+    if net is None:
+        unequal = [f for f in VMAP_SHARED if len({getattr(c, f) for c in cfgs}) > 1]
+        if unequal:
+            raise TrainConfigError(expected(f"equal {', '.join(unequal)} across members stacked under vmap", unequal))
+        net = _VmapStack(models)
     for c in cfgs:
-        write_config(Path(c.out), resolved_config(c, manifest, metric, eval_name, stacked_with=k_n))
-    params, buffers = stack_module_state(models)  # {name: (K, ...)} leaves with requires_grad
-    frozen = {n for n, p in models[0].named_parameters() if not p.requires_grad}  # unused side embeddings
-    params = {n: p.detach() if n in frozen else p for n, p in params.items()}
-    trained = {n: p for n, p in params.items() if n not in frozen}
-    base = copy.deepcopy(models[0]).to("meta")
-    for module in base.modules():  # vmap has no batching rule for CPU flash attention; eager batches well
-        if getattr(module, "config", None) is not None:
-            module.config._attn_implementation = "eager"
-
-    def forward(p, b, hidden, mask):
-        return functional_call(base, (p, b), (hidden, mask))
-
-    vforward = torch.vmap(forward, in_dims=(0, 0, None, None), randomness="different")
-    optim = _StackedAdamW(trained, torch.tensor([c.lr for c in cfgs], device=device),
-                          torch.tensor([c.weight_decay for c in cfgs], device=device))
-    clips = torch.tensor([c.grad_clip or 0.0 for c in cfgs], device=device)
+        write_config(Path(c.out), resolved_config(c, manifest, metric, eval_name, stacked_with=k_n,
+                                                  stacked_batches=BATCH_ORDER))
+    rows = _Rows(torch.stack([net.row(m) for m in models]).to(device), list(range(k_n)), cfgs, device)
+    _track(net, rows)
+    amp = autocast(cfg0, device)
+    torch.manual_seed(batch_seed)  # the dropout masks of the stack
     steps_per_epoch = -(-len(train_split) // cfg0.batch_size)
-    total = steps_per_epoch * cfg0.epochs if not cfg0.max_steps else min(cfg0.max_steps, steps_per_epoch * cfg0.epochs)
-    warmup = cfg0.warmup_steps if cfg0.warmup_steps >= 0 else min(500, total // 10)
-
-    def factor(s: int) -> float:  # train()'s LambdaLR schedule
-        return (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
-
+    schedules = [_schedule(c, steps_per_epoch) for c in cfgs]
     sources = {n: CachedBatches(store.split(n), None, cfg0.preload) for n in store.split_names
                if store.split(n).labels is not None}
-    step, losses, history = 0, [], [[] for _ in cfgs]
+    step = 0
+    losses: list[list[float]] = [[] for _ in cfgs]
+    history: list[list[dict[str, Any]]] = [[] for _ in cfgs]
     best = [-np.inf] * k_n
-    best_state: list[dict[str, torch.Tensor] | None] = [None] * k_n
+    best_row: list[torch.Tensor | None] = [None] * k_n
     stopped: list[BaseException | None] = [None] * k_n
-    train_seconds = 0.0
-    for epoch in range(cfg0.epochs):
-        base.train()
+    train_seconds = [0.0] * k_n
+    out: list[dict[str, Any] | None] = [None] * k_n
+    for epoch in range(max(c.epochs for c in cfgs)):
+        if not rows.members:
+            break
         t0 = time.perf_counter()
-        batches = length_bucketed_batches(train_split.lengths, cfg0.batch_size, cfg0.seed, epoch)
+        batches = length_bucketed_batches(train_split.lengths, cfg0.batch_size, batch_seed, epoch)
         for b in iterate(sources[cfg0.train_split], batches, device):
-            logits = vforward(params, buffers, b.hidden, b.mask)  # (K, B, C)
+            stepping = [j for j, k in enumerate(rows.members) if step < schedules[k][0]]
+            if not stepping:
+                break
+            with amp:
+                logits = net.forward(rows.flat, b.hidden, b.mask, True, rows.dropout, rows.attention_dropout)
+            logits = logits.float()
             if task == "regression":
                 per = ((logits.squeeze(-1) - b.labels.float()) ** 2).mean(1)
             else:
-                per = F.cross_entropy(logits.flatten(0, 1), b.labels.repeat(k_n), reduction="none").view(k_n, -1).mean(1)
-            per.sum().backward()  # members share no parameter: each gets its own gradient
-            _clip(trained, clips)
-            optim.step(factor(step))
-            losses.append(per.detach().cpu().numpy())
+                n_m = logits.shape[0]
+                per = F.cross_entropy(logits.flatten(0, 1), b.labels.repeat(n_m), reduction="none").view(n_m, -1).mean(1)
+            per.sum().backward()  # members share no parameter: each row gets its own gradient
+            rows.step(torch.tensor([_factor(step, *schedules[k]) for k in rows.members], device=device))
+            values = per.detach().cpu().tolist()
+            for j in stepping:
+                losses[rows.members[j]].append(values[j])
             step += 1
-            if step >= total:
-                break
-        seconds = (time.perf_counter() - t0) / k_n  # one pass trains every member: each gets its share
-        train_seconds += seconds
-        base.eval()
-        preds = _predict(lambda b: vforward(params, buffers, b.hidden, b.mask), k_n, sources[eval_name],
-                         store.split(eval_name), cfg0.batch_size, task, device) if eval_name else None
-        for k in range(k_n):
-            record = {"epoch": epoch + 1, "step": step, "seconds": seconds, "data_wait_fraction": 0.0,
-                      "train_loss": float(np.mean([x[k] for x in losses[-len(batches):]]))}
+        ran = list(rows.members)
+        seconds = (time.perf_counter() - t0) / len(ran)  # one pass trains every member: each gets its share
+        preds = _predict(net, rows.flat.detach(), sources[eval_name], store.split(eval_name), cfg0.batch_size,
+                         task, device, amp) if eval_name else None
+        done = []
+        for j, k in enumerate(ran):
+            train_seconds[k] += seconds
+            record = {"epoch": epoch + 1, "step": min(step, schedules[k][0]), "seconds": seconds,
+                      "data_wait_fraction": 0.0, "train_loss": float(np.mean(losses[k][-len(batches):]))}
             if preds is not None:
-                scores = M.compute(task, preds[k], store.split(eval_name).labels, num_labels)
+                scores = M.compute(task, preds[j], store.split(eval_name).labels, num_labels)
                 record.update({f"eval_{m}": v for m, v in scores.items()})
-                if scores[metric] > best[k] and stopped[k] is None:
+                if scores[metric] > best[k]:
                     best[k] = scores[metric]
-                    best_state[k] = {n: p[k].detach().clone() for n, p in {**params, **buffers}.items()}
+                    best_row[k] = rows.flat[j].detach().clone()
             history[k].append(record)
-            if callbacks[k] is not None and stopped[k] is None:
+            if callbacks[k] is not None:
                 try:
                     callbacks[k](epoch + 1, record)
                 except Exception as err:  # noqa: BLE001 - a pruned member stops; the stack goes on
                     stopped[k] = err
-        if all(s is not None for s in stopped) or step >= total:
-            break
-    out = []
-    for k, (c, model) in enumerate(zip(cfgs, models)):
-        if stopped[k] is not None:
-            out.append({"metric": metric, "stopped": stopped[k], "history": history[k]})
-            continue
-        state = best_state[k] or {n: p[k].detach() for n, p in {**params, **buffers}.items()}
-        model.load_state_dict(state, strict=False)
-        out.append(_finish(c, model, store, sources, task, num_labels, metric, eval_name, best[k], history[k],
-                           [float(x[k]) for x in losses], step, train_seconds, device, k_n))
-    return out
+            if stopped[k] is not None:
+                out[k] = {"metric": metric, "stopped": stopped[k], "history": history[k]}
+                done.append(k)
+            elif epoch + 1 >= cfgs[k].epochs or step >= schedules[k][0]:
+                if best_row[k] is None:
+                    best_row[k] = rows.flat[j].detach().clone()
+                done.append(k)
+        finishing = [k for k in done if stopped[k] is None]
+        if finishing:
+            finished = _finish(net, [best_row[k] for k in finishing], [models[k] for k in finishing], store, sources,
+                               cfgs[0], task, num_labels, amp, device)
+            for k, (splits, predictions) in zip(finishing, finished):
+                c = cfgs[k]
+                summary = run_summary(
+                    metric=metric, eval_split=eval_name, best_eval=None if best[k] == -np.inf else float(best[k]),
+                    splits=splits, history=history[k], steps=len(losses[k]), train_seconds=train_seconds[k],
+                    examples=len(train_split) * len(history[k]) if not c.max_steps else len(losses[k]) * c.batch_size,
+                    wait_seconds=0.0, peak_memory_bytes=0, peak_memory_kind="not measured (stacked)", mode="cached",
+                    head="lst", trainable_parameters=sum(p.numel() for p in models[k].parameters() if p.requires_grad),
+                    stacked_with=k_n)
+                write_run(Path(c.out), models[k], summary, predictions, losses[k])
+                out[k] = summary
+        if done:
+            rows.keep([k for k in rows.members if k not in done], cfgs, device)
+            _track(net, rows)
+    return [o if o is not None else {"metric": metric, "stopped": TrainConfigError("not trained"), "history": []}
+            for o in out]
+
+
+def _track(net, rows: _Rows) -> None:
+    if isinstance(net, _VmapStack):
+        net.rows = torch.tensor(rows.members, dtype=torch.long)
 
 
 @torch.no_grad()
-def _predict(logits_of: Callable[[Any], torch.Tensor], k_n: int, source, split, batch_size: int, task: str,
-             device: torch.device) -> np.ndarray:
-    """(K, n) predictions of every member for a split, in the split's order (batches as `lst train`'s
-    evaluation); `logits_of(batch)` -> (K, B, C)."""
+def _predict(net, flat: torch.Tensor, source, split, batch_size: int, task: str, device, amp) -> np.ndarray:
+    """(K, n) predictions of every row for a split, in the split's order (batches as `lst train`'s evaluation)."""
     batches = length_bucketed_batches(split.lengths, batch_size * 2, seed=0, epoch=0, shuffle=False)
-    out = np.zeros((k_n, len(split)), dtype=np.float32 if task == "regression" else np.int64)
+    out = np.zeros((flat.shape[0], len(split)), dtype=np.float32 if task == "regression" else np.int64)
     for idx, b in zip(batches, iterate(source, batches, device)):
-        logits = logits_of(b).float()
+        with amp:
+            logits = net.forward(flat, b.hidden, b.mask, False).float()
         out[:, idx] = (logits.squeeze(-1) if task == "regression" else logits.argmax(-1)).cpu().numpy()
     return out
 
 
-def _finish(cfg: TrainConfig, model, store, sources, task, num_labels, metric, eval_name, best, history, losses,
-            step, train_seconds, device, k_n) -> dict[str, Any]:
-    """Evaluate one member and write its run folder (the files `train()` writes)."""
-    model.eval()
-    results, predictions = evaluate_splits(store, list(sources), cfg.train_split, task, num_labels, lambda name: _predict(
-        lambda b: model(b.hidden, b.mask)[None], 1, sources[name], store.split(name), cfg.batch_size, task, device)[0])
-    summary = run_summary(metric=metric, eval_split=eval_name, best_eval=None if best == -np.inf else float(best),
-                          splits=results, history=history, steps=step, train_seconds=train_seconds,
-                          examples=len(store.split(cfg.train_split)) * len(history), wait_seconds=0.0,
-                          peak_memory_bytes=0, peak_memory_kind="not measured (stacked)", mode="cached", head="lst",
-                          trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                          stacked_with=k_n)
-    out = Path(cfg.out)
-    write_run(out, model, summary, predictions, losses)
-    return summary
+def _finish(net, best_rows, models, store, sources, cfg0, task, num_labels, amp, device):
+    """Finishing members: their best rows loaded into their models, and every labelled split but the
+    training one predicted for all of them in one stacked pass per split; [(splits, predictions)]."""
+    flat = torch.stack(best_rows)
+    if isinstance(net, _VmapStack):
+        net.rows = torch.zeros(len(best_rows), dtype=torch.long)  # frozen parts and buffers are equal across members
+    preds = {name: _predict(net, flat, sources[name], store.split(name), cfg0.batch_size, task, device, amp)
+             for name in sources if name != cfg0.train_split}
+    out = []
+    for j, model in enumerate(models):
+        model.load_state_dict(net.state(best_rows[j]), strict=False)
+        out.append(evaluate_splits(store, list(sources), cfg0.train_split, task, num_labels,
+                                   lambda name, j=j: preds[name][j]))
+    return out

@@ -10,9 +10,11 @@ from ..registry import SearchFacts, StoreKind
 from .model import reduction_rule
 from .predict import Predictor
 from .recipe import encoder_recipe, init_model
+from .stacked_model import FusedStack
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
     from featcache.reader import StoreReader
 
@@ -39,3 +41,6 @@ class EncoderKind(StoreKind):
 
     def stack_member(self, cfg: TrainConfig, store: StoreReader, device: torch.device) -> LadderSideNetwork:
         return init_model(cfg, store, device)
+
+    def fuse_stack(self, members: list[nn.Module]) -> FusedStack | None:
+        return FusedStack.fuse(members)
