@@ -1,4 +1,4 @@
-"""Empirical Fisher information for `--init pruned`, shared by every kind (DESIGN section 1).
+"""Empirical Fisher information for `--init pruned`, shared by every kind (docs/design.md section 1).
 
 A side block starts as the backbone block it sits beside, structurally pruned to 1/r of its channels,
 the channels ranked by the empirical Fisher information: the sum over batches of the squared gradient

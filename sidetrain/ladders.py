@@ -1,4 +1,4 @@
-"""The ladders of an LST side network (DESIGN.md section 1), shared by every kind's side network.
+"""The ladders of an LST side network (docs/design.md section 1), shared by every kind's side network.
 
     s = W_emb h_0 + b_emb                                 # embedding ladder, d -> d/r
     for j, i in enumerate(K):                             # kept backbone layers

@@ -1,4 +1,4 @@
-"""The LST side network for encoder-only backbones (DESIGN.md section 1).
+"""The LST side network for encoder-only backbones (docs/design.md section 1).
 
     s = W_emb e + b_emb                                   # embedding ladder, d -> d/r  (sidetrain/ladders.py)
     for j, i in enumerate(K):                             # kept backbone layers

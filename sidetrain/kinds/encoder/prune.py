@@ -1,4 +1,4 @@
-"""Pruned initialisation of the encoder-only side blocks (DESIGN section 1, the paper's default).
+"""Pruned initialisation of the encoder-only side blocks (docs/design.md section 1, the paper's default).
 
 Side block j starts as the backbone block it sits beside, structurally pruned to 1/r of its channels:
 the residual stream (one channel set shared by every block, since the residual adds them up),

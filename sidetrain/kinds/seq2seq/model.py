@@ -1,4 +1,4 @@
-"""The LST side network for encoder-decoder backbones (T5; DESIGN.md section 1).
+"""The LST side network for encoder-decoder backbones (T5; docs/design.md section 1).
 
     side encoder (input x, backbone encoder states h_0..h_L):
         s = W_e h_0 + b_e;  for j, i in K_enc: s = mu_j s + (1 - mu_j)(W_j h_i + b_j); s = T5Block_j(s)

@@ -1,4 +1,4 @@
-"""Pruned initialisation of the T5 side blocks (DESIGN section 1, the paper's default).
+"""Pruned initialisation of the T5 side blocks (docs/design.md section 1, the paper's default).
 
 Each side block starts as the backbone block it sits beside, structurally pruned to 1/r of its
 channels: d_model channels (one set for the whole residual stream), feed-forward neurons and, per
