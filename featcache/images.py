@@ -111,6 +111,10 @@ def load_image_splits(dataset: str, image_column: str | None, label_column: str 
         raise DatasetError(expected("an image folder, a csv/tsv/jsonl/parquet file or a save_to_disk folder",
                                     f"'{dataset}' (no such path)"))
     folders = _folder_splits(path) if path.is_dir() else {}
+    if path.is_dir() and not folders and not _has_tables(path):
+        raise DatasetError(expected(f"images under '{dataset}' (<split>/<class>/*.png|jpg, ...), a table per split "
+                                    "with an image column, or a save_to_disk folder", "no image files and no tables",
+                                    f"Image files end in {', '.join(IMAGE_SUFFIXES)}."))
     if folders:
         found, columns = {n: _folder_split(n, p) for n, p in folders.items()}, {"image": None, "label": "folder"}
     else:
@@ -126,6 +130,12 @@ def load_image_splits(dataset: str, image_column: str | None, label_column: str 
                                         f"Check {s.source} (images end in {', '.join(IMAGE_SUFFIXES)})."))
     _check_labels(found)
     return found, columns
+
+
+def _has_tables(path: Path) -> bool:
+    from .sources import SUFFIXES
+
+    return any(p.suffix.lower() in SUFFIXES or p.name == "dataset_dict.json" for p in path.iterdir())
 
 
 def _folder_split(name: str, folder: Path) -> ImageSplit:

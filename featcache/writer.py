@@ -35,7 +35,7 @@ from .backbone import load_model_config
 from .config import ExtractConfig
 from .destination import SOMETHING_ELSE_HINT, describe, remove_store, zarr_location
 from .errors import BackboneError, LstError, StoreError, expected
-from .kinds import ROOT, KindPlan, PartPlan, RowsFn, StoreKind, kind_for_request
+from .kinds import ROOT, KindPlan, PartPlan, RowsFn, StoreKind, kind_claiming_name, kind_for_request
 from .layout import Layout, create_part, plan_layout
 from .lease import writer_lease
 from .progress import progress_bar
@@ -112,6 +112,9 @@ def _kind_and_config(cfg: ExtractConfig, backbone: Any | None) -> tuple[StoreKin
     that has none, such as a named CNN a kind knows: the kind then claims it by name)."""
     if backbone is not None:
         return kind_for_request(cfg, getattr(backbone, "config", None)), getattr(backbone, "config", None)
+    named = kind_claiming_name(cfg.model)
+    if named is not None:  # a name a kind knows (efficientnet-lite0): no config lookup, no hub request
+        return named, None
     try:
         config = load_model_config(cfg.model)
     except BackboneError as err:

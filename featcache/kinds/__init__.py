@@ -16,11 +16,12 @@ from .registry import (
     RowsFn,
     StoreKind,
     get_kind,
+    kind_claiming_name,
     kind_for_request,
     kind_of,
     register_kind,
     registered_kinds,
 )
 
-__all__ = ["ROOT", "KindPlan", "PartPlan", "RowsFn", "StoreKind", "get_kind", "kind_for_request", "kind_of",
+__all__ = ["ROOT", "KindPlan", "PartPlan", "RowsFn", "StoreKind", "get_kind", "kind_claiming_name", "kind_for_request", "kind_of",
            "register_kind", "registered_kinds"]

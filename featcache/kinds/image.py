@@ -60,6 +60,9 @@ def image_splits(cfg: ExtractConfig):
 class ImageKind(StoreKind):
     name = "image"
 
+    def claims_name(self, model: str) -> bool:
+        return is_cnn_name(model)
+
     def matches(self, cfg: ExtractConfig, config: Any) -> bool:
         return is_cnn_name(cfg.model) or vision_config(config) is not None or \
             looks_like_images(cfg.dataset, cfg.image_column)

@@ -72,6 +72,11 @@ class StoreKind:
         """Whether this kind handles the request; `config` is the backbone's transformers config or None."""
         raise NotImplementedError
 
+    def claims_name(self, model: str) -> bool:
+        """Whether `model` is a name this kind knows without a transformers config (a bundled CNN): the
+        writer then looks no config up (no hub request) and passes config=None."""
+        return False
+
     def plan(self, cfg: ExtractConfig, config: Any, backbone: Any | None) -> KindPlan:
         raise NotImplementedError
 
@@ -123,6 +128,11 @@ def kind_for_request(cfg: ExtractConfig, config: Any) -> StoreKind:
         return (specific or matching)[0]
     raise BackboneError(expected(f"a backbone one of the store kinds {registered_kinds()} can extract",
                                  f"'{cfg.model}' ({type(config).__name__ if config is not None else 'no config'})"))
+
+
+def kind_claiming_name(model: str) -> StoreKind | None:
+    """The kind that knows `model` by name alone (StoreKind.claims_name), if any."""
+    return next((k for k in _KINDS.values() if k.claims_name(model)), None)
 
 
 def kind_of(manifest: dict[str, Any]) -> str:
