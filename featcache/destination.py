@@ -140,7 +140,7 @@ def describe(out: str) -> Destination:
 
 
 def _something_else(out: str) -> StoreError:
-    return StoreError(expected("an empty directory or an lst store at --out", f"'{out}' holds something else",
+    return StoreError(expected("an empty directory or an lst store at --out", f"'{out}', which holds something else",
                                SOMETHING_ELSE_HINT))
 
 

@@ -72,7 +72,7 @@ def open_for_write(cfg: ExtractConfig, request: dict[str, Any]) -> tuple[zarr.Gr
                 _reopen_damaged(cfg, group, manifest)
             return group, bool(manifest.get("layout_complete"))
     elif found.holds_anything and not found.bare:
-        raise StoreError(expected("an empty directory or an lst store at --out", f"'{cfg.out}' holds something else",
+        raise StoreError(expected("an empty directory or an lst store at --out", f"'{cfg.out}', which holds something else",
                                   SOMETHING_ELSE_HINT))
     return zarr.open_group(where, mode="a"), False
 

@@ -38,5 +38,5 @@ def predict_lines(run: str, texts: list[str], generate: bool = False, device: st
     if generate and not kind.generates:
         makers = [n for n in kind_names() if kind_for({"kind": n}).generates]
         raise LstError(f"Expected a run trained on a store of a kind that generates text ({', '.join(makers)}) "
-                       f"for --generate. Got '{run}' (a {kind.name} run). Drop --generate.")
+                       f"for --generate. Got '{run}' (its store's kind is {kind.name}). Drop --generate.")
     return kind.predict_lines(Path(run), config, texts, generate, device)
