@@ -193,18 +193,6 @@ def test_stacked_members_match_separate_runs(store, tmp_path):
     assert {"config.json", "metrics.json", "model.safetensors"} <= {p.name for p in (tmp_path / "stk1").iterdir()}
 
 
-def test_sweep_stacks_trials_that_share_a_batch_shape(store, tmp_path):
-    out = tmp_path / "sw"
-    summary = run_sweep(SweepConfig(store=str(store), out=str(out), trials=3, stack=2, prune=False,
-                                    space={**_fast(), "epochs": 1}, device="cpu", threads=1))
-    assert summary["finished"] == 3
-    first, second, third = sorted(trials_of(out), key=lambda t: t.number)
-    assert first.params["reduction_factor"] == second.params["reduction_factor"]  # stacked: same network shape
-    for t, k in ((first, 2), (second, 2), (third, 1)):
-        metrics = json.loads((out / "trials" / str(t.number) / "metrics.json").read_text())
-        assert metrics.get("stacked_with", 1) == k
-
-
 def test_seeded_sampler_repeats_and_resumes_with_new_draws(store, tmp_path):
     space = {"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "epochs": 1, "batch_size": 32}
     lrs = []

@@ -99,25 +99,16 @@ def claim(study, cfg: SweepConfig, worker: int):
     return trial
 
 
-def claim_group(cfg: SweepConfig, space: dict[str, S.Param], study, worker: int) -> list[tuple[Any, dict[str, Any]]]:
-    """Up to `stack` trials that can train in one pass: the first is sampled freely, the others get its
-    network and batch settings enqueued and sample only per-member ones (lr, ...). Under the claim lock."""
-    from optuna.trial import TrialState
-
-    from .stacked import PER_MEMBER
-
-    first = claim(study, cfg, worker)
-    if first is None:
-        return []
-    group = [(first, S.suggest(first, space))]
-    shared = {k: v for k, v in first.params.items() if k not in PER_MEMBER}
-    while len(group) < cfg.stack and budget_left(study, cfg) > 0:
-        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            break  # queued retries keep their own settings: they run in a later group
-        study.enqueue_trial(shared, user_attrs={"stacked_with_trial": first.number})
+def claim_pool(cfg: SweepConfig, space: dict[str, S.Param], study, worker: int, n: int) -> list[tuple[Any, dict[str, Any]]]:
+    """Up to `n` trials, each sampled freely, with their settings (call under the claim lock). The sweep
+    groups them into stacks by shape afterwards (sweep.stacks), so stacking does not narrow the search."""
+    pool = []
+    while len(pool) < n:
         trial = claim(study, cfg, worker)
-        group.append((trial, S.suggest(trial, space)))
-    return group
+        if trial is None:
+            break
+        pool.append((trial, S.suggest(trial, space)))
+    return pool
 
 
 @contextlib.contextmanager

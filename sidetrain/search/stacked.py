@@ -110,6 +110,7 @@ class _Rows:
         self.v = torch.zeros_like(flat)
         self.members = members
         self.t = 0
+        self.steps = [torch.zeros((), dtype=torch.float32) for _ in members]  # AdamW's step count per row
         self._set(cfgs, device)
 
     def _set(self, cfgs, device) -> None:
@@ -127,27 +128,30 @@ class _Rows:
         idx = torch.tensor([self.members.index(k) for k in members], dtype=torch.long, device=self.flat.device)
         self.flat = self.flat.detach()[idx].clone().requires_grad_(True)
         self.m, self.v = self.m[idx].clone(), self.v[idx].clone()
+        self.steps = [self.steps[self.members.index(k)] for k in members]
         self.members = members
         self._set(cfgs, device)
 
     @torch.no_grad()
-    def step(self, factors: torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
-        """clip_grad_norm_ per member, then torch.optim.AdamW's update with lr * factor per member."""
+    def step(self, factors: list[float], betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        """clip_grad_norm_ per member, then torch's fused AdamW kernel on each member's row with that
+        member's lr * schedule factor and weight decay (the kernel `lst train` runs); a member whose
+        factor is 0 (past its last step) is not touched."""
+        from torch.optim.adamw import adamw
+
         g = self.flat.grad
         if bool((self.clip > 0).any()):
-            norm = g.pow(2).sum(1).sqrt()
+            norm = torch.linalg.vector_norm(g, dim=1)
             coef = (self.clip / (norm + 1e-6)).clamp(max=1.0)
             g.mul_(torch.where(self.clip > 0, coef, torch.ones_like(coef))[:, None])
         self.t += 1
-        b1, b2 = betas
-        lr = (self.lr * factors)[:, None]
-        p = self.flat
-        p.mul_(1 - lr * self.decay[:, None])
-        self.m.lerp_(g, 1 - b1)
-        self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (self.v.sqrt() / math.sqrt(1 - b2 ** self.t)).add_(eps)
-        p.addcdiv_(self.m * (lr / (1 - b1 ** self.t)), denom, value=-1.0)
-        p.grad = None
+        lrs, decays = self.lr.tolist(), self.decay.tolist()
+        for j, f in enumerate(factors):
+            if f <= 0:
+                continue
+            adamw([self.flat[j]], [g[j]], [self.m[j]], [self.v[j]], [], [self.steps[j]], fused=True, amsgrad=False,
+                  beta1=betas[0], beta2=betas[1], lr=lrs[j] * f, weight_decay=decays[j], eps=eps, maximize=False)
+        self.flat.grad = None
 
 
 def _schedule(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
@@ -251,7 +255,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
                 n_m = logits.shape[0]
                 per = F.cross_entropy(logits.flatten(0, 1), b.labels.repeat(n_m), reduction="none").view(n_m, -1).mean(1)
             per.sum().backward()  # members share no parameter: each row gets its own gradient
-            rows.step(torch.tensor([_factor(step, *schedules[k]) for k in rows.members], device=device))
+            rows.step([_factor(step, *schedules[k]) for k in rows.members])
             values = per.detach().cpu().tolist()
             for j in stepping:
                 losses[rows.members[j]].append(values[j])

@@ -33,12 +33,13 @@ from ..recipe import pick_eval_split
 from ..run_files import prepare_run_dir
 from ..train import train
 from . import space as S
-from .claims import claim, claim_group, claim_lock, heartbeat, recover_stale
+from .claims import claim_lock, claim_pool, heartbeat, recover_stale
 from .config import SweepConfig
 from .study import check_identity, identity, open_storage, open_study, redact
 
 log = logging.getLogger(__name__)
 MAX_FAILURES_IN_A_ROW = 3
+POOL_STACKS = 2  # --stack K: trials are sampled 2K at a time, then grouped into stacks by shape
 
 
 @dataclass
@@ -47,6 +48,7 @@ class _Context:
     store: StoreReader
     space: dict[str, S.Param]
     metric: str
+    stackable: bool = False  # the store kind's trials may train K at a time (search/stacked.py)
 
 
 def _prepare(cfg: SweepConfig, store: StoreReader | None = None) -> _Context:
@@ -61,7 +63,7 @@ def _prepare(cfg: SweepConfig, store: StoreReader | None = None) -> _Context:
     if cfg.stack > 1 and not S.search_facts(m).stackable:
         raise SweepError(expected("--stack 1 for this store (its kind's trials cannot be trained K at a time)",
                                   f"--stack {cfg.stack}", "Drop --stack."))
-    return _Context(cfg, store, S.resolve_space(m, cfg.space), metric)
+    return _Context(cfg, store, S.resolve_space(m, cfg.space), metric, S.search_facts(m).stackable)
 
 
 # ---------------------------------------------------------------- trials
@@ -127,9 +129,8 @@ def _run_trial(ctx: _Context, study, trial, values: dict[str, Any]) -> bool:
     epochs_seen: list[int] = []
     t0 = time.perf_counter()
     try:
-        with heartbeat(trial, ctx.cfg.heartbeat_s):
-            summary = train(_train_config(ctx, trial, values), store=ctx.store,
-                            on_epoch=_pruning_hook(ctx, trial, epochs_seen))
+        summary = train(_train_config(ctx, trial, values), store=ctx.store,
+                        on_epoch=_pruning_hook(ctx, trial, epochs_seen))
     except KeyboardInterrupt:
         _interrupted(study, [trial])
         raise
@@ -140,19 +141,16 @@ def _run_trial(ctx: _Context, study, trial, values: dict[str, Any]) -> bool:
 
 def _run_stack(ctx: _Context, study, group: list[tuple[Any, dict[str, Any]]]) -> list[bool]:
     """Train a group of trials in one pass over the data (sidetrain.search.stacked) and tell each."""
-    from .stacked import stack_key, train_stacked
+    from .stacked import train_stacked
 
+    if len(group) == 1:
+        return [_run_trial(ctx, study, *group[0])]
     cfgs = [_train_config(ctx, t, v) for t, v in group]
-    if len(group) == 1 or len({stack_key(c) for c in cfgs}) != 1 or cfgs[0].head != "lst":
-        return [_run_trial(ctx, study, t, v) for t, v in group]
     seen: list[list[int]] = [[] for _ in group]
     hooks = [_pruning_hook(ctx, t, s) for (t, _), s in zip(group, seen)]
     t0 = time.perf_counter()
     try:
-        with contextlib.ExitStack() as beats:
-            for t, _ in group:
-                beats.enter_context(heartbeat(t, ctx.cfg.heartbeat_s))
-            summaries = train_stacked(cfgs, store=ctx.store, on_epoch=hooks)
+        summaries = train_stacked(cfgs, store=ctx.store, on_epoch=hooks)
     except KeyboardInterrupt:
         _interrupted(study, [t for t, _ in group])
         raise
@@ -160,6 +158,21 @@ def _run_stack(ctx: _Context, study, group: list[tuple[Any, dict[str, Any]]]) ->
         return [_tell(ctx, study, t, v, t0, err=err) for t, v in group]
     return [_tell(ctx, study, t, v, t0, None if "stopped" in s else s, err=s.get("stopped"), epochs_run=len(e))
             for (t, v), s, e in zip(group, summaries, seen)]
+
+
+def stacks(ctx: _Context, pool: list[tuple[Any, dict[str, Any]]]) -> list[list[tuple[Any, dict[str, Any]]]]:
+    """Claimed trials grouped by what a stack must share (network shape, batches: stacked.stack_key),
+    in chunks of at most --stack, in the order of their first trial. Trials of kinds that cannot stack, and
+    the linear probe, run alone."""
+    from .stacked import stack_key
+
+    groups: dict[tuple, list[tuple[Any, dict[str, Any]]]] = {}
+    for t, v in pool:
+        cfg = _train_config(ctx, t, v)
+        key = stack_key(cfg) if ctx.stackable and cfg.head == "lst" and not cfg.online else ("alone", t.number)
+        groups.setdefault(key, []).append((t, v))
+    k = ctx.cfg.stack
+    return [g[i:i + k] for g in groups.values() for i in range(0, len(g), k)]
 
 
 @contextlib.contextmanager
@@ -175,24 +188,49 @@ def _quiet_epochs() -> Iterator[None]:
 
 
 def work(ctx: _Context, study, worker: int = 0, bar=None) -> int:
-    """Claim and run trials until the study holds `trials` finished ones; the number this worker ran."""
+    """Claim and run trials until the study holds `trials` finished ones; the number this worker ran.
+
+    With --stack K: sample a pool of trials (claim_pool, 2K at a time), group them by shape into stacks of
+    up to K (`stacks`), run each stack in one pass. Every claimed trial beats while its pool runs."""
     out, done, failures = Path(ctx.cfg.out), 0, 0
+    pool_size = POOL_STACKS * ctx.cfg.stack if ctx.cfg.stack > 1 else 1
     with _quiet_epochs():
         while True:
             with claim_lock(out):
                 recover_stale(study, ctx.cfg)
-                group = claim_group(ctx.cfg, ctx.space, study, worker) if ctx.cfg.stack > 1 else \
-                    [(t, S.suggest(t, ctx.space)) for t in [claim(study, ctx.cfg, worker)] if t is not None]
-            if not group:
+                pool = claim_pool(ctx.cfg, ctx.space, study, worker, pool_size)
+            if not pool:
                 return done
-            oks = _run_stack(ctx, study, group) if len(group) > 1 else [_run_trial(ctx, study, *group[0])]
-            for ok in oks:
-                done, failures = (done + 1, 0) if ok else (done, failures + 1)
-                if ok and bar is not None:
-                    bar.advance()
+            groups = stacks(ctx, pool)
+            told: set[int] = set()
+            group: list[tuple[Any, dict[str, Any]]] = []
+            with contextlib.ExitStack() as beats:
+                for t, _ in pool:
+                    beats.enter_context(heartbeat(t, ctx.cfg.heartbeat_s))
+                try:
+                    for group in groups:
+                        oks = _run_stack(ctx, study, group)
+                        told.update(t.number for t, _ in group)
+                        for ok in oks:
+                            done, failures = (done + 1, 0) if ok else (done, failures + 1)
+                            if ok and bar is not None:
+                                bar.advance()
+                        if failures >= MAX_FAILURES_IN_A_ROW:
+                            break
+                except KeyboardInterrupt:  # the claimed trials not yet run are queued again too
+                    _interrupted(study, [t for g in groups for t, _ in g
+                                         if t.number not in told and t not in [x for x, _ in group]])
+                    raise
+                _fail_unrun(study, [t for t, _ in pool if t.number not in told])
             if failures >= MAX_FAILURES_IN_A_ROW:
                 raise SweepError(f"{failures} trials in a row failed in worker {worker}; the errors are in the "
                                  "trials' user attributes and the log. Fix it and re-run the same command to resume.")
+
+
+def _fail_unrun(study, trials) -> None:
+    """Claimed trials a pool stopped before running (too many failures): failed, settings queued again."""
+    if trials:
+        _interrupted(study, trials)
 
 
 def _worker_main(cfg: SweepConfig, worker: int, threads: int) -> None:
