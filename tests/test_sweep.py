@@ -94,10 +94,18 @@ def test_killed_trial_is_retried_not_lost(store, tmp_path):
     try:
         while victim is None and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
-            if (out / "study.db").exists():
-                with contextlib.suppress(Exception):  # the study may not exist yet
+            # sweep.json is written once the study exists: reading study.db before would race the sweep
+            # creating it (open_storage retries that race; this test is about the kill, not the race)
+            if not (out / "sweep.json").exists():
+                continue
+            os.kill(proc.pid, signal.SIGSTOP)  # frozen while we look: the trial seen running is still running
+            try:
+                with contextlib.suppress(Exception):  # the sweep was stopped mid-write (database locked)
                     # mid-trial: RUNNING with at least one epoch reported
                     victim = next((t for t in trials_of(out, "RUNNING") if t.intermediate_values), None)
+            finally:
+                if victim is None:
+                    os.kill(proc.pid, signal.SIGCONT)
         assert victim is not None, f"never mid-trial (exit {proc.poll()}): {(tmp_path / 'sweep.log').read_text()[-800:]}"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -112,6 +120,29 @@ def test_killed_trial_is_retried_not_lost(store, tmp_path):
     assert [t.number for t in trials_of(out, "FAIL")] == [victim.number]
     retry = [t for t in complete if t.user_attrs.get("retry_of") == victim.number]
     assert len(retry) == 1 and retry[0].params == victim.params  # the killed settings ran again
+
+
+RACE = """
+import sys, time
+import optuna
+from sidetrain.search.study import open_storage
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+open_storage(sys.argv[1])
+"""
+
+
+def test_opening_a_new_storage_at_once_from_several_processes(tmp_path):
+    """Each process creates the tables of a new study.db; the losers of that race retry (it used to end the
+    sweep with 'table studies already exists' or a UNIQUE constraint on alembic_version)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for k in range(2):  # without the retry, 2 rounds of 4 openers failed 2 runs in 2
+        url, start = f"sqlite:///{tmp_path / f'study{k}.db'}", time.time() + 4
+        procs = [subprocess.Popen([sys.executable, "-c", RACE, url, str(start)], env=env, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(4)]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert all(p.returncode == 0 for p in procs), [e.strip().splitlines()[-1] for e in errors if e.strip()]
 
 
 def _fast() -> dict:

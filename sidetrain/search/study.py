@@ -4,6 +4,7 @@ joined study must agree on (store, backbone, layers, metric, space)."""
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +17,20 @@ if TYPE_CHECKING:
     from .config import SweepConfig
 
 
+SCHEMA_RETRIES = 8
+# What the loser of two processes creating one RDB schema at once gets (RDBStorage runs CREATE TABLE and
+# stamps alembic_version when it opens a storage): seen as 1 in 3 with two openers of a new sqlite file.
+_RACE = ("already exists", "UNIQUE constraint failed: alembic_version", "duplicate key", "database is locked")
+
+
+def _schema_race(err: BaseException) -> bool:
+    return any(s in str(err) for s in _RACE)
+
+
 def open_storage(url: str):
-    """An Optuna storage for `url`; journal:///path/file.log is a JournalFileBackend (shared filesystems)."""
+    """An Optuna storage for `url`; journal:///path/file.log is a JournalFileBackend (shared filesystems).
+    Another process opening the same new RDB storage (a second `lst sweep`, a dashboard, a script reading
+    study.db) races this one to create its tables; the loser retries instead of ending the sweep."""
     import optuna
 
     hint = ("Give sqlite:///path.db, an RDB URL (postgresql://..., mysql://...) whose server and driver are "
@@ -31,7 +44,13 @@ def open_storage(url: str):
                 raise FileNotFoundError(f"no folder {path.parent}")
             return JournalStorage(JournalFileBackend(str(path)))
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        for attempt in range(SCHEMA_RETRIES):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            except Exception as err:  # sqlalchemy's errors: re-raised unless it is the race below
+                if attempt + 1 == SCHEMA_RETRIES or not _schema_race(err):
+                    raise
+                time.sleep(0.1 * (attempt + 1))
     except Exception as err:  # noqa: BLE001 - drivers raise many types; the user needs the one line
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise SweepError(expected("a reachable Optuna storage", f"'{redact(url)}' ({type(err).__name__}: {detail})",
