@@ -215,6 +215,15 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
                                         "Use engine='vmap'."))
     if net is None:
         unequal = [f for f in VMAP_SHARED if len({getattr(c, f) for c in cfgs}) > 1]
+        if unequal and engine == "auto":  # one vmapped stack per dropout setting, one after the other
+            out: list[dict[str, Any] | None] = [None] * k_n
+            parts: dict[tuple, list[int]] = {}
+            for k, c in enumerate(cfgs):
+                parts.setdefault(tuple(getattr(c, f) for f in VMAP_SHARED), []).append(k)
+            for ks in parts.values():
+                for k, s in zip(ks, train_stacked([cfgs[k] for k in ks], store, [callbacks[k] for k in ks], "vmap")):
+                    out[k] = s
+            return out
         if unequal:
             raise TrainConfigError(expected(f"equal {', '.join(unequal)} across members stacked under vmap", unequal))
         net = _VmapStack(models)

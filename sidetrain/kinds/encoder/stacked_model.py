@@ -32,7 +32,6 @@ from torch import nn
 from ...ladders import GATE_TEMPERATURE
 from .model import LadderSideNetwork
 
-LANE_HEAD_WIDTH = 16  # heads at most this wide use the lane attention (measured faster on a CPU at width 4)
 FUSED_FAMILIES = ("bert", "roberta", "xlm-roberta")
 BLOCK_PARTS = {  # group -> parameter names inside one transformers BERT-family block, adjacent in a row
     "qkv_w": ("attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight"),
@@ -114,9 +113,6 @@ class FusedStack:
         self.emb_pos = template.ladders.emb_pos
         self.slice = template.ladders.slice
         self.pos = template.ladders.pos
-        # attention of narrow heads as elementwise work over (batch x members x heads) lanes: SDPA's CPU
-        # kernel loops over (batch, head) pairs, a fixed cost per pair that grows with the member count
-        self.lanes = self.width // self.heads <= LANE_HEAD_WIDTH
 
     @classmethod
     def fuse(cls, models: list[nn.Module]) -> FusedStack | None:
@@ -170,23 +166,14 @@ class FusedStack:
         ladders = torch.einsum("btkd,mkds->mkbts", kept, w["lad_w"]) + w["lad_b"][:, :, None, None]
         gates = torch.sigmoid(w["alpha"] / GATE_TEMPERATURE)  # (M, K)
         key_mask = mask[:, None, None, :]  # (B, 1, 1, T): padding keys masked for every member and head
-        lane_mask = None
-        if self.lanes:  # (1, T_key, B * M * H): -inf on padding keys, per lane
-            lane_mask = torch.zeros(1, t, b, 1, device=mask.device, dtype=s.dtype).masked_fill(
-                ~mask.T.reshape(1, t, b, 1), float("-inf")).expand(1, t, b, n_m * heads).reshape(1, t, -1)
         x = None
         for j in range(self.blocks):
             g = gates[:, j].view(n_m, 1, 1, 1)
             x = (g * s + (1 - g) * ladders[:, j]).reshape(n_m, b * t, ds)  # ladders.mix
             qkv = torch.baddbmm(w[f"{j}.qkv_b"][:, None], x, w[f"{j}.qkv_w"].transpose(1, 2))  # (M, BT, 3ds)
-            if self.lanes:
-                qkv = qkv.view(n_m, b, t, 3, heads, hd).permute(3, 2, 5, 1, 0, 4).reshape(3, t, hd, b * n_m * heads)
-                a = _lane_attention(qkv[0] * hd ** -0.5, qkv[1], qkv[2], lane_mask, att_p, (b, n_m, heads))
-                a = a.view(t, hd, b, n_m, heads).permute(3, 2, 0, 4, 1).reshape(n_m, b * t, ds)
-            else:
-                qkv = qkv.view(n_m, b, t, 3, heads, hd).permute(3, 1, 0, 4, 2, 5).reshape(3, b, n_m * heads, t, hd)
-                a = self._attention(qkv[0], qkv[1], qkv[2], key_mask, att_p, n_m)  # (B, M*H, T, hd)
-                a = a.view(b, n_m, heads, t, hd).permute(1, 0, 3, 2, 4).reshape(n_m, b * t, ds)
+            qkv = qkv.view(n_m, b, t, 3, heads, hd).permute(3, 1, 0, 4, 2, 5).reshape(3, b, n_m * heads, t, hd)
+            a = self._attention(qkv[0], qkv[1], qkv[2], key_mask, att_p, n_m)  # (B, M*H, T, hd)
+            a = a.view(b, n_m, heads, t, hd).permute(1, 0, 3, 2, 4).reshape(n_m, b * t, ds)
             o = torch.baddbmm(w[f"{j}.o_b"][:, None], a, w[f"{j}.o_w"].transpose(1, 2))
             x = _layer_norm(x + (drop(o) if drop else o), w[f"{j}.ln1_w"], w[f"{j}.ln1_b"], self.eps)
             f = self.act(torch.baddbmm(w[f"{j}.f1_b"][:, None], x, w[f"{j}.f1_w"].transpose(1, 2)))
@@ -212,23 +199,6 @@ class FusedStack:
         rate = p.repeat_interleave(mh // n_m).view(1, mh, 1, 1)
         keep = (torch.rand_like(scores) >= rate).to(scores.dtype) / (1 - rate)
         return (scores * keep) @ v
-
-
-def _lane_attention(q, k, v, lane_mask, p, lanes: tuple[int, int, int]) -> torch.Tensor:
-    """softmax(q k^T + mask) v with q, k, v laid out (T, head width, lanes): the head width is summed
-    by a few multiply-adds over (T, T, lanes) tensors, long contiguous vectors however narrow the heads."""
-    hd = q.shape[1]
-    s = q[:, None, 0] * k[None, :, 0]  # (T_q, T_k, lanes)
-    for d in range(1, hd):
-        s = torch.addcmul(s, q[:, None, d], k[None, :, d])
-    probs = (s + lane_mask).softmax(1)
-    if isinstance(p, torch.Tensor) or p > 0:  # attention dropout: one rate, or one per member
-        b, n_m, heads = lanes
-        rate = (p.view(1, 1, 1, n_m, 1) if isinstance(p, torch.Tensor) else torch.tensor(float(p))).to(probs.dtype)
-        shape = (*probs.shape[:2], b, n_m, heads)
-        keep = (torch.rand(shape, device=probs.device, dtype=probs.dtype) >= rate) / (1 - rate)
-        probs = probs * keep.reshape(probs.shape)
-    return torch.stack([(probs * v[None, :, d]).sum(1) for d in range(hd)], 1)  # (T_q, hd, lanes)
 
 
 class _Dropout:
