@@ -6,7 +6,13 @@
     side decoder (target y shifted right, backbone decoder states g_0..g_L teacher-forced on y):
         t = W'_e g_0 + b'_e;  for j, i in K_dec: t = mu'_j t + (1 - mu'_j)(W'_j g_i + b'_j)
                               t = T5Block'_j(t, causal, cross-attending to enc)
-        logits = LMHead(Up(LN(t)) * d^-0.5)                      # (N, U, vocab), LM head frozen
+        states = Up(LN(t)) * d^-0.5                             # (N, U, d): what forward returns
+        logits = LMHead(states)                                  # (N, U, vocab), LM head frozen
+
+The loss and candidate scores need log p(target token) only: `target_log_probs` builds the logits of
+CHUNK_TOKENS target tokens at a time (never N x U x vocab: 77 banking candidates x 64 examples x 8
+tokens x 32k vocab were 5 GB of logits per eval batch, and log_softmax as much again), and the loss
+recomputes each chunk's logits in backward instead of keeping them (activation checkpointing).
 
 Side blocks are transformers' T5Block built from the backbone config with d_model, d_ff and d_kv
 divided by r and the head count kept, so block 0's relative-position bias (buckets x heads) has the
@@ -128,7 +134,7 @@ class T5LadderSideNetwork(nn.Module):
     def decode(self, dec_hidden: torch.Tensor, dec_mask: torch.Tensor, enc_out: torch.Tensor,
                enc_mask: torch.Tensor) -> torch.Tensor:
         """dec_hidden (N, U, n_dec_stored, d), dec_mask (N, U), enc_out (N, T, ds), enc_mask (N, T)
-        -> logits (N, U, vocab)."""
+        -> the states the frozen LM head reads (N, U, d): `logits(states)` or `target_log_probs`."""
         t, ladders, gates = self.dec_ladders(dec_hidden)
         t = self.dropout(t)
         u = t.shape[1]
@@ -140,21 +146,61 @@ class T5LadderSideNetwork(nn.Module):
             t = mix(t, ladders, gates, j)
             t, bias, cross_bias = block(t, self_mask, bias, enc_out, cross_mask, cross_bias)
         t = self.dropout(self.dec_norm(t))
-        return (self.up(t) * self.out_scale) @ self.lm_head.T  # (N, U, vocab)
+        return self.up(t) * self.out_scale  # (N, U, d)
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., vocab): for a few positions only (generation); scores use target_log_probs."""
+        return states @ self.lm_head.T
 
     def forward(self, enc_hidden: torch.Tensor, enc_mask: torch.Tensor, dec_hidden: torch.Tensor,
                 dec_mask: torch.Tensor, row_example: torch.Tensor) -> torch.Tensor:
-        """Decoder row n reads example row_example[n]'s encoding -> logits (N, U, vocab)."""
+        """Decoder row n reads example row_example[n]'s encoding -> states (N, U, d) (see `decode`)."""
         enc_out = self.encode(enc_hidden, enc_mask)
         return self.decode(dec_hidden, dec_mask, enc_out[row_example], enc_mask[row_example])
 
 
-def target_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced cross-entropy, mean over the real target tokens of the batch."""
-    return F.cross_entropy(logits[mask], targets[mask])
+CHUNK_TOKENS = 1024  # target tokens whose full-vocabulary logits exist at once: 1024 x 32k fp32 = 128 MiB
 
 
-def sequence_scores(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log-probabilities of each row's target: (N,)."""
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, U)
-    return (logp * mask).sum(-1)
+def _chunk_logits(states: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
+    return (states @ lm_head.T).float()  # under autocast: the bf16 matmul the unchunked head did
+
+
+def target_log_probs(states: torch.Tensor, lm_head: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                     chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """log p(targets[n, u]) for every real target token (N, U), 0 at padding. The logits of at most
+    `chunk` tokens exist at a time (with their log_softmax: 2 x chunk x vocab floats); row by row the
+    same sums as log_softmax over the whole (N, U, vocab) logits."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=states.device)
+    where = mask.nonzero(as_tuple=True)
+    h, y = states[where], targets[where]  # (M, d), (M,): real tokens only
+    parts = [torch.log_softmax(_chunk_logits(h[lo:lo + chunk], lm_head), dim=-1)
+             .gather(-1, y[lo:lo + chunk, None]).squeeze(-1) for lo in range(0, len(y), chunk)]
+    if parts:
+        out[where] = torch.cat(parts)
+    return out
+
+
+def _chunk_nll(states: torch.Tensor, lm_head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(_chunk_logits(states, lm_head), targets, reduction="sum")
+
+
+def target_loss(states: torch.Tensor, lm_head: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Teacher-forced cross-entropy, mean over the real target tokens of the batch. Up to `chunk` tokens:
+    one cross_entropy; more: chunk by chunk, each chunk's logits recomputed in backward rather than kept
+    (so training holds O(chunk x vocab), not O(tokens x vocab))."""
+    h, y = states[mask], targets[mask]
+    if len(y) <= chunk:
+        return F.cross_entropy(_chunk_logits(h, lm_head), y)
+    from torch.utils.checkpoint import checkpoint
+
+    total = sum(checkpoint(_chunk_nll, h[lo:lo + chunk], lm_head, y[lo:lo + chunk], use_reentrant=False)
+                for lo in range(0, len(y), chunk))
+    return total / len(y)
+
+
+def sequence_scores(states: torch.Tensor, lm_head: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                    chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Sum of log-probabilities of each row's target: (N,), in bounded memory (`target_log_probs`)."""
+    return target_log_probs(states, lm_head, targets, mask, chunk).sum(-1)

@@ -67,12 +67,19 @@ def predict_texts(run_dir: str | Path, texts: list[str], pairs: list[str] | None
     return out
 
 
-def _side_logits(model, backbone, s, targets: list[list[int]], row: torch.Tensor, side_enc, enc_out, mask):
-    """Backbone decoder teacher-forced on `targets` (rows of examples `row`), then the side decoder."""
+def _side_states(model, backbone, s, targets: list[list[int]], row: torch.Tensor, side_enc, enc_out, mask):
+    """Backbone decoder teacher-forced on `targets` (rows of examples `row`), then the side decoder:
+    the states its LM head reads (N, U, d), and the target mask."""
     dec_ids, dec_mask = shift_right(targets, s["decoder_start_token_id"], s["pad_token_id"])
     dec_hidden, _ = backbone.decode(dec_ids, dec_mask, enc_out[row], mask[row].long(), s["decoder_layers"])
     dec_mask = dec_mask.bool().to(backbone.device)
     return model.decode(dec_hidden * dec_mask[..., None, None], dec_mask, side_enc[row], mask[row]), dec_mask
+
+
+def _side_logits(model, backbone, s, targets: list[list[int]], row: torch.Tensor, side_enc, enc_out, mask):
+    """`_side_states` through the LM head: full-vocabulary logits (N, U, vocab), for a few rows only."""
+    states, dec_mask = _side_states(model, backbone, s, targets, row, side_enc, enc_out, mask)
+    return model.logits(states), dec_mask
 
 
 def _classify(model, backbone, s, names: list[str], side_enc, enc_out, mask) -> list[dict[str, Any]]:
@@ -80,9 +87,9 @@ def _classify(model, backbone, s, names: list[str], side_enc, enc_out, mask) -> 
     n, c = side_enc.shape[0], len(cands)
     row = torch.arange(n, device=backbone.device).repeat_interleave(c)
     targets = [cands[k] for _ in range(n) for k in range(c)]
-    logits, dec_mask = _side_logits(model, backbone, s, targets, row, side_enc, enc_out, mask)
+    states, dec_mask = _side_states(model, backbone, s, targets, row, side_enc, enc_out, mask)
     target_t, _ = pad_batch(targets, 0)
-    scores = sequence_scores(logits, target_t.to(logits.device), dec_mask).view(n, c).cpu()
+    scores = sequence_scores(states, model.lm_head, target_t.to(states.device), dec_mask).view(n, c).cpu()
     best = scores.argmax(-1).tolist()
     return [{"label": names[k], "label_text": s["label_texts"][k], "scores": scores[i].tolist()}
             for i, k in enumerate(best)]
@@ -95,11 +102,13 @@ def _generate(model, backbone, s, side_enc, enc_out, mask, max_new_tokens: int) 
     done = [False] * n
     for _ in range(max_new_tokens):
         # the prefix plus a placeholder: shift_right turns it into [start] + prefix, whose last logits we read
-        logits, _ = _side_logits(model, backbone, s, [m + [s["pad_token_id"]] for m in made], row, side_enc,
+        states, _ = _side_states(model, backbone, s, [m + [s["pad_token_id"]] for m in made], row, side_enc,
                                  enc_out, mask)
+        # the vocabulary logits of each row's next position only: (n, vocab), not (n, U, vocab)
+        logits = model.logits(states[row, torch.tensor([len(m) for m in made], device=states.device)])
         for i in range(n):
             if not done[i]:
-                token = int(logits[i, len(made[i])].argmax())
+                token = int(logits[i].argmax())
                 done[i] = token == s["eos_token_id"]
                 if not done[i]:
                     made[i].append(token)

@@ -65,8 +65,8 @@ def predict_split(model: T5LadderSideNetwork, source, split: SplitReader, batch_
     out = np.zeros(len(split), dtype=np.int64)
     for idx in length_bucketed_batches(split.lengths, batch_size * 2, seed=0, epoch=0, shuffle=False):
         b = source(idx).to(device)
-        logits = model(b.enc_hidden, b.enc_mask, b.dec_hidden, b.dec_mask, b.row_example)
-        scores = sequence_scores(logits, b.targets, b.dec_mask).view(len(idx), -1)  # (B, C)
+        states = model(b.enc_hidden, b.enc_mask, b.dec_hidden, b.dec_mask, b.row_example)
+        scores = sequence_scores(states, model.lm_head, b.targets, b.dec_mask).view(len(idx), -1)  # (B, C)
         out[idx] = scores.argmax(-1).cpu().numpy()
     return out
 
@@ -110,8 +110,8 @@ def seq2seq_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, e
                                layers=model.enc_kept, decoder_layers=model.dec_kept)
 
     def loss(forward, b: Seq2SeqBatch) -> torch.Tensor:
-        logits = forward(b.enc_hidden, b.enc_mask, b.dec_hidden, b.dec_mask, b.row_example)
-        return target_loss(logits.float(), b.targets, b.dec_mask)
+        states = forward(b.enc_hidden, b.enc_mask, b.dec_hidden, b.dec_mask, b.row_example)
+        return target_loss(states, model.lm_head, b.targets, b.dec_mask)
 
     def predict(name: str, amp) -> np.ndarray:
         with amp or contextlib.nullcontext():
