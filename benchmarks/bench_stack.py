@@ -31,7 +31,7 @@ from common import log, setup_logging, timed, write_results
 from featcache import ExtractConfig, extract, open_store
 from featcache.bundled import minilm_path
 from sidetrain import TrainConfig, train
-from sidetrain.search.config import SweepConfig
+from sidetrain.search.config import DEFAULT_STACK, SweepConfig
 from sidetrain.search.stacked import train_stacked
 from sidetrain.search.sweep import run_sweep
 
@@ -42,7 +42,7 @@ ROUNDS = int(os.environ.get("LST_BENCH_STACK_ROUNDS", "2"))
 KS = [int(k) for k in os.environ.get("LST_BENCH_STACK_KS", "1,2,4,8,16").split(",")]
 VMAP_KS = [int(k) for k in os.environ.get("LST_BENCH_STACK_VMAP_KS", "4,8").split(",") if k]
 TRIALS = int(os.environ.get("LST_BENCH_STACK_TRIALS", "16"))
-SWEEP_K = int(os.environ.get("LST_BENCH_STACK_SWEEP_K", str(SweepConfig.stack)))
+SWEEP_K = int(os.environ.get("LST_BENCH_STACK_SWEEP_K", str(DEFAULT_STACK)))
 SKIP_SWEEP = os.environ.get("LST_BENCH_STACK_SWEEP", "1") == "0"
 COMMAND = f"LST_BENCH_THREADS={THREADS} python benchmarks/run_all.py stack"
 MEMBER = {"reduction_factor": 8, "batch_size": 32, "epochs": 1, "device": "cpu"}

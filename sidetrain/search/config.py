@@ -9,6 +9,8 @@ from typing import Any
 from featcache.config import opt
 from featcache.errors import SweepError, expected
 
+DEFAULT_STACK = 8  # measured: benchmarks/results/stack.md (per member, 8 in one pass cost less than alone)
+
 
 @dataclass
 class SweepConfig:
@@ -27,8 +29,11 @@ class SweepConfig:
     device: str = opt("auto", "auto, cpu or cuda.")
     metric: str | None = opt(None, "Metric to maximise (default per task).")
     threads: int | None = opt(None, "torch CPU threads per worker (default: torch's, or cores / workers).")
-    stack: int = opt(1, "Train up to K trials in one pass over the data (they share the network shape and "
-                        "batches; lr differs; see sidetrain/search/stacked.py).")
+    stack: int | None = opt(None, "Train up to K trials in one pass over the data: trials are sampled freely, "
+                                  "then those sharing a network shape and batch size train together "
+                                  "(sidetrain/search/stacked.py). Default: 8 where the store's kind can stack "
+                                  "trials (the largest K that paid on a 2-CPU machine, benchmarks/results/stack.md), "
+                                  "else 1.")
     heartbeat_s: float = opt(10.0, "Seconds between a running trial's heartbeats.",
                              library_only="an internal cadence; --stale-after-s is the knob that matters")
     stale_after_s: float = opt(120.0, "A trial of another host with no heartbeat for this many seconds is "
@@ -40,7 +45,7 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise SweepError(expected("--trials of at least 1", self.trials))
-        if self.stack < 1:
+        if self.stack is not None and self.stack < 1:
             raise SweepError(expected("--stack of at least 1", self.stack))
         if self.workers < 1:
             raise SweepError(expected("--workers of at least 1", self.workers))
@@ -49,6 +54,10 @@ class SweepConfig:
                                       self.stale_after_s))
         if self.max_retries < 0:
             raise SweepError(expected("--max-retries of at least 0", self.max_retries))
+
+    def stack_for(self, stackable: bool) -> int:
+        """--stack as run: the option, else DEFAULT_STACK for kinds whose trials stack, else 1."""
+        return self.stack if self.stack is not None else DEFAULT_STACK if stackable else 1
 
     @property
     def storage_url(self) -> str:

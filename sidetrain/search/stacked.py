@@ -109,7 +109,6 @@ class _Rows:
         self.m = torch.zeros_like(flat)
         self.v = torch.zeros_like(flat)
         self.members = members
-        self.t = 0
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in members]  # AdamW's step count per row
         self._set(cfgs, device)
 
@@ -144,7 +143,6 @@ class _Rows:
             norm = torch.linalg.vector_norm(g, dim=1)
             coef = (self.clip / (norm + 1e-6)).clamp(max=1.0)
             g.mul_(torch.where(self.clip > 0, coef, torch.ones_like(coef))[:, None])
-        self.t += 1
         lrs, decays = self.lr.tolist(), self.decay.tolist()
         for j, f in enumerate(factors):
             if f <= 0:

@@ -33,7 +33,7 @@ from ..recipe import pick_eval_split
 from ..run_files import prepare_run_dir
 from ..train import train
 from . import space as S
-from .claims import claim_lock, claim_pool, heartbeat, recover_stale
+from .claims import budget_left, claim_lock, claim_pool, heartbeat, recover_stale
 from .config import SweepConfig
 from .study import check_identity, identity, open_storage, open_study, redact
 
@@ -49,6 +49,7 @@ class _Context:
     space: dict[str, S.Param]
     metric: str
     stackable: bool = False  # the store kind's trials may train K at a time (search/stacked.py)
+    stack: int = 1  # --stack as run (SweepConfig.stack_for)
 
 
 def _prepare(cfg: SweepConfig, store: StoreReader | None = None) -> _Context:
@@ -60,10 +61,11 @@ def _prepare(cfg: SweepConfig, store: StoreReader | None = None) -> _Context:
     metric = cfg.metric or M.default_metric(m)
     if metric not in M.METRICS:
         raise SweepError(expected(f"--metric one of {sorted(M.METRICS)}", metric))
-    if cfg.stack > 1 and not S.search_facts(m).stackable:
+    stackable = S.search_facts(m).stackable
+    if (cfg.stack or 1) > 1 and not stackable:
         raise SweepError(expected("--stack 1 for this store (its kind's trials cannot be trained K at a time)",
                                   f"--stack {cfg.stack}", "Drop --stack."))
-    return _Context(cfg, store, S.resolve_space(m, cfg.space), metric, S.search_facts(m).stackable)
+    return _Context(cfg, store, S.resolve_space(m, cfg.space), metric, stackable, cfg.stack_for(stackable))
 
 
 # ---------------------------------------------------------------- trials
@@ -171,7 +173,7 @@ def stacks(ctx: _Context, pool: list[tuple[Any, dict[str, Any]]]) -> list[list[t
         cfg = _train_config(ctx, t, v)
         key = stack_key(cfg) if ctx.stackable and cfg.head == "lst" and not cfg.online else ("alone", t.number)
         groups.setdefault(key, []).append((t, v))
-    k = ctx.cfg.stack
+    k = ctx.stack
     return [g[i:i + k] for g in groups.values() for i in range(0, len(g), k)]
 
 
@@ -193,12 +195,14 @@ def work(ctx: _Context, study, worker: int = 0, bar=None) -> int:
     With --stack K: sample a pool of trials (claim_pool, 2K at a time), group them by shape into stacks of
     up to K (`stacks`), run each stack in one pass. Every claimed trial beats while its pool runs."""
     out, done, failures = Path(ctx.cfg.out), 0, 0
-    pool_size = POOL_STACKS * ctx.cfg.stack if ctx.cfg.stack > 1 else 1
     with _quiet_epochs():
         while True:
             with claim_lock(out):
                 recover_stale(study, ctx.cfg)
-                pool = claim_pool(ctx.cfg, ctx.space, study, worker, pool_size)
+                # 2K at a time, but no more than this worker's share of what is left (other workers get theirs)
+                share = -(-budget_left(study, ctx.cfg) // ctx.cfg.workers)
+                pool = claim_pool(ctx.cfg, ctx.space, study, worker, max(1, min(POOL_STACKS * ctx.stack, share))
+                                  if ctx.stack > 1 else 1)
             if not pool:
                 return done
             groups = stacks(ctx, pool)
