@@ -43,7 +43,7 @@ from featcache.reader import StoreReader, open_store
 
 from .. import metrics as M
 from ..config import TrainConfig
-from ..data import CachedBatches, iterate, length_bucketed_batches
+from ..data import CachedBatches, batch_stream, iterate, length_bucketed_batches
 from ..kinds.registry import kind_for
 from ..recipe import autocast, evaluate_splits, pick_eval_split, resolved_config, select_metric
 from ..run_files import summary as run_summary
@@ -243,13 +243,15 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
     best_row: list[torch.Tensor | None] = [None] * k_n
     stopped: list[BaseException | None] = [None] * k_n
     train_seconds = [0.0] * k_n
+    wait_seconds = [0.0] * k_n
     out: list[dict[str, Any] | None] = [None] * k_n
     for epoch in range(max(c.epochs for c in cfgs)):
         if not rows.members:
             break
         t0 = time.perf_counter()
         batches = length_bucketed_batches(train_split.lengths, cfg0.batch_size, batch_seed, epoch)
-        for b in iterate(sources[cfg0.train_split], batches, device):
+        stream = batch_stream(sources[cfg0.train_split], batches, device, False)  # one read per batch, for all
+        for b in stream:
             stepping = [j for j, k in enumerate(rows.members) if step < schedules[k][0]]
             if not stepping:
                 break
@@ -269,13 +271,15 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
             step += 1
         ran = list(rows.members)
         seconds = (time.perf_counter() - t0) / len(ran)  # one pass trains every member: each gets its share
+        waited = stream.wait_seconds / len(ran)
         preds = _predict(net, rows.flat.detach(), sources[eval_name], store.split(eval_name), cfg0.batch_size,
                          task, device, amp) if eval_name else None
         done = []
         for j, k in enumerate(ran):
             train_seconds[k] += seconds
+            wait_seconds[k] += waited
             record = {"epoch": epoch + 1, "step": min(step, schedules[k][0]), "seconds": seconds,
-                      "data_wait_fraction": 0.0, "train_loss": float(np.mean(losses[k][-len(batches):]))}
+                      "data_wait_fraction": waited / max(seconds, 1e-9), "train_loss": float(np.mean(losses[k][-len(batches):]))}
             if preds is not None:
                 scores = M.compute(task, preds[j], store.split(eval_name).labels, num_labels)
                 record.update({f"eval_{m}": v for m, v in scores.items()})
@@ -305,7 +309,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
                     metric=metric, eval_split=eval_name, best_eval=None if best[k] == -np.inf else float(best[k]),
                     splits=splits, history=history[k], steps=len(losses[k]), train_seconds=train_seconds[k],
                     examples=len(train_split) * len(history[k]) if not c.max_steps else len(losses[k]) * c.batch_size,
-                    wait_seconds=0.0, peak_memory_bytes=0, peak_memory_kind="not measured (stacked)", mode="cached",
+                    wait_seconds=wait_seconds[k], peak_memory_bytes=0, peak_memory_kind="not measured (stacked)", mode="cached",
                     head="lst", trainable_parameters=sum(p.numel() for p in models[k].parameters() if p.requires_grad),
                     stacked_with=k_n)
                 write_run(Path(c.out), models[k], summary, predictions, losses[k])
