@@ -212,3 +212,39 @@ def test_killed_stacked_sweep_loses_no_trial(tiny_store, tmp_path):
         assert len(retry) == 1 and retry[0].params == t.params
     assert any(json.loads((out / "trials" / str(t.number) / "metrics.json").read_text())["stacked_with"] == 2
                for t in complete)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_fused_forward_equals_the_members_and_other_families_fall_back(family, one_thread):
+    """The fused network computes each member's LadderSideNetwork forward and gradients (padding masked,
+    exact GELU, the config's LayerNorm eps); families it does not reproduce are left to vmap (None)."""
+    import torch
+    from transformers import AutoConfig
+
+    from sidetrain.kinds.encoder.model import LadderSideNetwork
+    from sidetrain.kinds.encoder.stacked_model import FusedStack
+
+    config = AutoConfig.for_model(family, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  intermediate_size=128, dim=64, n_layers=3, n_heads=4, hidden_dim=128,
+                                  layer_norm_eps=1e-7)
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(LadderSideNetwork(config, 5, [0, 1, 2, 3], [1, 3], 4, 0.0, 0.0))
+    net = FusedStack.fuse(members)
+    if family == "distilbert":
+        assert net is None
+        return
+    hidden, mask = torch.randn(6, 9, 4, 64), torch.ones(6, 9, dtype=torch.bool)
+    mask[:3, 5:] = False
+    flat = torch.stack([net.row(m) for m in members]).requires_grad_()
+    got = net.forward(flat, hidden, mask, training=True, dropout=torch.zeros(3))
+    want = torch.stack([m(hidden, mask) for m in members])
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    grads = torch.stack([torch.cat([dict(m.named_parameters())[n].grad.reshape(-1) for g in net.groups
+                                    for n in g.names]) for m in members])  # in the rows' order
+    assert torch.allclose(flat.grad, grads, atol=1e-6, rtol=1e-4)
+    state = net.state(flat[1])
+    assert all(torch.equal(state[n], p.detach()) for n, p in members[1].named_parameters() if p.requires_grad)
