@@ -44,9 +44,39 @@ VMAP_KS = [int(k) for k in os.environ.get("LST_BENCH_STACK_VMAP_KS", "4,8").spli
 TRIALS = int(os.environ.get("LST_BENCH_STACK_TRIALS", "16"))
 SWEEP_K = int(os.environ.get("LST_BENCH_STACK_SWEEP_K", str(DEFAULT_STACK)))
 SKIP_SWEEP = os.environ.get("LST_BENCH_STACK_SWEEP", "1") == "0"
+SKIP_PASSES = os.environ.get("LST_BENCH_STACK_PASSES", "1") == "0"
+STACKED_FIRST = os.environ.get("LST_BENCH_STACK_ORDER", "") == "stacked-first"  # the repeat, in the other order
+NAME = os.environ.get("LST_BENCH_STACK_NAME", "stack")
 COMMAND = f"LST_BENCH_THREADS={THREADS} python benchmarks/run_all.py stack"
 MEMBER = {"reduction_factor": 8, "batch_size": 32, "epochs": 1, "device": "cpu"}
 REFERENCE = {"reduction_factor": 8, "lr": 3e-3, "batch_size": 32, "epochs": 3, "seed": 0, "device": "cpu"}
+
+LEVERS = """
+## Levers tried (one thread, MiniLM r=8 side step, batch 32, ~20 tokens; micro-benchmarks on this machine)
+
+- The fused network (every linear one batched matmul over the member axis, Q/K/V in one bmm, one SDPA call
+  over members x heads, LayerNorm/GELU/dropout/loss on the stacked tensor, parameters one (K, P) tensor)
+  against the torch.func.vmap path: the same within noise (K=4 7.75 vs 6.9 s, K=8 14.8 vs 15.1 s above;
+  344 vs 327 ms per K=8 step in a micro-benchmark). Kept as the default for BERT-family side networks because
+  it lets members differ in dropout and attention dropout (vmap cannot) and needs no meta-device model copy;
+  vmap stays the fallback for other families.
+- Where a K=8 step goes (profile): SDPA forward + backward ~30% (the CPU flash kernel loops over
+  batch x members x heads pairs of width-4 heads, a fixed cost per pair that does not amortise), the ladder
+  projections ~15% (real FLOPs: 7 x 384 -> 48 per token per member), copies/fills of the stacked layout ~10%.
+  So on a CPU the side step is mostly per-member work, not per-kernel overhead: stacking removes the
+  fixed per-step cost (~1/5 of a step) and the repeated batch reads, which is what the table shows
+  (~0.55 of a member's time per member from K=4).
+- Attention as elementwise work over (batch x members x heads) "lanes" (q, k, v laid out (T, head width,
+  lanes)): 12.8 ms vs 19-24 ms for SDPA per block in isolation at T=20, K=8, but slower in the full step
+  (362 vs 344 ms at K=8) and its (T, T, lanes) tensors reach ~100 MB at T=64, K=16 (K=16 took 39.6 s vs
+  24.8-32.8 s with SDPA): dropped.
+- Eager softmax attention (matmul/softmax/matmul) and SDPA's math backend: 31 ms vs 20-24 ms per block: not taken.
+- AdamW: torch's fused kernel per member row (the kernel `lst train` runs), one per-member gradient norm
+  (vector_norm over the rows); a hand-written elementwise AdamW over the rows was slower (its pow/div passes).
+- Two threads on this shared 2-CPU machine (load average 7-9 from other jobs while measuring): one member's
+  epoch took 58 s instead of ~2.5 s (the thread pool spins), so all numbers here are one thread.
+- Not tried: torch.compile of the fused step, a hand-written attention backward, bf16 on CPU.
+"""
 
 
 def subset(root: Path) -> Path:
@@ -88,7 +118,7 @@ def members_per_pass(store_path: Path, root: Path) -> dict[str, Any]:
 def sweep_vs_online(store_path: Path, root: Path, extract_s: float) -> dict[str, Any]:
     store = open_store(store_path)
     out: dict[str, Any] = {}
-    for k in sorted({1, SWEEP_K}):
+    for k in sorted({1, SWEEP_K}, reverse=STACKED_FIRST):
         log.info("16-trial sweep, default space, --stack %d", k)
         seconds, summary = timed(lambda k=k: run_sweep(SweepConfig(
             store=str(store_path), out=str(root / f"sweep{k}"), trials=TRIALS, prune=False, device="cpu",
@@ -124,16 +154,17 @@ def main() -> None:
         extract_s, _ = timed(lambda: extract(ExtractConfig(model=str(minilm_path()), dataset=str(data),
                                                            out=str(store_path), max_length=64, store_dtype="fp16",
                                                            device="cpu")))
-        passes = members_per_pass(store_path, root)
+        passes = {} if SKIP_PASSES else members_per_pass(store_path, root)
         sweep = None if SKIP_SWEEP else sweep_vs_online(store_path, root, extract_s)
     results = {"setup": {"backbone": "all-MiniLM-L6-v2 (bundled)", "data": f"banking77 {N_TRAIN} train / {N_DEV} dev",
                          "member": MEMBER, "threads": THREADS, "rounds": ROUNDS, "sweep_stack": SWEEP_K,
-                         "extract_seconds": round(extract_s, 1)},
+                         "extract_seconds": round(extract_s, 1),
+                         "sweep_order": "stacked first" if STACKED_FIRST else "unstacked first"},
                "members_per_pass": passes, "sweep": sweep}
     md = ["# Stacked training: K members in one pass",
           "",
           (f"MiniLM-L6 + banking77 ({N_TRAIN} train / {N_DEV} dev rows, fp16 store), r=8, all layers, batch 32, one "
-           f"epoch per member, {THREADS} torch thread(s), median of {ROUNDS} rounds measured side by side. Members "
+           f"epoch per member, {THREADS} torch thread(s), median (of 2: the mean) of {ROUNDS} rounds, side by side. Members "
            "share each batch read (same batch size and order) and differ in seed and lr."),
           "",
           "| one pass | train seconds | vs one member | per member vs alone |",
@@ -146,6 +177,7 @@ def main() -> None:
     if sweep:
         stacked = sweep[f"stack {SWEEP_K}"]
         md += ["", f"## {TRIALS}-trial sweep, default space, extraction included (pruning off)", "",
+               f"Sweeps run {'stacked first' if STACKED_FIRST else 'unstacked first'}, one after the other.", "",
                "| | seconds |", "|---|---:|",
                f"| extraction | {extract_s:.0f} |",
                f"| sweep --stack 1 | {sweep['stack 1']['seconds']:.0f} (with extraction {sweep['stack 1']['with_extraction']:.0f}) |",
@@ -159,7 +191,8 @@ def main() -> None:
                 f"and one cached run ({sweep['reference_cached_seconds']} s) of the same settings (3 epochs): each trial "
                 f"is charged its measured cached time in the unstacked sweep plus {sweep['backbone_seconds_per_epoch']} s "
                 f"of backbone per epoch ({sweep['trial_epochs_total']} trial epochs in all).")]
-    write_results("stack", results, "\n".join(md) + "\n", COMMAND)
+    md += [LEVERS]
+    write_results(NAME, results, "\n".join(md) + "\n", COMMAND)
 
 
 if __name__ == "__main__":
