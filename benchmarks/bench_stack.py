@@ -72,7 +72,8 @@ LEVERS = """
   24.8-32.8 s with SDPA): dropped.
 - Eager softmax attention (matmul/softmax/matmul) and SDPA's math backend: 31 ms vs 20-24 ms per block: not taken.
 - AdamW: torch's fused kernel per member row (the kernel `lst train` runs), one per-member gradient norm
-  (vector_norm over the rows); a hand-written elementwise AdamW over the rows was slower (its pow/div passes).
+  (vector_norm over the rows), replacing a hand-written elementwise AdamW over the rows whose pow/div passes
+  took ~25 ms of a profiled K=8 step (not A/B-timed on its own).
 - Two threads on this shared 2-CPU machine (load average 7-9 from other jobs while measuring): one member's
   epoch took 58 s instead of ~2.5 s (the thread pool spins), so all numbers here are one thread.
 - Not tried: torch.compile of the fused step, a hand-written attention backward, bf16 on CPU.
