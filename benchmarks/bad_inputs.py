@@ -60,7 +60,7 @@ def main() -> None:
                          intermediate_size=64)).save_pretrained(model)
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(model)
     rng = random.Random(0)
-    words = "card payment refund transfer account balance fee cash atm pin".split()
+    words = ["card", "payment", "refund", "transfer", "account", "balance", "fee", "cash", "atm", "pin"]
     data = work / "data"
     for split, n in (("train", 60), ("dev", 20)):
         tsv(data / f"{split}.tsv", [(" ".join(rng.choices(words, k=5)), rng.choice("ab")) for _ in range(n)])

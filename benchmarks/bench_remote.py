@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import setup_logging, timed, write_results  # noqa: E402
+from common import setup_logging, timed, write_results
 
 
 def main() -> None:
@@ -67,9 +67,9 @@ def main() -> None:
     server.stop()
     base = rows["local"][-1]
     lines = ["# An epoch from S3 (moto on loopback) vs local disk", "",
-             f"MiniLM-L6 fp16 store of banking77 (first {args.train} train / 300 dev rows, max length 64, "
-             f"4,096-token shards), `lst train --no-preload`, {args.epochs} epochs each, one process; "
-             f"upload of the local store took {upload_s:.1f} s.", "",
+             (f"MiniLM-L6 fp16 store of banking77 (first {args.train} train / 300 dev rows, max length 64, "
+              f"4,096-token shards), `lst train --no-preload`, {args.epochs} epochs each, one process; "
+              f"upload of the local store took {upload_s:.1f} s."), "",
              "| source | s/epoch, each epoch | last epoch / local last epoch |", "|---|---|---|"]
     for name, secs in rows.items():
         lines.append(f"| {name} | {', '.join(f'{s:.2f}' for s in secs)} | {secs[-1] / base:.2f}x |")

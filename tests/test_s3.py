@@ -19,10 +19,10 @@ from conftest import assert_user_error, invoke
 pytest.importorskip("moto")
 pytest.importorskip("s3fs")
 
-from featcache import ExtractConfig, extract, open_store  # noqa: E402
-from featcache.hdf5 import export_hdf5, import_hdf5  # noqa: E402
-from featcache.inspect import inspect_store  # noqa: E402
-from sidetrain import TrainConfig, train  # noqa: E402
+from featcache import ExtractConfig, extract, open_store
+from featcache.hdf5 import export_hdf5, import_hdf5
+from featcache.inspect import inspect_store
+from sidetrain import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "lst-tests"
