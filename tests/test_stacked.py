@@ -128,25 +128,23 @@ def test_members_of_different_shapes_are_refused(tiny_store, tmp_path):
 
 
 def test_sweep_samples_freely_then_stacks_trials_of_one_shape(tiny_store, tmp_path):
-    """--stack K: trials are sampled freely (2K at a time), then grouped by network shape and batch size
+    """--stack K: trials are sampled freely (K at a time), then grouped by network shape and batch size
     into stacks of up to K; every trial still writes a full run folder."""
     pytest.importorskip("optuna")
     from sidetrain.search.sweep import SweepConfig, run_sweep
 
     out = tmp_path / "sw"
-    space = {"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "reduction_factor": [4, 8], "batch_size": [16, 32], "epochs": {"low": 1, "high": 2}, "dropout": [0.0, 0.1]}
+    space = {"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "reduction_factor": [4, 8], "layers": "all", "batch_size": [16, 32], "epochs": {"low": 1, "high": 2}, "dropout": [0.0, 0.1]}
     summary = run_sweep(SweepConfig(store=str(tiny_store), out=str(out), trials=6, stack=3, prune=False, seed=3,
                                     space=space, device="cpu", threads=1))
     assert summary["finished"] == 6
     trials = sorted(_trials(out), key=lambda t: t.number)
     expected: dict[int, int] = {}
-    shapes: dict[tuple, list[int]] = {}  # one pool of 2K = 6 trials, grouped by shape, chunks of K = 3
-    for t in trials:
-        shapes.setdefault((t.params["reduction_factor"], t.params["layers"], t.params["batch_size"]), []).append(t.number)
-    for numbers in shapes.values():
-        for i in range(0, len(numbers), 3):
-            chunk = numbers[i:i + 3]
-            expected.update({n: len(chunk) for n in chunk})
+    for pool in (trials[:3], trials[3:]):  # pools of K = 3 trials, each grouped by shape
+        shapes: dict[tuple, list[int]] = {}
+        for t in pool:
+            shapes.setdefault((t.params["reduction_factor"], t.params["batch_size"]), []).append(t.number)
+        expected.update({n: len(numbers) for numbers in shapes.values() for n in numbers})
     got = {}
     for t in trials:
         run = out / "trials" / str(t.number)

@@ -39,7 +39,7 @@ from .study import check_identity, identity, open_storage, open_study, redact
 
 log = logging.getLogger(__name__)
 MAX_FAILURES_IN_A_ROW = 3
-POOL_STACKS = 2  # --stack K: trials are sampled 2K at a time, then grouped into stacks by shape
+POOL_STACKS = 1  # --stack K: K trials sampled at a time (TPE keeps its feedback every K), then grouped by shape
 
 
 @dataclass
@@ -192,14 +192,14 @@ def _quiet_epochs() -> Iterator[None]:
 def work(ctx: _Context, study, worker: int = 0, bar=None) -> int:
     """Claim and run trials until the study holds `trials` finished ones; the number this worker ran.
 
-    With --stack K: sample a pool of trials (claim_pool, 2K at a time), group them by shape into stacks of
+    With --stack K: sample a pool of trials (claim_pool, K at a time), group them by shape into stacks of
     up to K (`stacks`), run each stack in one pass. Every claimed trial beats while its pool runs."""
     out, done, failures = Path(ctx.cfg.out), 0, 0
     with _quiet_epochs():
         while True:
             with claim_lock(out):
                 recover_stale(study, ctx.cfg)
-                # 2K at a time, but no more than this worker's share of what is left (other workers get theirs)
+                # K at a time, but no more than this worker's share of what is left (other workers get theirs)
                 share = -(-budget_left(study, ctx.cfg) // ctx.cfg.workers)
                 pool = claim_pool(ctx.cfg, ctx.space, study, worker, max(1, min(POOL_STACKS * ctx.stack, share))
                                   if ctx.stack > 1 else 1)
