@@ -24,7 +24,7 @@ metrics.json (`summary()`):
     peak_memory_bytes    peak memory while training (peak_memory_kind: which memory, or why not measured)
     mode                 "cached" (from the store) or "online" (the backbone live)
     head                 "lst" (a side network) or "probe" (the linear probe)
-    stacked_with         how many trials trained in one vmapped pass (1: alone)
+    stacked_with         how many trials trained in one stacked pass (1: alone)
     trainable_parameters parameters the optimiser updated
 
 What may be at an --out (`prepare_run_dir`, for `lst train`, the probe, stacked members and `lst sweep`):

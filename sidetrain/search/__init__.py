@@ -2,8 +2,8 @@
 same store, never the backbone (sweep.py), over a search space of TrainConfig fields (space.py), with
 results summarised in OUT/summary.json, OUT/summary.png and OUT/best (report.py). The Optuna storage and
 study live in study.py; claiming trials across workers and machines, heartbeats and recovery of killed
-trials in claims.py. Trials that differ only in optimiser settings can be trained K at a time in one
-vmapped pass over the data (stacked.py).
+trials in claims.py. Trials of the same network shape train K at a time as one K-member network in one
+pass over the data (stacked.py).
 """
 
 from featcache.errors import SweepError
