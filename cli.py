@@ -261,7 +261,7 @@ def predict(
     generate: Annotated[bool, typer.Option("--generate", help="T5 runs: generate free text (greedy) instead of "
                                                               "scoring the label texts.")] = False,
 ) -> None:
-    """Label raw text with a trained run: the backbone named in its store manifest + its side network."""
+    """Label raw text (or image files, for an image run) with a trained run: its backbone, live, + its side network."""
     from featcache.errors import LstError
     from sidetrain.predict import predict_lines, read_inputs
 
