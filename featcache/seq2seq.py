@@ -19,7 +19,6 @@ import torch
 
 from .backbone import TORCH_DTYPES, Backbone, resolve_device, weights_hash
 from .errors import BackboneError, DatasetError, StoreError, expected
-from .plan import pad_batch  # noqa: F401 - stage 2 pads decoder rows with it
 
 log = logging.getLogger(__name__)
 

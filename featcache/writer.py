@@ -39,11 +39,10 @@ from .kinds import ROOT, KindPlan, PartPlan, RowsFn, StoreKind, kind_claiming_na
 from .layout import Layout, create_part, plan_layout
 from .lease import writer_lease
 from .progress import progress_bar
-from .reader import CHECKSUMS
+from .reader import CHECKSUMS, FROZEN_WEIGHTS
 from .verify import verify_group
 
 log = logging.getLogger(__name__)
-FROZEN_WEIGHTS = "backbone_weights"
 
 
 def open_for_write(cfg: ExtractConfig, request: dict[str, Any]) -> tuple[zarr.Group, bool]:

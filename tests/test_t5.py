@@ -18,7 +18,8 @@ from conftest import synthetic_rows, torch_threads, write_tsv
 from featcache import ExtractConfig, extract, open_store
 from featcache.bundled import minilm_path
 from featcache.errors import BackboneError, DatasetError, StoreError
-from featcache.seq2seq import label_texts, pad_batch
+from featcache.plan import pad_batch
+from featcache.seq2seq import label_texts
 from sidetrain import TrainConfig, train
 
 

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from featcache.errors import StoreError, expected
-from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone, pad_batch, shift_right
+from featcache.plan import pad_batch
+from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone, shift_right
 
 from ...recipe import backbone_config
 from ...run_files import read_run_config
