@@ -257,15 +257,18 @@ def predict(
         help="Text files, one example per line (pairs: text<TAB>text); for a run on an image store, image files.")]
     = None,
     text: Annotated[list[str] | None, typer.Option("--text", help="A text to label (repeatable).")] = None,
+    image: Annotated[list[str] | None, typer.Option(
+        "--image", help="Vision-language runs: the image a --text question is about (one for all, or one per "
+                        "--text). INPUTS are then rows files with the store's question and image columns.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     generate: Annotated[bool, typer.Option("--generate", help="T5 runs: generate free text (greedy) instead of "
                                                               "scoring the label texts.")] = False,
 ) -> None:
     """Label raw text (or image files, for an image run) with a trained run: its backbone, live, + its side network."""
     from featcache.errors import LstError
-    from sidetrain.predict import predict_lines, read_inputs
+    from sidetrain.predict import predict_lines, read_examples
 
-    texts = read_inputs(run, inputs or []) + list(text or [])
+    texts = read_examples(run, inputs or [], text or [], image or [])
     if not texts:
         raise LstError("Expected INPUTS (text files, or image files for an image run) or --text. Got neither.")
     for t, out in zip(texts, predict_lines(run, texts, generate, device)):

@@ -40,3 +40,16 @@ def predict_lines(run: str, texts: list[str], generate: bool = False, device: st
         raise LstError(f"Expected a run trained on a store of a kind that generates text ({', '.join(makers)}) "
                        f"for --generate. Got '{run}' (its store's kind is {kind.name}). Drop --generate.")
     return kind.predict_lines(Path(run), config, texts, generate, device)
+
+
+def read_examples(run: str, paths: list[str], texts: list[str], images: list[str]) -> list[str]:
+    """Everything `lst predict RUN INPUTS... [--text T]... [--image PATH]...` asks about, as the lines
+    `predict_lines` takes. A kind that needs an image per example (vision-language) builds them itself."""
+    config = read_run_config(run)
+    kind = kind_for(config["store_manifest"])
+    if getattr(kind, "needs_images", False):
+        return kind.examples(config, list(paths), list(texts), list(images))
+    if images:
+        raise LstError(expected("--image only for a run on a vision-language store",
+                                f"'{run}' (its store's kind is {kind.name})", "Drop --image."))
+    return read_inputs(run, list(paths)) + list(texts)

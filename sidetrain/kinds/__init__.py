@@ -2,10 +2,10 @@
 
 Importing this package registers the built-in kinds; `kinds.registry` is imported through it, so a
 lookup always sees them. A new kind: a subpackage here that calls `register_kind` in its `__init__`,
-imported below.
+imported below (encoder, seq2seq, image, vision_language: text + image tokens).
 """
 
-from . import encoder, image, seq2seq  # noqa: F401 - importing a kind registers it
+from . import encoder, image, seq2seq, vision_language  # noqa: F401 - importing a kind registers it
 from .registry import SearchFacts, StoreKind, kind_for, kind_names, register_kind
 
 __all__ = ["SearchFacts", "StoreKind", "kind_for", "kind_names", "register_kind"]

@@ -171,9 +171,15 @@ class LadderSideNetwork(nn.Module):
         kwargs["hidden_states"] = mix(kwargs["hidden_states"], ladders, gates, j)
         return args, kwargs
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """hidden (B, T, n_stored, d) backbone states; mask (B, T) bool -> (B, num_outputs)."""
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (B, T, n_stored, d) backbone states; mask (B, T) bool -> (B, num_outputs).
+
+        `prefix` (B, P, ds): extra side tokens before the text (the VL kind's projected image tokens). They
+        have no backbone states, so their ladder input is zero (the gate only scales them, as in VL-T5's
+        LST), they are always attended to, and mean pooling covers them."""
         s, ladders, gates = self.ladders(hidden)  # (B, T, ds), (B, T, K, ds), (K,)
+        if prefix is not None:
+            s, ladders, mask = with_prefix(prefix, s, ladders, mask)
         self._run = {"s": s, "ladders": ladders, "gates": gates}
         try:
             s = self.side(inputs_embeds=s, attention_mask=mask.long())[0]  # (B, T, ds) after the last block
@@ -181,8 +187,17 @@ class LadderSideNetwork(nn.Module):
             self._run = {}
         s = self.norm(s)
         if self.pooling == "cls":
-            pooled = s[:, 0]
+            pooled = s[:, 0 if prefix is None else prefix.shape[1]]  # the text's first token
         else:
             m = mask.unsqueeze(-1).to(s.dtype)
             pooled = (s * m).sum(1) / m.sum(1).clamp(min=1)  # (B, ds)
         return self.head(self.head_dropout(torch.tanh(self.up(pooled))))
+
+
+def with_prefix(prefix: torch.Tensor, s: torch.Tensor, ladders: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Side stream, ladders and mask with P prefix positions in front: ladders zero-padded there, mask True."""
+    p = prefix.shape[1]
+    ladders = torch.cat([ladders.new_zeros(ladders.shape[0], p, *ladders.shape[2:]), ladders], dim=1)
+    mask = torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
+    return torch.cat([prefix.to(s.dtype), s], dim=1), ladders, mask

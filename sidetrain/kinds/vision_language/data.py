@@ -1,0 +1,94 @@
+"""Batches for the VL side network: each question's text states (the split's own part, as the encoder kind
+reads them) with its image's tokens (the split's `images` part, one row per distinct image, looked up through
+the per-question `image_index` column), from the store or from both backbones live (--online).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from featcache.backbone import Backbone
+from featcache.errors import StoreError, expected
+from featcache.images import ImageBackbone, ImageSplit, PixelPrefetcher
+from featcache.kinds.image import decode_threads
+from featcache.reader import PartReader, SplitReader
+
+from ...data import OnlineBatches
+
+IMAGES_PART = "images"
+IMAGE_INDEX = "image_index"
+
+
+@dataclass
+class VisionLanguageBatch:
+    hidden: torch.Tensor  # (B, L, n_layers, d) text states, zero on padding
+    mask: torch.Tensor  # (B, L) bool
+    image: torch.Tensor  # (B, T, n_image_layers, d_img) the image tokens of each question's image
+    labels: torch.Tensor | None  # (B,)
+
+    def to(self, device: torch.device) -> VisionLanguageBatch:
+        return VisionLanguageBatch(self.hidden.to(device, non_blocking=True), self.mask.to(device),
+                                   self.image.to(device, non_blocking=True),
+                                   None if self.labels is None else self.labels.to(device))
+
+
+def image_part(split: SplitReader) -> tuple[PartReader, np.ndarray]:
+    """The split's images part and its per-question image rows; a store without them is refused in one line."""
+    manifest = split.manifest
+    if IMAGES_PART not in manifest.get("parts", {}) or IMAGES_PART not in split.group:
+        raise StoreError(expected(f"a vision-language store with image tokens ('{split.name}/{IMAGES_PART}')",
+                                  f"split '{split.name}' without them",
+                                  "Re-extract with --image-model (lst extract TEXT_MODEL DATA --image-model ...)."))
+    part = split.part(IMAGES_PART)
+    index = split.column(IMAGE_INDEX).astype(np.int64)
+    if len(index) != len(split) or (len(index) and (index.min() < 0 or index.max() >= len(part))):
+        raise StoreError(expected(f"an '{IMAGE_INDEX}' column of {len(split)} rows in 0..{len(part) - 1} in split "
+                                  f"'{split.name}'", f"{len(index)} rows, range "
+                                  f"{index.min() if len(index) else '-'}..{index.max() if len(index) else '-'}"))
+    return part, index
+
+
+def image_rows(part: PartReader, rows: np.ndarray) -> torch.Tensor:
+    """(len(rows), T, n_layers, d_img) float32: the stored tokens of image rows `rows`."""
+    offsets = part.offsets
+    flat = part.hidden_rows(offsets[rows], offsets[rows + 1])
+    return flat.view(len(rows), -1, *flat.shape[1:])
+
+
+class CachedVisionLanguage:
+    """Text states from `text` (a cached source of the split: RAM, memory-mapped or on the GPU) and image
+    tokens from the images part (in RAM when the text is)."""
+
+    def __init__(self, split: SplitReader, text: Any) -> None:
+        self.text = text
+        self.part, self.index = image_part(split)
+        self.preloaded = getattr(text, "preloaded", False)
+        if self.preloaded:
+            self.part.load()
+
+    def __call__(self, idx: np.ndarray) -> VisionLanguageBatch:
+        b = self.text(idx)
+        image = image_rows(self.part, self.index[np.asarray(idx)])
+        return VisionLanguageBatch(b.hidden, b.mask, image, b.labels)
+
+
+class OnlineVisionLanguage:
+    """Classic LST: the text backbone on the stored input ids and the image backbone on the image files, per
+    batch (each distinct image of a batch once)."""
+
+    def __init__(self, split: SplitReader, backbone: Backbone, layers: list[int], images: ImageSplit,
+                 image_backbone: ImageBackbone, image_layers: list[int]) -> None:
+        self.text = OnlineBatches(split, backbone, layers)
+        self.index = image_part(split)[1]
+        self.image_backbone, self.image_layers = image_backbone, image_layers
+        self.pixels = PixelPrefetcher(images, image_backbone, decode_threads(), ahead=0)
+
+    def __call__(self, idx: np.ndarray) -> VisionLanguageBatch:
+        b = self.text(idx)
+        rows, where = np.unique(self.index[np.asarray(idx)], return_inverse=True)
+        states = self.image_backbone.hidden_states(self.pixels.get(rows.tolist()), self.image_layers).cpu()
+        return VisionLanguageBatch(b.hidden, b.mask, states[torch.from_numpy(where.reshape(-1))], b.labels)

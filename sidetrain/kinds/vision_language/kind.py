@@ -1,0 +1,47 @@
+"""The vision-language store kind as a stage-2 plug-in: LST with the image tokens as a side prefix
+(docs/vision_language.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...recipe import Recipe, backbone_config
+from ..encoder.model import reduction_rule
+from ..registry import SearchFacts, StoreKind
+from .predict import pair_up, predict_questions, question_rows
+from .recipe import check_text_backbone, vision_language_recipe
+
+if TYPE_CHECKING:
+    import torch
+
+    from featcache.reader import StoreReader
+
+    from ...config import TrainConfig
+
+
+class VisionLanguageKind(StoreKind):
+    probe = True  # `--head probe`: the question-only floor (the text part is an encoder store's)
+    needs_images = True  # `lst predict RUN --text Q --image PATH`, or rows files of (question, image)
+
+    def recipe(self, cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:
+        return vision_language_recipe(cfg, store, device, eval_name)
+
+    def search_facts(self, manifest: dict[str, Any]) -> SearchFacts:
+        check_text_backbone(manifest)
+        config = backbone_config(manifest)
+        factors, rule = reduction_rule(config)
+        return SearchFacts(int(config.hidden_size), int(config.num_attention_heads), tuple(factors), rule,
+                           tuple(x for x in manifest["layers"] if x > 0), stackable=False)
+
+    def predict_lines(self, run: Path, config: dict[str, Any], texts: list[str], generate: bool,
+                      device: str) -> list[str]:
+        """`texts`: 'image path<TAB>question' lines (what sidetrain.predict builds from --text/--image)."""
+        pairs = [t.split("\t", 1) for t in texts]
+        return predict_questions(run, config, [q for _, q in pairs], [p for p, _ in pairs], device)
+
+    def examples(self, config: dict[str, Any], paths: list[str], texts: list[str], images: list[str]) -> list[str]:
+        """The inputs of `lst predict` as 'image path<TAB>question' lines: rows files, then --text/--image."""
+        questions, found = question_rows(paths, config["store_manifest"]) if paths else ([], [])
+        lines = [f"{p}\t{q}" for q, p in zip(questions, found)]
+        return lines + (pair_up(texts, images) if texts or images else [])

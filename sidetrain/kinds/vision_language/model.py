@@ -1,0 +1,54 @@
+"""The LST side network for a vision-language store (docs/vision_language.md; DESIGN.md 1b, after VL-T5's LST).
+
+The text backbone saw the question only; the side network sees the image too, as a prefix of side tokens:
+
+    v = LayerNorm(W_v x_img + b_v) + pos                  # VL-T5's visual_embedding, d_img -> d/r, per image token
+    s = [v ; W_emb h_0 + b_emb]                           # image tokens, then the text's embedding ladder
+    for j, i in enumerate(K):                             # kept text backbone layers
+        s = mu_j * s + (1 - mu_j) * [0 ; W_j h_i + b_j]   # ladders zero-padded over the image positions
+        s = SideBlock_j(s, mask)                          # the text family's block at width d/r
+    out = Head(mean over valid image + text positions of LayerNorm(s))
+
+Everything but the visual embedding is the encoder kind's LadderSideNetwork (its `prefix` hook).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..encoder.model import LadderSideNetwork
+
+
+class VisualEmbedding(nn.Module):
+    """Cached image tokens (B, T, d_img) -> side tokens (B, T, ds): a projection, a LayerNorm, and a learned
+    position per token (VL-T5 adds box positions; here the tokens are a fixed grid, so one per cell)."""
+
+    def __init__(self, image_width: int, side_width: int, tokens: int, eps: float) -> None:
+        super().__init__()
+        self.proj = nn.Linear(image_width, side_width)
+        self.norm = nn.LayerNorm(side_width, eps=eps)
+        self.position = nn.Parameter(torch.zeros(1, tokens, side_width))
+        nn.init.normal_(self.position, std=0.02)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(image)) + self.position
+
+
+class VisionLanguageSide(nn.Module):
+    """The text LadderSideNetwork with the image tokens as its side prefix."""
+
+    def __init__(self, backbone_config, num_outputs: int, stored_layers: list[int], kept_layers: list[int] | None,
+                 image_width: int, image_tokens: int, reduction_factor: int = 4, dropout: float = 0.1,
+                 attention_dropout: float = 0.0, pooling: str = "mean", num_heads: int | None = None) -> None:
+        super().__init__()
+        kept = kept_layers if kept_layers is not None else [x for x in stored_layers if x > 0]
+        self.text = LadderSideNetwork(backbone_config, num_outputs, stored_layers, kept, reduction_factor, dropout,
+                                      attention_dropout, pooling, num_heads)
+        self.kept_layers = self.text.kept_layers
+        eps = float(getattr(backbone_config, "layer_norm_eps", 1e-12))
+        self.visual = VisualEmbedding(image_width, self.text.config.hidden_size, image_tokens, eps)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """hidden (B, L, n_stored, d) text states, mask (B, L) bool, image (B, T, 1, d_img) -> (B, num_outputs)."""
+        return self.text(hidden, mask, prefix=self.visual(image[:, :, -1]))

@@ -1,0 +1,100 @@
+"""`lst predict RUN --text QUESTION --image PATH` (or rows files of questions and image paths): an answer per
+question, from both backbones live and the run's side network."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from featcache.backbone import resolve_device
+from featcache.errors import LstError, expected
+from featcache.images import ImageSplit, PixelPrefetcher
+
+from ...config import TrainConfig
+from ...data import length_bucketed_batches
+from ...recipe import autocast
+from .recipe import build_model, image_layers, load_image_model, load_text_model
+
+
+def question_rows(paths: list[str], manifest: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Questions and image paths from rows files (csv/tsv/jsonl/parquet with the store's text and image
+    columns; a relative image path is relative to its file)."""
+    from featcache.sources import load_dataset_path
+
+    columns = manifest.get("columns") or {}
+    text, pair = columns.get("text", "question"), columns.get("pair")
+    image = (manifest.get("vision_language") or {}).get("image_column", "image")
+    questions, images = [], []
+    for path in paths:
+        if not Path(path).is_file():
+            raise LstError(expected("a rows file (csv/tsv/jsonl/parquet) of questions and image paths",
+                                    f"'{path}' (no such file)"))
+        frame = next(iter(load_dataset_path(path).splits.values())).frame
+        missing = [c for c in (text, pair, image) if c and c not in frame.columns]
+        if missing:
+            raise LstError(expected(f"columns {missing} in '{path}' (the store's question and image columns)",
+                                    f"columns {list(frame.columns)}"))
+        firsts = frame[text].astype(str).tolist()
+        seconds = frame[pair].astype(str).tolist() if pair else None
+        questions += [f"{a}\t{b}" for a, b in zip(firsts, seconds)] if seconds else firsts
+        base = Path(path).resolve().parent
+        images += [str(p if Path(p).is_absolute() else base / p) for p in frame[image].astype(str)]
+    return questions, images
+
+
+def pair_up(texts: list[str], images: list[str]) -> list[str]:
+    """--text Q (repeatable) with --image PATH: one image for every question, or one per question."""
+    if texts and not images:
+        raise LstError(expected("--image PATH with --text for a run on a vision-language store", "no --image",
+                                "Give the image each question is about (one for all, or one per --text)."))
+    if images and not texts:
+        raise LstError(expected("--text QUESTION with --image", "no --text"))
+    if len(images) not in (1, len(texts)):
+        raise LstError(expected(f"one --image, or one per --text ({len(texts)})", f"{len(images)} images"))
+    return [f"{images[0] if len(images) == 1 else p}\t{t}" for t, p in zip(texts, images * len(texts))]
+
+
+@torch.no_grad()
+def predict_questions(run: Path, config: dict[str, Any], questions: list[str], images: list[str],
+                      device: str = "auto", batch_size: int = 32) -> list[str]:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in config.items() if k in names})
+    manifest = config["store_manifest"]
+    dev = resolve_device(device)
+    text, image = load_text_model(manifest, str(dev), manifest.get("precision", "fp32")), \
+        load_image_model(manifest, str(dev))
+    model = build_model(cfg, manifest)
+    model.load_state_dict(load_file(str(Path(run) / "model.safetensors")))
+    model.to(dev).eval()
+    firsts, seconds = zip(*[(q.split("\t", 1) + [None])[:2] for q in questions])
+    pairs = list(seconds) if any(s is not None for s in seconds) else None
+    enc = text.tokenizer(list(firsts), pairs, truncation=True, max_length=manifest["max_length"])
+    ids = enc["input_ids"]
+    types = enc.get("token_type_ids") or [[0] * len(x) for x in ids]
+    pixels = PixelPrefetcher(ImageSplit("input", [Path(p) for p in images], None, "the command line", images), image)
+    lengths = np.array([len(x) for x in ids])
+    out = np.zeros(len(questions), dtype=np.int64)
+    try:
+        for idx in length_bucketed_batches(lengths, batch_size, 0, 0, shuffle=False):
+            t = int(lengths[idx].max())
+            input_ids = torch.zeros(len(idx), t, dtype=torch.long)
+            type_ids = torch.zeros(len(idx), t, dtype=torch.long)
+            for row, i in enumerate(idx):
+                input_ids[row, :lengths[i]] = torch.tensor(ids[i])
+                type_ids[row, :lengths[i]] = torch.tensor(types[i])
+            mask = torch.arange(t)[None, :] < torch.as_tensor(lengths[idx])[:, None]
+            hidden = text.hidden_states(input_ids, mask.long(), type_ids, manifest["layers"])
+            hidden = hidden * mask.to(hidden.device)[..., None, None]
+            states = image.hidden_states(pixels.get(idx.tolist()), image_layers(manifest))
+            with autocast(cfg, dev):
+                logits = model(hidden.to(dev), mask.to(dev), states.to(dev)).float()
+            out[idx] = logits.argmax(-1).cpu().numpy()
+    finally:
+        pixels.close()
+    label_names = manifest["task"]["label_names"]
+    return [label_names[i] for i in out]

@@ -1,0 +1,129 @@
+"""The vision-language store's Recipe for the shared training loop: the VL side network (model.py), batches of
+text states + image tokens from the store, or from both backbones live for --online (data.py), cross-entropy
+over the answer set."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from featcache.backbone import load_backbone
+from featcache.errors import TrainConfigError, expected
+from featcache.images import ImageBackbone, load_image_backbone
+from featcache.reader import StoreReader
+from featcache.store import check_match
+
+from ...data import iterate, length_bucketed_batches
+from ...recipe import (
+    RUN_MANIFEST_KEYS,
+    Recipe,
+    backbone_config,
+    labelled_splits,
+    resolved_config,
+    select_metric,
+)
+from ..encoder.recipe import cached_source, loss
+from .data import IMAGES_PART, CachedVisionLanguage, OnlineVisionLanguage, image_part
+from .model import VisionLanguageSide
+
+if TYPE_CHECKING:
+    from ...config import TrainConfig
+
+# What `lst predict` needs besides the text facts: both backbones, the image facts, the image part's shape.
+VL_RUN_KEYS = (*RUN_MANIFEST_KEYS, "image_backbone", "image", "vision_language", "parts", "columns")
+
+
+def check_text_backbone(manifest: dict[str, Any]) -> None:
+    """Encoder-only text backbones; a T5 VL store is refused (its side decoder is not built here)."""
+    config = manifest["backbone"].get("config") or {}
+    if config.get("is_encoder_decoder"):
+        raise TrainConfigError(expected("a vision-language store over an encoder-only text backbone (BERT, MiniLM, "
+                                        "MPNet...)", f"a {config.get('model_type', 'encoder-decoder')} store",
+                                        "Training an encoder-decoder VL side network is not supported yet."))
+
+
+def image_width(manifest: dict[str, Any]) -> int:
+    return int(manifest["parts"][IMAGES_PART]["hidden_size"])
+
+
+def image_layers(manifest: dict[str, Any]) -> list[int]:
+    """What the image backbone computes per token: a CNN's stored stages, else the stored image layers."""
+    image = manifest["image"]
+    return list(image["stages"]) if image.get("family") == "cnn" else list(manifest["parts"][IMAGES_PART]["layers"])
+
+
+def build_model(cfg: TrainConfig, manifest: dict[str, Any]) -> VisionLanguageSide:
+    check_text_backbone(manifest)
+    return VisionLanguageSide(backbone_config(manifest), int(manifest["task"]["num_labels"]), manifest["layers"],
+                              cfg.layers, image_width(manifest), int(manifest["image"]["tokens"]),
+                              cfg.reduction_factor, cfg.dropout, cfg.attention_dropout, cfg.pooling, cfg.side_heads)
+
+
+def load_image_model(manifest: dict[str, Any], device: str) -> ImageBackbone:
+    """The store's image backbone in fp32, checked against the weights the store was made with."""
+    facts = manifest["image_backbone"]
+    with torch.random.fork_rng(devices=[]):  # loading must not move the run's random stream
+        backbone = load_image_backbone(facts["name"], "fp32", device)
+    check_match("image backbone weights", facts["revision"], backbone.revision)
+    return backbone
+
+
+def load_text_model(manifest: dict[str, Any], device: str, precision: str = "fp32"):
+    with torch.random.fork_rng(devices=[]):
+        backbone = load_backbone(manifest["backbone"]["name"], precision, device)
+    check_match("backbone weights", manifest["backbone"]["revision"], backbone.revision)
+    return backbone
+
+
+def sources(cfg: TrainConfig, store: StoreReader, device: torch.device) -> dict[str, Any]:
+    names = labelled_splits(store)
+    if not cfg.online:
+        return {n: CachedVisionLanguage(store.split(n), cached_source(store.split(n), cfg, device)) for n in names}
+    from featcache.kinds.vision_language import store_images  # the images as extraction listed them
+
+    manifest = store.manifest
+    for n in names:  # a store without images fails here, before the backbones load
+        image_part(store.split(n))
+    text, image = load_text_model(manifest, str(device)), load_image_model(manifest, str(device))
+    images = store_images(manifest)
+    return {n: OnlineVisionLanguage(store.split(n), text, manifest["layers"], images[n], image,
+                                    image_layers(manifest)) for n in names}
+
+
+@torch.no_grad()
+def predict_split(model: torch.nn.Module, source, lengths: np.ndarray, batch_size: int, device: torch.device,
+                  amp=None) -> np.ndarray:
+    """Answer indices for every question of a split, in the split's order."""
+    model.eval()
+    batches = length_bucketed_batches(lengths, batch_size * 2, seed=0, epoch=0, shuffle=False)
+    out = np.zeros(len(lengths), dtype=np.int64)
+    for idx, b in zip(batches, iterate(source, batches, device)):
+        with amp or contextlib.nullcontext():
+            logits = model(b.hidden, b.mask, b.image).float()
+        out[idx] = logits.argmax(-1).cpu().numpy()
+    return out
+
+
+def vision_language_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device,
+                           eval_name: str | None) -> Recipe:
+    manifest = store.manifest
+    task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
+    if task != "classification":
+        raise TrainConfigError(expected("a classification task (answers) in a vision-language store", task))
+    metric = select_metric(cfg, manifest, task)
+    if cfg.init == "pruned":
+        raise TrainConfigError(expected("--init random for a vision-language store", "--init pruned",
+                                        "Pruned init is not wired for the VL side network yet."))
+    model = build_model(cfg, manifest).to(device)
+    batches = sources(cfg, store, device)
+
+    def predict(name: str, amp) -> np.ndarray:
+        return predict_split(model, batches[name], store.split(name).lengths, cfg.batch_size, device, amp)
+
+    resolved = resolved_config(cfg, manifest, metric, eval_name, tuple(k for k in VL_RUN_KEYS if k in manifest))
+    resolved["layers"] = list(model.kept_layers)
+    return Recipe(model, batches, task, metric, num_labels, resolved,
+                  lambda forward, b: loss(task, forward(b.hidden, b.mask, b.image), b.labels), predict)
