@@ -48,8 +48,15 @@ class TrainConfig:
                                    "(default: GLUE's for a dataset folder named after a GLUE task, e.g. CoLA "
                                    "matthews, MRPC f1; else accuracy, or pearson for regression).")
     online: bool = opt(False, "Recompute the activations with the live backbone (classic LST; the baseline).")
-    preload: bool | None = opt(None, "Keep splits in memory: GPU memory on a GPU, else RAM (default: when "
-                                     "they fit).")
+    preload: bool | None = opt(None, "--preload: copy each split into GPU memory on a GPU (when it fits "
+                                     "--memory-budget), else into RAM; --no-preload: stream every split from the "
+                                     "store. Default: on a GPU, hold a split there when it fits the budget, else "
+                                     "stream it; on a CPU, read the store memory-mapped (page cache, not the run's "
+                                     "memory) when it fits the budget, else stream it.")
+    memory_budget: float | None = opt(None, "GiB of memory one split's stored states may take where the default "
+                                            "policy would keep them (GPU memory, or RAM/page cache); larger "
+                                            "splits are streamed (default: half of the free GPU memory or of the "
+                                            "available RAM).")
     prefetch: bool | None = opt(None, "Read batches in a background thread (default: unless preloaded on a "
                                       "CPU).")
     resume: bool = opt(True, "Continue the run in --out from RUN/checkpoint.pt when it holds one for the "
@@ -82,5 +89,7 @@ class TrainConfig:
         # reachable from the command line since the CLI is generated from these fields
         if self.grad_clip < 0:  # a negative norm would flip the gradients, silently
             raise TrainConfigError(expected("--grad-clip of at least 0 (0: off)", self.grad_clip))
+        if self.memory_budget is not None and not self.memory_budget >= 0:  # also refuses NaN
+            raise TrainConfigError(expected("--memory-budget of at least 0 GiB", self.memory_budget))
         if self.max_steps < 0:
             raise TrainConfigError(expected("--max-steps of at least 0 (0: no limit)", self.max_steps))

@@ -20,7 +20,7 @@ from featcache.errors import StoreError
 from featcache.reader import Batch, SplitReader
 
 log = logging.getLogger(__name__)
-PRELOAD_RAM_FRACTION = 0.5  # auto preload: a split may take at most this share of the available RAM
+PRELOAD_RAM_FRACTION = 0.5  # default memory budget: this share of the free GPU memory or available RAM
 
 
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
@@ -52,15 +52,50 @@ def available_ram() -> int:
     return 0
 
 
-def should_preload(split: SplitReader, asked: bool | None) -> bool:
-    """--preload/--no-preload as given; by default preload when the split fits in RAM with room to spare."""
-    if asked is not None:
-        return asked
-    fits = split.nbytes() <= PRELOAD_RAM_FRACTION * available_ram()
-    if not fits:
-        log.info("split '%s' (%.1f GiB) does not fit in RAM: streaming it from the store", split.name,
-                 split.nbytes() / 2**30)
-    return fits
+# Where a split's hidden states live while a run trains from them (`data_policy`):
+#   ram     copied into RAM once, in the storage dtype (anonymous memory: the run holds it)
+#   mmap    read from the store's memory-mapped shard files (the page cache: shared, reclaimable)
+#   stream  read from the store batch by batch, in a background thread on a GPU or over budget
+#   device  copied to the GPU once, in the storage dtype (DeviceBatches)
+POLICIES = ("ram", "mmap", "stream", "device")
+
+
+def budget_bytes(memory_budget: float | None, device: torch.device) -> int:
+    """--memory-budget in bytes; default half of the free memory where the data would go (GPU or RAM)."""
+    if memory_budget is not None:
+        return int(memory_budget * 2**30)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(PRELOAD_RAM_FRACTION * free)
+    return int(PRELOAD_RAM_FRACTION * available_ram())
+
+
+def mappable(split: SplitReader) -> bool:
+    """Hidden states read from memory-mapped files (a local uncompressed store, or a remote one's shard cache)."""
+    return split.reader_kind in ("shards", "cache")
+
+
+def host_policy(split: SplitReader, preload: bool | None, memory_budget: float | None = None,
+                nbytes: int | None = None) -> str:
+    """ram, mmap or stream for a split read on the host (`nbytes`: what holding it takes, default the split's).
+
+    --preload: ram; --no-preload: stream. By default a memory-mappable store is read in place (mmap: its
+    pages are the kernel's page cache, not the run's memory) when it fits the budget, a store that cannot
+    be mapped (remote without checksums, compressed) is copied into RAM when it fits, and anything larger
+    than the budget is streamed (it would not stay in the page cache: a reader thread hides the disk)."""
+    if preload is not None:
+        return "ram" if preload else "stream"
+    nbytes = split.nbytes() if nbytes is None else nbytes
+    if nbytes > budget_bytes(memory_budget, torch.device("cpu")):
+        log.info("split '%s' (%.2f GiB) is over the memory budget: streaming it from the store", split.name,
+                 nbytes / 2**30)
+        return "stream"
+    return "mmap" if mappable(split) else "ram"
+
+
+def should_preload(split: SplitReader, asked: bool | None, memory_budget: float | None = None) -> bool:
+    """Whether the split is copied into RAM (the `ram` policy of `host_policy`)."""
+    return host_policy(split, asked, memory_budget) == "ram"
 
 
 def check_finite(batch: Batch, split: SplitReader, indices: np.ndarray) -> None:
@@ -74,15 +109,35 @@ def check_finite(batch: Batch, split: SplitReader, indices: np.ndarray) -> None:
                          f"example {i}. Re-extract the store (check --precision: fp16 can overflow).")
 
 
+def token_bytes(split: SplitReader) -> int:
+    """What every policy keeps in RAM beside the states: offsets, token ids, types and labels."""
+    arrays = [split.offsets, split.input_ids, split.token_type_ids, split.labels]
+    return sum(int(a.nbytes) for a in arrays if a is not None)
+
+
 class CachedBatches:
-    """Backbone states read from the store (kept in memory when `preload`, default: when it fits)."""
+    """Backbone states read from the store on the host, kept as `host_policy` says (ram, mmap or stream).
+
+    `held_bytes`: anonymous memory the source holds for the states (0 unless copied into RAM);
+    `mapped_bytes`: the store bytes it reads through memory maps (page cache, reclaimable).
+    """
+
+    on_device = False
 
     def __init__(self, split: SplitReader, layers: list[int] | None, preload: bool | None = None,
-                 check_nan: bool = True) -> None:
-        self.preloaded = should_preload(split, preload)
-        self.split = split.load() if self.preloaded else split
+                 check_nan: bool = True, memory_budget: float | None = None) -> None:
+        self.policy = host_policy(split, preload, memory_budget)
+        self.split = split.load() if self.policy == "ram" else split
         self.layers = layers
         self.check_nan = check_nan
+        self.held_bytes = split.nbytes() if self.policy == "ram" else 0
+        self.mapped_bytes = split.nbytes() if self.policy != "ram" and mappable(split) else 0
+        self.device_bytes = 0
+
+    @property
+    def preloaded(self) -> bool:
+        """Batches are gathered from memory (RAM or warm page cache): a reader thread would not pay on a CPU."""
+        return self.policy != "stream"
 
     def __call__(self, indices: np.ndarray) -> Batch:
         b = self.split.batch(indices, self.layers)
@@ -100,6 +155,8 @@ class DeviceBatches:
 
     preloaded = True
     on_device = True  # nothing for a reader thread to hide
+    policy = "device"
+    held_bytes = mapped_bytes = 0  # host memory: none kept after the copy
     COPY_TOKENS = 1 << 16  # tokens copied to the device at a time (bounds the host memory this needs)
 
     def __init__(self, split: SplitReader, layers: list[int] | None, device: torch.device) -> None:
@@ -115,6 +172,7 @@ class DeviceBatches:
             self.values[a:hi[0]] = chunk.view(dtype)  # bf16 is stored as its uint16 bits
             if self.scales is not None:
                 self.scales[a:hi[0]] = torch.from_numpy(split.stored_scales(lo, hi, layers))
+        self.device_bytes = self.values.nbytes + (0 if self.scales is None else self.scales.nbytes)
         self._check_finite()
 
     def _check_finite(self) -> None:
@@ -141,16 +199,19 @@ class DeviceBatches:
                      None if b.labels is None else b.labels.to(self.device))
 
 
-def fits_on_device(split: SplitReader, device: torch.device) -> bool:
-    """A split may take at most half of the device's free memory (the rest: the side network, activations)."""
+def fits_on_device(split: SplitReader, device: torch.device, memory_budget: float | None = None) -> bool:
+    """A split may take at most the budget of device memory (default: half of what is free; the rest is the
+    side network's and its activations')."""
     if device.type != "cuda":
         return False
-    free, _ = torch.cuda.mem_get_info(device)
-    return split.nbytes() <= PRELOAD_RAM_FRACTION * free
+    return split.nbytes() <= budget_bytes(memory_budget, device)
 
 
 class OnlineBatches:
     """Classic LST: the backbone recomputes the states from the stored input ids on every batch."""
+
+    policy = "online"
+    held_bytes = mapped_bytes = device_bytes = 0
 
     def __init__(self, split: SplitReader, backbone: Backbone, layers: list[int]) -> None:
         self.split = split

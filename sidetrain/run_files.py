@@ -21,7 +21,25 @@ metrics.json (`summary()`):
     seconds_per_epoch    train_seconds / epochs run
     examples_per_second  training examples seen per train second
     data_wait_fraction   share of train_seconds spent waiting for batches
-    peak_memory_bytes    peak memory while training (peak_memory_kind: which memory, or why not measured)
+    data_wait_seconds    the seconds themselves
+    peak_memory_bytes    peak memory while training (peak_memory_kind: which memory, or why not measured;
+                         on a CPU anonymous RSS above the level at the first step, "cpu_rss_anon_above_start")
+    memory               the run's memory, split (`memory_figures`; null where a trainer does not measure it):
+        model_bytes            parameters + buffers of the side network (frozen ones included), exact
+        gradient_bytes         gradients of the trained parameters, exact
+        optimizer_bytes        optimizer state (AdamW: two moments and a step per parameter), exact
+        best_weights_bytes     the copy of the best epoch's weights kept during training, exact
+        data_held_bytes        stored states the batch sources copied into RAM (anonymous), exact
+        data_device_bytes      stored states the sources copied to the GPU, exact
+        data_mapped_bytes      store bytes read through memory maps (page cache: reclaimable, not held)
+        data_tokens_bytes      offsets, token ids and labels every policy keeps in RAM, exact
+        data_policy            {split: ram | mmap | stream | device | online}
+        activation_bytes       the training loop's peak minus what the rows above account for (CPU:
+                               anonymous RSS, so it also holds allocator slack and evaluation buffers)
+        process_start_rss_anon_bytes   RssAnon when training began (imports, torch, the opened store)
+        peak_rss_anon_bytes    whole-process peak of RssAnon (/proc/self/status, sampled every 10 ms)
+        peak_rss_file_bytes    whole-process peak of RssFile (file-backed pages: the mapped store, libraries)
+        peak_device_bytes      CUDA max allocated during training (null on a CPU)
     mode                 "cached" (from the store) or "online" (the backbone live)
     head                 "lst" (a side network) or "probe" (the linear probe)
     stacked_with         how many trials trained in one stacked pass (1: alone)
@@ -93,15 +111,29 @@ def prepare_run_dir(out: str | Path, kind: str = "run", also: tuple[str, ...] = 
 def summary(*, metric: str, eval_split: str | None, best_eval: float | None, splits: dict[str, dict[str, float]],
             history: list[dict[str, Any]], steps: int, train_seconds: float, examples: int, wait_seconds: float,
             peak_memory_bytes: int, peak_memory_kind: str, mode: str, head: str, trainable_parameters: int,
-            stacked_with: int = 1) -> dict[str, Any]:
-    """metrics.json, with the schema above (`examples`: training examples seen; `wait_seconds`: waiting for batches)."""
+            stacked_with: int = 1, memory: dict[str, Any] | None = None) -> dict[str, Any]:
+    """metrics.json, with the schema above (`examples`: training examples seen; `wait_seconds`: waiting for batches;
+    `memory`: `memory_figures(...)`)."""
     return {"metric": metric, "eval_split": eval_split, "best_eval": best_eval, "splits": splits,
             "history": history, "steps": steps, "train_seconds": train_seconds,
             "seconds_per_epoch": train_seconds / max(1, len(history)),
             "examples_per_second": examples / max(train_seconds, 1e-9),
-            "data_wait_fraction": wait_seconds / max(train_seconds, 1e-9),
+            "data_wait_fraction": wait_seconds / max(train_seconds, 1e-9), "data_wait_seconds": wait_seconds,
             "peak_memory_bytes": peak_memory_bytes, "peak_memory_kind": peak_memory_kind, "mode": mode,
-            "head": head, "stacked_with": stacked_with, "trainable_parameters": trainable_parameters}
+            "head": head, "stacked_with": stacked_with, "trainable_parameters": trainable_parameters,
+            "memory": memory}
+
+
+MEMORY_KEYS = ("model_bytes", "gradient_bytes", "optimizer_bytes", "best_weights_bytes", "data_held_bytes",
+               "data_device_bytes", "data_mapped_bytes", "data_tokens_bytes", "data_policy", "activation_bytes",
+               "process_start_rss_anon_bytes", "peak_rss_anon_bytes", "peak_rss_file_bytes", "peak_device_bytes")
+
+
+def memory_figures(**figures: Any) -> dict[str, Any]:
+    """metrics.json's `memory` entry: exactly the keys of the schema above, in its order."""
+    if set(figures) != set(MEMORY_KEYS):
+        raise TypeError(f"memory_figures: expected keys {MEMORY_KEYS}, got {sorted(figures)}")
+    return {k: figures[k] for k in MEMORY_KEYS}
 
 
 def write_config(out: Path, resolved: dict[str, Any]) -> None:

@@ -25,17 +25,17 @@ from featcache.reader import StoreReader, open_store
 
 from . import metrics as M
 from .config import TrainConfig
-from .data import batch_stream, length_bucketed_batches
+from .data import batch_stream, length_bucketed_batches, token_bytes
 from .kinds.registry import kind_for
-from .memory import PeakMemory
+from .memory import PeakMemory, gradient_bytes, model_bytes, optimizer_bytes
 from .recipe import Recipe, autocast, check_labels, evaluate_splits, pick_eval_split
-from .run_files import prepare_run_dir, write_config, write_run
+from .run_files import memory_figures, prepare_run_dir, write_config, write_run
 from .run_files import summary as run_summary
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 # Options that change where/how a run executes but not its result: a resumed run may differ in them.
-RESUME_FREE = {"out", "device", "preload", "prefetch", "resume", "compile"}
+RESUME_FREE = {"out", "device", "preload", "memory_budget", "prefetch", "resume", "compile"}
 
 
 def train(cfg: TrainConfig, store: StoreReader | None = None,
@@ -58,6 +58,12 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
         from .probe import train_probe
 
         return train_probe(cfg, store)
+    with PeakMemory(device) as whole:  # the whole process from here: loading the data included
+        return _train_lst(cfg, store, kind, device, out, on_epoch, whole)
+
+
+def _train_lst(cfg: TrainConfig, store: StoreReader, kind, device: torch.device, out: Path,
+               on_epoch: Callable[[int, dict[str, Any]], None] | None, whole: PeakMemory) -> dict[str, Any]:
     train_split = check_labels(store, cfg.train_split)
     eval_name = pick_eval_split(store, cfg.eval_split, cfg.train_split)
     recipe = kind.recipe(cfg, store, device, eval_name)
@@ -79,6 +85,7 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
     if cfg.resume and (out / CHECKPOINT).exists():
         state = _load_checkpoint(out / CHECKPOINT, recipe.resolved, model, optim, sched)
     write_config(out, recipe.resolved)
+    optim_at_start = optimizer_bytes(optim)  # non-zero when resumed
     with PeakMemory(device) as mem, progress_bar("train", total, unit="step") as bar:
         bar.advance(state["step"])
         for epoch in range(state["epoch"], cfg.epochs):
@@ -135,9 +142,36 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
                           splits=results, history=history, steps=step, train_seconds=state["train_seconds"],
                           examples=examples, wait_seconds=state["wait_seconds"], peak_memory_bytes=mem.peak_bytes,
                           peak_memory_kind=mem.kind, mode="online" if cfg.online else "cached", head="lst",
-                          trainable_parameters=sum(p.numel() for p in params))
+                          trainable_parameters=sum(p.numel() for p in params),
+                          memory=_memory(model, params, optim, optim_at_start, sources, store, mem, whole.update(),
+                                         state["best_state"] is not None))
     write_run(out, model, summary, predictions, state["losses"])
     return summary
+
+
+def _memory(model: torch.nn.Module, params: list, optim: torch.optim.Optimizer, optim_at_start: int,
+            sources: dict[str, Any], store: StoreReader, loop: PeakMemory, whole: PeakMemory,
+            kept_best: bool) -> dict[str, Any]:
+    """metrics.json's `memory`: the exact sizes of what training keeps, the sampled peaks, and activations as
+    the loop's peak minus what it allocated for the known pieces (gradients, new optimizer state, the best
+    epoch's copy; on a GPU, minus everything resident: the loop's peak there is absolute)."""
+    weights, grads, optimizer = model_bytes(model), gradient_bytes(params), optimizer_bytes(optim)
+    best = model_bytes(model) if kept_best else 0
+    held = sum(getattr(s, "held_bytes", 0) for s in sources.values())
+    on_device = sum(getattr(s, "device_bytes", 0) for s in sources.values())
+    if loop.device.type == "cuda":
+        activations = loop.peak_bytes - weights - grads - optimizer - best - on_device
+    else:
+        activations = loop.peak_bytes - grads - (optimizer - optim_at_start) - best
+    return memory_figures(
+        model_bytes=weights, gradient_bytes=grads, optimizer_bytes=optimizer, best_weights_bytes=best,
+        data_held_bytes=held, data_device_bytes=on_device,
+        data_mapped_bytes=sum(getattr(s, "mapped_bytes", 0) for s in sources.values()),
+        data_tokens_bytes=sum(token_bytes(store.split(n)) for n in sources),
+        data_policy={n: getattr(s, "policy", type(s).__name__) for n, s in sources.items()},
+        activation_bytes=max(0, activations), process_start_rss_anon_bytes=whole.start_rss_anon,
+        peak_rss_anon_bytes=whole.peak_rss_anon, peak_rss_file_bytes=whole.peak_rss_file,
+        peak_device_bytes=loop.peak_bytes if loop.device.type == "cuda" else None)
 
 
 def data_seed(cfg: TrainConfig) -> int:
@@ -151,13 +185,13 @@ def _scores(recipe: Recipe, name: str, pred: np.ndarray, store: StoreReader) -> 
 
 def _prefetch(cfg: TrainConfig, source, device: torch.device) -> bool:
     """A reader thread pays off when it hides disk reads or host-to-GPU copies. A batch gathered from
-    RAM on a CPU takes a few ms, and a second thread there slows torch's own threads more (measured:
+    RAM or a warm memory-mapped store on a CPU takes a few ms, and a second thread there slows torch's own threads more (measured:
     113 vs 70 ms per MiniLM side step on 2 cores)."""
     if cfg.online or getattr(source, "on_device", False):
         return False
     if cfg.prefetch is not None:
         return cfg.prefetch
-    return device.type != "cpu" or not getattr(source, "preloaded", False)
+    return device.type != "cpu" or getattr(source, "policy", "stream") == "stream"
 
 
 def _identity(resolved: dict[str, Any]) -> dict[str, Any]:

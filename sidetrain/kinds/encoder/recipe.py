@@ -80,10 +80,11 @@ def sources(cfg: TrainConfig, store: StoreReader, device: torch.device) -> dict[
 
 
 def cached_source(split: SplitReader, cfg: TrainConfig, device: torch.device):
-    """A GPU keeps a split in its own memory when it fits (unless --no-preload); otherwise RAM or streaming."""
-    if cfg.preload is not False and fits_on_device(split, device):
+    """A GPU keeps a split in its own memory when it fits --memory-budget (unless --no-preload); otherwise the
+    host reads it memory-mapped, from RAM (--preload) or streamed (sidetrain.data.host_policy)."""
+    if cfg.preload is not False and fits_on_device(split, device, cfg.memory_budget):
         return DeviceBatches(split, None, device)
-    return CachedBatches(split, None, cfg.preload)
+    return CachedBatches(split, None, cfg.preload, memory_budget=cfg.memory_budget)
 
 
 def encoder_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:

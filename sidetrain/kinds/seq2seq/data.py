@@ -13,7 +13,7 @@ import torch
 from featcache.reader import SplitReader, StoreReader
 from featcache.seq2seq import Seq2SeqBackbone, shift_right
 
-from ...data import should_preload
+from ...data import host_policy, mappable
 
 DECODER_PART = "dec"  # the split's part that holds the decoder rows
 
@@ -73,13 +73,25 @@ def open_decoder(store: StoreReader, name: str) -> DecoderSplit:
 
 
 class CachedSeq2Seq:
-    """Encoder and decoder states from the store; in RAM when `preload` (None: when the split fits)."""
+    """Encoder and decoder states from the store, kept as `sidetrain.data.host_policy` says for the split and
+    its decoder rows together (ram: copied into RAM; mmap: read memory-mapped; stream: read per batch)."""
 
-    def __init__(self, split: SplitReader, dec: DecoderSplit, preload: bool | None = None) -> None:
-        keep = should_preload(split, preload)  # decoder rows are a few tokens each: they follow the encoder
-        self.preloaded = keep
+    on_device = False
+
+    def __init__(self, split: SplitReader, dec: DecoderSplit, preload: bool | None = None,
+                 memory_budget: float | None = None) -> None:
+        nbytes = split.nbytes() + dec.part.nbytes()  # decoder rows are a few tokens each: they follow the encoder
+        self.policy = host_policy(split, preload, memory_budget, nbytes)
+        keep = self.policy == "ram"
         self.split = split.load() if keep else split
         self.dec = dec.load() if keep else dec
+        self.held_bytes = nbytes if keep else 0
+        self.mapped_bytes = nbytes if not keep and mappable(split) else 0
+        self.device_bytes = 0
+
+    @property
+    def preloaded(self) -> bool:
+        return self.policy != "stream"
 
     def __call__(self, idx: np.ndarray) -> Seq2SeqBatch:
         enc = self.split.batch(idx)
@@ -92,6 +104,9 @@ class CachedSeq2Seq:
 
 class OnlineSeq2Seq:
     """Classic LST: the live backbone recomputes encoder and teacher-forced decoder states per batch."""
+
+    policy = "online"
+    held_bytes = mapped_bytes = device_bytes = 0
 
     def __init__(self, split: SplitReader, dec: DecoderSplit, backbone: Seq2SeqBackbone,
                  manifest: dict[str, Any]) -> None:

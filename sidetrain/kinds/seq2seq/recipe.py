@@ -76,7 +76,7 @@ def sources(cfg: TrainConfig, store: StoreReader, backbone: Seq2SeqBackbone | No
     names = labelled_splits(store)
     decs = {n: open_decoder(store, n) for n in names}
     if not cfg.online:
-        return {n: CachedSeq2Seq(store.split(n), decs[n], cfg.preload) for n in names}
+        return {n: CachedSeq2Seq(store.split(n), decs[n], cfg.preload, cfg.memory_budget) for n in names}
     return {n: OnlineSeq2Seq(store.split(n), decs[n], backbone, store.manifest) for n in names}
 
 
