@@ -55,6 +55,10 @@ class ExtractConfig:
     image_column: str | None = opt(None, "Image stores: the column of a csv/tsv/jsonl/parquet split holding image "
                                          "paths (relative to the file) or a datasets Image feature (default: "
                                          "image, image_path, path, file, ...).")
+    image_model: str | None = opt(None, "Vision-language store: the image model beside the text backbone MODEL "
+                                        "(efficientnet-lite0, bundled; efficientnet-lite1..4; or a transformers "
+                                        "vision model folder). Each distinct image of --image-column is stored "
+                                        "once, each row's text (question) as MODEL's text store.")
     label_text: str | None = opt(None, "Encoder-decoder (T5): JSON file mapping each label to its target text "
                                        "(default: T5's GLUE words, else the label names).")
 

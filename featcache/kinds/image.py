@@ -16,6 +16,7 @@ Per split S (every image has the same number of tokens T, so offsets are i * T):
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from ..errors import BackboneError, DatasetError, expected
 from ..fidelity import compare, sample_indices, storage_error
 from ..images import (
     ImageBackbone,
+    ImageSplit,
     PixelPrefetcher,
     cnn_spec,
     is_cnn_name,
@@ -57,6 +59,53 @@ def image_splits(cfg: ExtractConfig):
     return found, columns, fingerprint, modes
 
 
+@dataclass
+class ImageModelPlan:
+    """What an image model stores per image, known without its weights (also used by the vision-language kind)."""
+
+    stages: list[int]  # what `hidden_states` is asked for: layer indices, or a CNN's stages
+    layers: list[int]  # the stored layer indices ([0] for a CNN: its stages concatenated into one vector)
+    width: int  # d of a stored token
+    tokens: int  # T, tokens per image
+    backbone: dict[str, Any]  # the manifest's backbone facts (model_type, num_layers, hidden_size, config)
+    image: dict[str, Any]  # the manifest's `image` facts (family, image_size, tokens, grid, widths, ...)
+
+
+def image_model_plan(model: str, asked: list[int] | None, config: Any,
+                     backbone: ImageBackbone | None) -> ImageModelPlan:
+    """The layout of one image model's tokens: `asked` layers (None: all), `config` its transformers config
+    (None for a named CNN), `backbone` the loaded model if there is one (its processor is then reused)."""
+    if is_cnn_name(model):
+        spec = cnn_spec(model)
+        stages = check_layers(asked, len(spec.widths) - 1)
+        width = sum(spec.widths[k] for k in stages)
+        tokens, layers, n_blocks = spec.grid * spec.grid, [0], len(spec.widths) - 1
+        backbone_facts = {"model_type": "efficientnet-lite", "num_layers": n_blocks, "hidden_size": width,
+                          "config": None}
+        starts = np.cumsum([0] + [spec.widths[k] for k in stages]).tolist()
+        image = {"family": "cnn", "image_size": [spec.image_size] * 2, "tokens": tokens,
+                 "grid": [spec.grid, spec.grid], "stages": stages,
+                 "widths": [spec.widths[k] for k in stages], "channel_starts": starts[:-1],
+                 "preprocess": "RGB, bicubic resize to the model's size, (x/255 - 0.5)/0.5"}
+        return ImageModelPlan(stages, layers, width, tokens, backbone_facts, image)
+    vision = vision_config(config)
+    if vision is None:
+        got = f"'{model}' ({type(config).__name__ if config is not None else 'no config'})"
+        raise BackboneError(expected("an image model for an image dataset: a transformers vision model "
+                                     "folder (ViT, DeiT, BEiT, DINOv2, CLIP/SigLIP) with its image "
+                                     "processor, or efficientnet-lite0", got))
+    processor = backbone.processor if backbone is not None else load_processor(model)
+    size = processor_size(processor)
+    n_blocks, width = int(vision.num_hidden_layers), int(vision.hidden_size)
+    layers = stages = check_layers(asked, n_blocks)
+    tokens = tokens_per_image(vision, size)
+    backbone_facts = {"model_type": vision.model_type, "num_layers": n_blocks, "hidden_size": width,
+                      "config": vision.to_dict()}
+    image = {"family": "transformer", "image_size": list(size), "tokens": tokens,
+             "preprocess": f"{type(processor).__name__} from the model folder"}
+    return ImageModelPlan(stages, layers, width, tokens, backbone_facts, image)
+
+
 class ImageKind(StoreKind):
     name = "image"
 
@@ -70,34 +119,9 @@ class ImageKind(StoreKind):
     def plan(self, cfg: ExtractConfig, config: Any, backbone: ImageBackbone | None) -> KindPlan:
         if cfg.task == "regression":
             raise DatasetError(expected("--task classification (or auto) for an image store", "regression"))
-        if is_cnn_name(cfg.model):
-            spec = cnn_spec(cfg.model)
-            stages = check_layers(cfg.layers, len(spec.widths) - 1)
-            width = sum(spec.widths[k] for k in stages)
-            tokens, layers, n_blocks = spec.grid * spec.grid, [0], len(spec.widths) - 1
-            backbone_facts = {"model_type": "efficientnet-lite", "num_layers": n_blocks, "hidden_size": width,
-                              "config": None}
-            starts = np.cumsum([0] + [spec.widths[k] for k in stages]).tolist()
-            image = {"family": "cnn", "image_size": [spec.image_size] * 2, "tokens": tokens,
-                     "grid": [spec.grid, spec.grid], "stages": stages,
-                     "widths": [spec.widths[k] for k in stages], "channel_starts": starts[:-1],
-                     "preprocess": "RGB, bicubic resize to the model's size, (x/255 - 0.5)/0.5"}
-        else:
-            vision = vision_config(config)
-            if vision is None:
-                got = f"'{cfg.model}' ({type(config).__name__ if config is not None else 'no config'})"
-                raise BackboneError(expected("an image model for an image dataset: a transformers vision model "
-                                             "folder (ViT, DeiT, BEiT, DINOv2, CLIP/SigLIP) with its image "
-                                             "processor, or efficientnet-lite0", got))
-            processor = backbone.processor if backbone is not None else load_processor(cfg.model)
-            size = processor_size(processor)
-            n_blocks, width = int(vision.num_hidden_layers), int(vision.hidden_size)
-            layers = stages = check_layers(cfg.layers, n_blocks)
-            tokens = tokens_per_image(vision, size)
-            backbone_facts = {"model_type": vision.model_type, "num_layers": n_blocks, "hidden_size": width,
-                              "config": vision.to_dict()}
-            image = {"family": "transformer", "image_size": list(size), "tokens": tokens,
-                     "preprocess": f"{type(processor).__name__} from the model folder"}
+        model = image_model_plan(cfg.model, cfg.layers, config, backbone)
+        stages, layers, width, tokens, image = model.stages, model.layers, model.width, model.tokens, model.image
+        backbone_facts = model.backbone
         found, columns, fingerprint, modes = image_splits(cfg)
         label_names, labels = label_ids(found)
         parts, facts = {}, {}
@@ -138,27 +162,33 @@ class ImageKind(StoreKind):
 
     def fidelity(self, cfg: ExtractConfig, plan: KindPlan, backbone: ImageBackbone) -> dict[str, Any] | None:
         name, images = next(iter(plan.state.items()))
-        picks = sample_indices(len(images.items), cfg.error_sample)
-        if not picks:
-            return None
-        stages = plan.request["layers"]
-        prefetch = PixelPrefetcher(images, backbone, decode_threads())
-        try:
-            pixels = prefetch.get(picks)
-        finally:
-            prefetch.close()
+        result = image_fidelity(cfg.model, images, plan.request["layers"], backbone, cfg.error_sample)
+        return None if result is None else {**result, "split": name}
 
-        def states(bb: ImageBackbone) -> torch.Tensor:
-            out = [bb.hidden_states(pixels[b:b + 8], stages).cpu() for b in range(0, len(picks), 8)]
-            return torch.cat(out).flatten(0, 1)  # (N tokens, L, d)
 
-        computed = states(backbone)
-        result: dict[str, Any] = {"examples": len(picks), "tokens": int(computed.shape[0]), "split": name,
-                                  "storage_error": storage_error(computed), "precision": backbone.precision}
-        if backbone.precision != "fp32":
-            reference = states(load_image_backbone(cfg.model, "fp32", str(backbone.device)))
-            result["precision_drift"] = compare(reference, computed)
-        return result
+def image_fidelity(model: str, images: ImageSplit, stages: list[int], backbone: ImageBackbone,
+                   error_sample: int) -> dict[str, Any] | None:
+    """Storage error (and precision drift against fp32) of an image model's states on `error_sample` images."""
+    picks = sample_indices(len(images.items), error_sample)
+    if not picks:
+        return None
+    prefetch = PixelPrefetcher(images, backbone, decode_threads())
+    try:
+        pixels = prefetch.get(picks)
+    finally:
+        prefetch.close()
+
+    def states(bb: ImageBackbone) -> torch.Tensor:
+        out = [bb.hidden_states(pixels[b:b + 8], stages).cpu() for b in range(0, len(picks), 8)]
+        return torch.cat(out).flatten(0, 1)  # (N tokens, L, d)
+
+    computed = states(backbone)
+    result: dict[str, Any] = {"examples": len(picks), "tokens": int(computed.shape[0]),
+                              "storage_error": storage_error(computed), "precision": backbone.precision}
+    if backbone.precision != "fp32":
+        reference = states(load_image_backbone(model, "fp32", str(backbone.device)))
+        result["precision_drift"] = compare(reference, computed)
+    return result
 
 
 register_kind(ImageKind())

@@ -67,6 +67,7 @@ class StoreKind:
 
     name: str = ""
     fallback: bool = False  # chosen only when no other kind matches (the generic text encoder)
+    precedence: int = 0  # among specific matches the highest wins (vision-language: --image-model decides)
 
     def matches(self, cfg: ExtractConfig, config: Any) -> bool:
         """Whether this kind handles the request; `config` is the backbone's transformers config or None."""
@@ -121,9 +122,10 @@ def get_kind(name: str) -> StoreKind:
 
 
 def kind_for_request(cfg: ExtractConfig, config: Any) -> StoreKind:
-    """The kind that handles this extraction: the first specific match, else the fallback."""
+    """The kind that handles this extraction: the specific match of highest precedence (the first registered
+    on a tie), else the fallback."""
     matching = [k for k in _KINDS.values() if k.matches(cfg, config)]
-    specific = [k for k in matching if not k.fallback]
+    specific = sorted((k for k in matching if not k.fallback), key=lambda k: -k.precedence)  # stable
     if specific or matching:
         return (specific or matching)[0]
     raise BackboneError(expected(f"a backbone one of the store kinds {registered_kinds()} can extract",
