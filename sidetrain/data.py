@@ -136,8 +136,8 @@ class CachedBatches:
 
     @property
     def preloaded(self) -> bool:
-        """Batches are gathered from memory (RAM or warm page cache): a reader thread would not pay on a CPU."""
-        return self.policy != "stream"
+        """The states were copied into RAM (a kind that wraps this source may hold its other parts there too)."""
+        return self.policy == "ram"
 
     def __call__(self, indices: np.ndarray) -> Batch:
         b = self.split.batch(indices, self.layers)

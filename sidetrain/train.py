@@ -191,7 +191,12 @@ def _prefetch(cfg: TrainConfig, source, device: torch.device) -> bool:
         return False
     if cfg.prefetch is not None:
         return cfg.prefetch
-    return device.type != "cpu" or getattr(source, "policy", "stream") == "stream"
+    if device.type != "cpu":
+        return True
+    policy = getattr(source, "policy", None)  # sidetrain.data.POLICIES
+    if policy is None:  # a kind's source that does not say where its data live: read inline when preloaded
+        return not getattr(source, "preloaded", False)
+    return policy == "stream"
 
 
 def _identity(resolved: dict[str, Any]) -> dict[str, Any]:

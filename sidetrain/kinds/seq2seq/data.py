@@ -91,7 +91,7 @@ class CachedSeq2Seq:
 
     @property
     def preloaded(self) -> bool:
-        return self.policy != "stream"
+        return self.policy == "ram"
 
     def __call__(self, idx: np.ndarray) -> Seq2SeqBatch:
         enc = self.split.batch(idx)
