@@ -57,8 +57,8 @@ class TrainConfig:
                                             "policy would keep them (GPU memory, or RAM/page cache); larger "
                                             "splits are streamed (default: half of the free GPU memory or of the "
                                             "available RAM).")
-    prefetch: bool | None = opt(None, "Read batches in a background thread (default: unless preloaded on a "
-                                      "CPU).")
+    prefetch: bool | None = opt(None, "Read batches in a background thread (default: on a GPU, and on a CPU "
+                                      "for a streamed split).")
     resume: bool = opt(True, "Continue the run in --out from RUN/checkpoint.pt when it holds one for the "
                              "same options.")
     max_steps: int = opt(0, "Stop after this many optimiser steps (0: no limit), e.g. for a quick smoke run.")
