@@ -4,11 +4,29 @@ on a few rows), the question-only probe, resume after kill -9, lst predict with 
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
+from conftest import assert_user_error, invoke, torch_threads
 from transformers import BertConfig
 
+from featcache import ExtractConfig, extract, open_store
+from featcache.bundled import easy_vqa_dataset
+from sidetrain import TrainConfig, train
 from sidetrain.kinds.vision_language.model import VisionLanguageSide
+from sidetrain.kinds.vision_language.probe import floors
 from sidetrain.ladders import GATE_TEMPERATURE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_side(**kw) -> VisionLanguageSide:
@@ -44,3 +62,146 @@ def test_visual_positions_get_no_ladder_input():
         stream = text_start if j == 0 else prev[:, 6:]
         torch.testing.assert_close(got[:, 6:], gates[j] * stream + (1 - gates[j]) * ladders[:, :, j],
                                    rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ from real stores
+
+def losses(run: Path) -> np.ndarray:
+    return np.array([json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()])
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory) -> Path:
+    """A random ViT (32 px, patch 8: 17 tokens, d=32, 2 blocks) with its image processor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    path = tmp_path_factory.mktemp("tiny_vit")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64), add_pooling_layer=False).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def easy_vqa_small(tmp_path_factory) -> Path:
+    """easy-VQA's real PNGs and questions: 9 train images (~90 questions), 1 dev, 3 test."""
+    return easy_vqa_dataset(tmp_path_factory.mktemp("easy_vqa"), train_images=10, test_images=3)
+
+
+def vl_extract(model, image_model, data, out: Path, **kw) -> Path:
+    with torch_threads(1):  # module fixtures run before the one_thread fixture
+        extract(ExtractConfig(model=str(model), dataset=str(data), image_model=str(image_model), out=str(out),
+                              store_dtype="fp32", max_length=16, device="cpu", error_sample=2, **kw))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny_bert, tiny_vit, easy_vqa_small, tmp_path_factory) -> Path:
+    return vl_extract(tiny_bert, tiny_vit, easy_vqa_small, tmp_path_factory.mktemp("vl") / "store")
+
+
+@pytest.fixture(scope="module")
+def text_store(tmp_path_factory, tiny_bert, tiny_dataset) -> Path:
+    out = tmp_path_factory.mktemp("text") / "store"
+    with torch_threads(1):
+        extract(ExtractConfig(model=str(tiny_bert), dataset=str(tiny_dataset), out=str(out), store_dtype="fp32",
+                              max_length=16, device="cpu", error_sample=2))
+    return out
+
+
+def vl_cfg(store: Path, out: Path, **kw) -> TrainConfig:
+    base = {"store": str(store), "out": str(out), "epochs": 2, "batch_size": 8, "reduction_factor": 4,
+            "dropout": 0.0, "device": "cpu", "seed": 3, "resume": False}
+    return TrainConfig(**{**base, **kw})
+
+
+def assert_cached_equals_online(store: Path, tmp_path: Path, **kw) -> None:
+    runs = {online: tmp_path / f"online{online}" for online in (False, True)}
+    summaries = {online: train(vl_cfg(store, run, online=online, **kw)) for online, run in runs.items()}
+    np.testing.assert_allclose(losses(runs[False]), losses(runs[True]), rtol=1e-5)
+    preds = [json.loads((runs[o] / "predictions.json").read_text()) for o in (False, True)]
+    assert preds[0] == preds[1]
+    assert summaries[False]["mode"] == "cached" and summaries[True]["mode"] == "online"
+
+
+def test_cached_training_equals_online_training(tiny_store, tmp_path):
+    assert_cached_equals_online(tiny_store, tmp_path)
+    assert len(losses(tmp_path / "onlineFalse")) == 2 * -(-len(open_store(tiny_store).split("train")) // 8)
+
+
+def test_cached_equals_online_with_the_bundled_minilm_and_efficientnet(minilm, tmp_path):
+    data = easy_vqa_dataset(tmp_path / "data", train_images=3, test_images=1)  # 2 train images, ~20 questions
+    store = vl_extract(minilm, "efficientnet-lite0", data, tmp_path / "store")
+    assert open_store(store).manifest["kind"] == "vision_language"
+    assert_cached_equals_online(store, tmp_path, epochs=1)
+
+
+def test_probe_floor_predict_and_rows_files(tiny_store, easy_vqa_small, tmp_path):
+    result = invoke("train", tiny_store, "--out", tmp_path / "probe", "--head", "probe")  # question-only floor
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "probe" / "metrics.json").read_text())["head"] == "probe"
+    found = floors(open_store(tiny_store))
+    assert set(found) == {"question_only", "image_only"} and set(found["image_only"]) == {"dev", "test"}
+    run = tmp_path / "lst"
+    train(vl_cfg(tiny_store, run))
+    rows = [json.loads(line) for line in (easy_vqa_small / "test.jsonl").read_text().splitlines()]
+    stored = json.loads((run / "predictions.json").read_text())["test"]
+    names = open_store(tiny_store).manifest["task"]["label_names"]
+    result = invoke("predict", run, easy_vqa_small / "test.jsonl", "--device", "cpu")  # a rows file
+    assert result.exit_code == 0, result.output
+    got = [line.split("\t") for line in result.output.strip().splitlines()[-len(rows):]]
+    assert [g[0] for g in got] == [names[i] for i in stored]  # both backbones live == the store
+    assert [g[2] for g in got] == [r["question"] for r in rows]
+    first = rows[0]
+    result = invoke("predict", run, "--text", first["question"], "--text", rows[1]["question"],
+                    "--image", first["image"], "--device", "cpu")  # one image for every question
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-2].split("\t")[0] == names[stored[0]]
+
+
+SCRIPT = """
+import sys
+import torch
+torch.set_num_threads(1)
+from sidetrain import TrainConfig, train
+train(TrainConfig(store=sys.argv[1], out=sys.argv[2], epochs=int(sys.argv[3]), batch_size=8, reduction_factor=4,
+                  device="cpu", seed=2))
+"""
+
+
+def test_resume_after_kill_9_equals_uninterrupted(tiny_store, tmp_path):
+    epochs = 6
+    full = train(TrainConfig(store=str(tiny_store), out=str(tmp_path / "full"), epochs=epochs, batch_size=8,
+                             reduction_factor=4, device="cpu", seed=2))
+    run, script = tmp_path / "killed", tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_store), str(run), str(epochs)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "metrics.json").exists(), "the run finished before the kill; make it longer"
+    resumed = train(TrainConfig(store=str(tiny_store), out=str(run), epochs=epochs, batch_size=8,
+                                reduction_factor=4, device="cpu", seed=2))
+    np.testing.assert_array_equal(losses(run), losses(tmp_path / "full"))
+    assert resumed["splits"] == full["splits"]
+
+
+def test_bad_inputs_are_one_line_errors(tiny_store, text_store, tmp_path):
+    store = tmp_path / "no_images"
+    shutil.copytree(tiny_store, store)
+    for split in ("train", "dev", "test"):
+        shutil.rmtree(store / split / "images")
+    assert_user_error(invoke("train", store, "--out", tmp_path / "r"), "image tokens", "--image-model")
+    run = tmp_path / "lst"
+    train(vl_cfg(tiny_store, run, epochs=1))
+    assert_user_error(invoke("predict", run, "--text", "what shape is it?"), "--image")
+    assert_user_error(invoke("predict", run, "--image", "a.png"), "--text")
+    text_run = tmp_path / "text"
+    train(TrainConfig(store=str(text_store), out=str(text_run), epochs=1, device="cpu"))
+    assert_user_error(invoke("predict", text_run, "--text", "hi", "--image", "a.png"), "vision-language")
+    assert_user_error(invoke("train", tiny_store, "--out", tmp_path / "p", "--init", "pruned"), "--init random")

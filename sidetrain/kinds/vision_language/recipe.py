@@ -50,9 +50,8 @@ def image_width(manifest: dict[str, Any]) -> int:
 
 
 def image_layers(manifest: dict[str, Any]) -> list[int]:
-    """What the image backbone computes per token: a CNN's stored stages, else the stored image layers."""
-    image = manifest["image"]
-    return list(image["stages"]) if image.get("family") == "cnn" else list(manifest["parts"][IMAGES_PART]["layers"])
+    """What the image backbone is asked for per token: a CNN's stages (stored concatenated), or layers."""
+    return list(manifest["vision_language"]["image_layers"])
 
 
 def build_model(cfg: TrainConfig, manifest: dict[str, Any]) -> VisionLanguageSide:
@@ -82,7 +81,7 @@ def sources(cfg: TrainConfig, store: StoreReader, device: torch.device) -> dict[
     names = labelled_splits(store)
     if not cfg.online:
         return {n: CachedVisionLanguage(store.split(n), cached_source(store.split(n), cfg, device)) for n in names}
-    from featcache.kinds.vision_language import store_images  # the images as extraction listed them
+    from featcache.kinds.vision_language import store_images  # the images as the extraction listed them
 
     manifest = store.manifest
     for n in names:  # a store without images fails here, before the backbones load
