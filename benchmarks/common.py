@@ -42,6 +42,87 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def _descendants(pid: int) -> list[int]:
+    """pid and every process below it (a sweep's workers, a DataLoader's), from /proc/<pid>/task/*/children."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in task.read_text().split()]
+            except OSError:
+                continue
+    return out
+
+
+def rss_kinds(pid: int) -> dict[str, int]:
+    """RssAnon and RssFile in bytes, summed over pid and its descendants (0 for a process gone)."""
+    total = {"RssAnon": 0, "RssFile": 0}
+    for p in _descendants(pid):
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key = line.split(":", 1)[0]
+            if key in total:
+                total[key] += int(line.split()[1]) * 1024
+    return total
+
+
+def run_measured(cmd: list[str], interval: float = 0.02, loaded_marker: str = "LOADED",
+                 env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run cmd in a child process, sampling its (and its children's) RssAnon / RssFile every `interval` s.
+
+    Returns wall seconds, return code, stdout, the tail of stderr, the peaks of RssAnon, RssFile and their
+    sum, and the RSS (anon + file) when the child printed a line starting with `loaded_marker` (None if it
+    never did), so that a caller can report the peak above the loaded model or store."""
+    import subprocess
+    import threading
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak = {"RssAnon": 0, "RssFile": 0, "total": 0}
+    loaded: dict[str, int] = {}
+    stdout: list[str] = []
+    stderr: list[str] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            now = rss_kinds(proc.pid)
+            peak["RssAnon"] = max(peak["RssAnon"], now["RssAnon"])
+            peak["RssFile"] = max(peak["RssFile"], now["RssFile"])
+            peak["total"] = max(peak["total"], now["RssAnon"] + now["RssFile"])
+            done.wait(interval)
+
+    def read_out() -> None:
+        for line in proc.stdout:
+            if line.startswith(loaded_marker) and not loaded:
+                now = rss_kinds(proc.pid)
+                loaded.update(total=now["RssAnon"] + now["RssFile"], anon=now["RssAnon"])
+            stdout.append(line)
+
+    def read_err() -> None:
+        for line in proc.stderr:
+            stderr.append(line)
+            del stderr[:-200]
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (sample, read_out, read_err)]
+    for t in threads:
+        t.start()
+    rc = proc.wait()
+    wall = time.perf_counter() - t0
+    done.set()
+    for t in threads:
+        t.join()
+    return {"cmd": cmd, "rc": rc, "wall_seconds": wall, "stdout": "".join(stdout), "stderr_tail": "".join(stderr[-40:]),
+            "peak_rss_anon_bytes": peak["RssAnon"], "peak_rss_file_bytes": peak["RssFile"],
+            "peak_rss_bytes": peak["total"], "rss_when_loaded_bytes": loaded.get("total"),
+            "rss_anon_when_loaded_bytes": loaded.get("anon")}
+
+
 def write_results(name: str, results: dict[str, Any], markdown: str, command: str) -> tuple[Path, Path]:
     """results/<name>.json (with the command and machine) and results/<name>.md."""
     RESULTS.mkdir(parents=True, exist_ok=True)

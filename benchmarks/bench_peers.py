@@ -1,0 +1,417 @@
+"""lst against its peers on one backbone: full fine-tuning, LoRA (PEFT), LST online / from the store, a sweep, the probe.
+
+    python benchmarks/bench_peers.py [--tasks banking77,mrpc] [--train N] [--model DIR] [--quick]
+    python benchmarks/bench_peers.py --only lst_cached,lst_sweep,probe   # re-run some rows, keep the others
+
+Same backbone (the bundled MiniLM-L6 unless --model names a local folder: nothing is downloaded), same
+splits, same machine, one process per method, run one after the other:
+
+  full          AutoModelForSequenceClassification, every weight trained (benchmarks/peers_finetune.py)
+  lora_<lr>     PEFT LoRA r=8 on the attention's query/key/value projections, classification head trained,
+                two learning rates (peers_finetune.py)
+  lst_online    `lst train STORE --online`: the side network with the backbone live
+  lst_cached    `lst train STORE`: the side network from the store (defaults: 10 epochs, r=8, fp16 store)
+  lst_sweep     best of `lst sweep STORE --trials 16` (default space, default stacking and pruning)
+  probe         `lst train STORE --head probe`
+  equal budget  in the wall time of the best LoRA run: extraction plus the sweep's trials that finished
+                within it (lst sweep has no time budget: counted from the trials' completion times in study.db)
+
+Per method: the task's metric on dev (and test where the data has one), seconds per epoch, wall time to
+the result (extraction included for every lst row, since each needs the store), the process's peak RssAnon
+and RssFile (the parent samples /proc/<pid>/status of the child and its children every 20 ms), the peak above
+the loaded state (peers: above the RSS when the model and tokenised data are loaded; lst: the training loop's
+own peak above its start, metrics.json's peak_memory_bytes), trainable parameters.
+Results: benchmarks/results/peers.json, peers.md, peers.png (metric against memory and against wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, log, run_measured, setup_logging, write_results
+
+HERE = Path(__file__).resolve().parent
+GLUE = HERE.parents[1] / "shared" / "data" / "glue"
+LST = str(Path(sys.executable).parent / "lst")
+FINETUNE = str(HERE / "peers_finetune.py")
+# GLUE folder per task; SST-2's 67k training rows are subsampled by default (a full LoRA epoch: ~20 min here)
+GLUE_TASKS = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE"}
+DEFAULT_TRAIN_ROWS = {"sst2": 8000}
+METHODS = ["full", "lora_a", "lora_b", "lst_online", "lst_cached", "lst_sweep", "probe"]
+MiB = 2 ** 20
+
+
+def prepare_data(task: str, work: Path, train_rows: int, eval_rows: int) -> tuple[Path, str, dict[str, int]]:
+    """The task's folder (or a seeded subset of it written to `work`), the --quoting to read it with, rows."""
+    from featcache.bundled import bolt_dataset_path
+    from featcache.sources import Quoting, load_dataset_path
+
+    src, quoting = (bolt_dataset_path("banking"), "auto") if task == "banking77" else (GLUE / GLUE_TASKS[task], "none")
+    data = load_dataset_path(src, Quoting(quoting))
+    rows = {s: len(t.frame) for s, t in data.splits.items()}
+    limits = {s: (train_rows if s == "train" else eval_rows) for s in rows}
+    if not any(0 < limits[s] < rows[s] for s in rows):
+        return src, quoting, rows
+    out = work / src.name  # keep the folder name: lst picks GLUE's metric by it
+    out.mkdir(parents=True, exist_ok=True)
+    for split, table in data.splits.items():
+        frame = table.frame
+        # rows without quotes or tabs, so that the subset reads back the same with --quoting none
+        frame = frame[~frame.astype(str).apply(lambda c: c.str.contains('["\t]', regex=True)).any(axis=1)]
+        if 0 < limits[split] < len(frame):
+            frame = frame.sample(limits[split], random_state=0)
+        frame.to_csv(out / f"{split}.tsv", sep="\t", index=False, quoting=3)
+        rows[split] = len(frame)
+    return out, "none", rows
+
+
+def _metrics(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _memory(m: dict[str, Any]) -> dict[str, Any]:
+    keys = ("peak_rss_anon_bytes", "peak_rss_file_bytes", "peak_rss_bytes", "rss_when_loaded_bytes")
+    return {k: m[k] for k in keys}
+
+
+def _check(m: dict[str, Any], what: str) -> None:
+    if m["rc"] != 0:
+        raise RuntimeError(f"{what} failed (exit {m['rc']}): {' '.join(map(str, m['cmd']))}\n{m['stderr_tail']}")
+
+
+def run_peer(name: str, args, data: Path, quoting: str, metric: str, method: str, lr: float) -> dict[str, Any]:
+    cmd = [sys.executable, FINETUNE, args.model, str(data), "--method", method, "--lr", str(lr),
+           "--epochs", str(args.peer_epochs), "--quoting", quoting, "--metric", metric,
+           "--lora-targets", args.lora_targets]
+    log.info("%s: %s lr %g, %d epochs", name, method, lr, args.peer_epochs)
+    m = run_measured(cmd)
+    _check(m, name)
+    r = json.loads(next(x for x in m["stdout"].splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    return {"method": name, "kind": "peer", "lr": lr, "epochs": r["epochs"], "splits": r["splits"],
+            "per_epoch_eval": [h[f"eval_{metric}"] for h in r["history"]], "seconds_per_epoch": r["seconds_per_epoch"],
+            "wall_seconds": m["wall_seconds"], **_memory(m),
+            "peak_above_loaded_bytes": m["peak_rss_bytes"] - m["rss_when_loaded_bytes"],
+            "trainable_parameters": r["trainable_parameters"], "total_parameters": r["total_parameters"],
+            "lora": r["lora"], "command": " ".join(cmd[1:])}
+
+
+def run_lst(name: str, work: Path, store: Path, extras: list[str], extract_seconds: float) -> dict[str, Any]:
+    out = work / name
+    cmd = [LST, "train", str(store), "--out", str(out), *extras]
+    log.info("%s: lst train %s", name, " ".join(extras))
+    m = run_measured(cmd)
+    _check(m, name)
+    s = _metrics(out)
+    metric = s["metric"]
+    return {"method": name, "kind": "lst", "epochs": len(s.get("history") or []) or None, "splits": s["splits"],
+            "per_epoch_eval": [h.get(f"eval_{metric}") for h in s.get("history") or []],
+            "seconds_per_epoch": s.get("seconds_per_epoch"), "train_seconds": s.get("train_seconds"),
+            "process_seconds": m["wall_seconds"], "wall_seconds": extract_seconds + m["wall_seconds"], **_memory(m),
+            "peak_above_loaded_bytes": s.get("peak_memory_bytes"), "trainable_parameters": s.get("trainable_parameters"),
+            "command": "lst train STORE " + " ".join(extras)}
+
+
+def run_sweep(work: Path, store: Path, trials: int, extract_seconds: float) -> dict[str, Any]:
+    out = work / "lst_sweep"
+    cmd = [LST, "sweep", str(store), "--out", str(out), "--trials", str(trials)]
+    log.info("lst_sweep: %d trials", trials)
+    started = time.time()
+    m = run_measured(cmd)
+    _check(m, "lst_sweep")
+    summary = json.loads((out / "summary.json").read_text())
+    best = summary["best"] or {}
+    best_metrics = Path(best["dir"]) / (best.get("run") or "") / "metrics.json" if best.get("dir") else None
+    trainable = json.loads(best_metrics.read_text()).get("trainable_parameters") \
+        if best_metrics and best_metrics.exists() else None
+    return {"method": "lst_sweep", "kind": "lst", "epochs": best.get("epochs_run"), "splits": best.get("splits") or {},
+            "best_params": best.get("params"), "trials_finished": summary["finished"], "counts": summary["counts"],
+            "seconds_per_epoch": None, "process_seconds": m["wall_seconds"],
+            "wall_seconds": extract_seconds + m["wall_seconds"], **_memory(m), "peak_above_loaded_bytes": None,
+            "trainable_parameters": trainable, "started_unix": started, "study_db": str(out / "study.db"),
+            "command": f"lst sweep STORE --trials {trials}"}
+
+
+def equal_budget(sweep: dict[str, Any], budget_seconds: float, extract_seconds: float, metric: str) -> dict[str, Any]:
+    """The sweep's trials that finished within `budget_seconds` of wall time, extraction included."""
+    import datetime as dt
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{sweep['study_db']}"
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    deadline = dt.datetime.fromtimestamp(sweep["started_unix"] + budget_seconds - extract_seconds)
+    done = [t for t in study.get_trials(deepcopy=False)
+            if t.state.name in ("COMPLETE", "PRUNED") and t.datetime_complete and t.datetime_complete <= deadline]
+    complete = [t for t in done if t.state.name == "COMPLETE"]
+    best = max(complete, key=lambda t: t.value, default=None)
+    return {"budget_seconds": budget_seconds, "sweep_seconds_in_budget": budget_seconds - extract_seconds,
+            "trials_finished": len(done), "trials_complete": len(complete),
+            "best_splits": (best.user_attrs.get("splits") if best else None) or {},
+            "best_eval": best.value if best else None, "best_params": best.params if best else None, "metric": metric}
+
+
+def bench_task(task: str, args, work: Path) -> dict[str, Any]:
+    from sidetrain.metrics import GLUE_METRICS
+
+    data, quoting, rows = prepare_data(task, work, args.train or DEFAULT_TRAIN_ROWS.get(task, 0), args.eval_rows)
+    regression = task == "stsb"
+    metric = "pearson" if regression else GLUE_METRICS.get(task, "accuracy")
+    log.info("== %s: %s rows, metric %s", task, rows, metric)
+    store = work / "store.zarr"
+    extract_cmd = [LST, "extract", args.model, str(data), "--out", str(store), "--max-length", "64",
+                   "--quoting", quoting]
+    ex = run_measured(extract_cmd)
+    _check(ex, "lst extract")
+    extract_seconds = ex["wall_seconds"]
+    rows_out: dict[str, dict[str, Any]] = {}
+    want = set(args.only or METHODS)
+    lst_epochs = ["--epochs", str(args.lst_epochs)]
+    for method in METHODS:
+        if method not in want:
+            continue
+        if method == "full":
+            rows_out[method] = run_peer(method, args, data, quoting, metric, "full", args.full_lr)
+        elif method in ("lora_a", "lora_b"):
+            lr = args.lora_lrs[0 if method == "lora_a" else 1]
+            rows_out[method] = run_peer(method, args, data, quoting, metric, "lora", lr)
+        elif method == "lst_online":
+            rows_out[method] = run_lst(method, work, store, ["--online", "--epochs", str(args.online_epochs)],
+                                       extract_seconds)
+        elif method == "lst_cached":
+            rows_out[method] = run_lst(method, work, store, lst_epochs, extract_seconds)
+        elif method == "lst_sweep":
+            rows_out[method] = run_sweep(work, store, args.sweep_trials, extract_seconds)
+        elif method == "probe":
+            rows_out[method] = run_lst(method, work, store, ["--head", "probe"], extract_seconds)
+    result = {"task": task, "rows": rows, "metric": metric, "data": str(data),
+              "extract": {"seconds": extract_seconds, **_memory(ex), "command": "lst extract MODEL DATA --max-length 64 "
+                          f"--quoting {quoting}"}, "methods": rows_out}
+    loras = [rows_out[k] for k in ("lora_a", "lora_b") if k in rows_out]
+    if loras and "lst_sweep" in rows_out:
+        best_lora = max(loras, key=lambda r: r["splits"][_eval_split(r)][metric])
+        result["equal_budget"] = {"lora": best_lora["method"],
+                                  **equal_budget(rows_out["lst_sweep"], best_lora["wall_seconds"], extract_seconds,
+                                                 metric)}
+    return result
+
+
+def _eval_split(row: dict[str, Any]) -> str:
+    return next(s for s in ("dev", "validation", "valid", "val") if s in row["splits"])
+
+
+def merge_previous(results: dict[str, Any], only: list[str]) -> dict[str, Any]:
+    """With --only: the rows not re-run come from the last results/peers.json (marked with its date)."""
+    path = RESULTS / "peers.json"
+    if not only or not path.exists():
+        return results
+    old = json.loads(path.read_text())
+    for task, new in results["tasks"].items():
+        before = old.get("tasks", {}).get(task)
+        if not before:
+            continue
+        for method, row in before["methods"].items():
+            if method not in new["methods"]:
+                new["methods"][method] = {**row, "from_earlier_run": row.get("from_earlier_run") or old["machine"]["date"]}
+        new["methods"] = {m: new["methods"][m] for m in METHODS if m in new["methods"]}
+        if "equal_budget" not in new and "equal_budget" in before:
+            new["equal_budget"] = before["equal_budget"]
+    for task, before in old.get("tasks", {}).items():
+        results["tasks"].setdefault(task, before)
+    return results
+
+
+LABELS = {"full": "full fine-tuning", "lst_online": "LST online", "lst_cached": "LST from the store",
+          "lst_sweep": "LST, best of sweep", "probe": "probe (logistic regression)"}
+
+
+def label(row: dict[str, Any]) -> str:
+    if row["method"].startswith("lora"):
+        return f"LoRA r={row['lora']['r']} lr {row['lr']:g}"
+    if row["method"] == "full":
+        return f"full fine-tuning lr {row['lr']:g}"
+    return LABELS[row["method"]]
+
+
+def _fmt(v: float | None, spec: str = ".4f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def markdown(results: dict[str, Any], args) -> str:
+    lines = ["# lst against full fine-tuning and LoRA (PEFT), same backbone, same splits, one run", "",
+             (f"Backbone: {results['backbone']}. Batch 32, max length 64, fp16 store (lst's default). Peers: "
+              f"{args.peer_epochs} epochs, AdamW, linear warm-up (10%) and decay, dev scored each epoch, test at the "
+              f"best dev epoch; LoRA r=8, alpha 16, dropout 0.1 on {args.lora_targets} (PEFT, task SEQ_CLS: the "
+              "classification head trained too). lst: its defaults (r=8, all layers, lr 3e-3, 10 epochs); the sweep "
+              f"{args.sweep_trials} trials of the default space with default stacking and pruning. One process per "
+              "method, one after the other. Wall time to the result includes extraction for every lst row. Memory: "
+              "the child's peak RssAnon and RssFile sampled every 20 ms from /proc; 'above loaded' is the peak "
+              "RSS above the RSS once the model and data are loaded (peers) or above the training loop's start (lst, "
+              "metrics.json)."), ""]
+    for task, r in results["tasks"].items():
+        metric = r["metric"]
+        has_test = any("test" in row["splits"] for row in r["methods"].values())
+        ex = r["extract"]
+        lines += [f"## {task} ({metric}; rows {r['rows']})", "",
+                  f"Extraction: {ex['seconds']:.0f} s, peak RssAnon {ex['peak_rss_anon_bytes'] / MiB:,.0f} MiB.", "",
+                  f"| method | epochs | dev {metric} |" + (f" test {metric} |" if has_test else "")
+                  + " dev per epoch | s/epoch | wall to result (s) | peak RssAnon (MiB) | peak RssFile (MiB) "
+                    "| above loaded (MiB) | trainable params |",
+                  "|---|---:|---:|" + ("---:|" if has_test else "") + "---|---:|---:|---:|---:|---:|---:|"]
+        for row in r["methods"].values():
+            split = _eval_split(row) if row["splits"] else None
+            dev = row["splits"][split][metric] if split else None
+            test = row["splits"].get("test", {}).get(metric)
+            curve = "/".join(f"{v:.3f}" for v in row.get("per_epoch_eval") or [] if v is not None)
+            above = row.get("peak_above_loaded_bytes")
+            name = label(row) + (" *" if row.get("from_earlier_run") else "")
+            lines.append(f"| {name} | {row['epochs'] or '—'} | {_fmt(dev)} |" + (f" {_fmt(test)} |" if has_test else "")
+                         + f" {curve or '—'} | {_fmt(row['seconds_per_epoch'], '.1f')} | {row['wall_seconds']:.0f} "
+                         f"| {row['peak_rss_anon_bytes'] / MiB:,.0f} | {row['peak_rss_file_bytes'] / MiB:,.0f} "
+                         f"| {_fmt(None if above is None else above / MiB, ',.0f')} "
+                         f"| {_fmt(row['trainable_parameters'], ',')} |")
+        sweep = r["methods"].get("lst_sweep")
+        if sweep:
+            lines += ["", (f"Sweep: {sweep['trials_finished']} trials finished ({sweep['counts']}); best trial's "
+                          f"parameters {sweep['best_params']}.")]
+        eb = r.get("equal_budget")
+        if eb:
+            test = eb["best_splits"].get("test", {}).get(metric)
+            dev = eb["best_splits"].get(_eval_split({"splits": eb["best_splits"]}) if eb["best_splits"] else "", {})
+            lines += ["", (f"**Equal budget** (the wall time of {label(r['methods'][eb['lora']])}, "
+                           f"{eb['budget_seconds']:.0f} s): extraction + {eb['sweep_seconds_in_budget']:.0f} s of "
+                           f"sweep finished {eb['trials_finished']} trials ({eb['trials_complete']} complete); best dev "
+                           f"{metric} {_fmt(dev.get(metric) if dev else None)}"
+                           + (f", test {_fmt(test)}" if test is not None else "")
+                           + (f" ({eb['best_params']})" if eb["best_params"] else "") + ".")]
+        lines.append("")
+    if any(row.get("from_earlier_run") for r in results["tasks"].values() for row in r["methods"].values()):
+        lines += [("\\* from an earlier run of this benchmark (its date in peers.json), kept when the others were "
+                  "re-run with --only."), ""]
+    lines += [("Timings are from a shared 2-core machine (other work ran beside it: see the load average above); "
+               "compare ratios measured in the same run."), ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results["tasks"])
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4.2 * len(tasks)), squeeze=False)
+    for i, task in enumerate(tasks):
+        r = results["tasks"][task]
+        metric = r["metric"]
+        for row in r["methods"].values():
+            if not row["splits"]:
+                continue
+            score = row["splits"][_eval_split(row)][metric]
+            kind = "lst" if row["kind"] == "lst" else "peer"
+            style = {"marker": "o" if kind == "lst" else "s", "s": 60}
+            for ax, x in ((axes[i][0], row["peak_rss_anon_bytes"] / MiB), (axes[i][1], row["wall_seconds"])):
+                ax.scatter([x], [score], **style)
+                ax.annotate(label(row), (x, score), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        axes[i][0].set_xlabel("peak RssAnon (MiB)")
+        axes[i][1].set_xlabel("wall time to the result (s, extraction included for lst)")
+        axes[i][1].set_xscale("log")
+        for ax in axes[i]:
+            ax.set_ylabel(f"dev {metric}")
+            ax.set_title(f"{task}: {results['backbone_short']}")
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from featcache.bundled import minilm_path
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--tasks", default="banking77," + ",".join(GLUE_TASKS),
+                   help="banking77 and GLUE tasks (sst2, cola, mrpc, stsb, rte; skipped when ../shared/data/glue is absent)")
+    p.add_argument("--model", default=str(minilm_path()),
+                   help="a local encoder folder (never downloaded): e.g. a base-size backbone where one is present")
+    p.add_argument("--train", type=int, default=0, help="training rows per task, seeded subset (0: all; SST-2: 8000)")
+    p.add_argument("--eval-rows", type=int, default=0, help="dev/test rows per task (0: all)")
+    p.add_argument("--peer-epochs", type=int, default=3)
+    p.add_argument("--lst-epochs", type=int, default=10)
+    p.add_argument("--online-epochs", type=int, default=0, help="epochs of the online row (0: as --lst-epochs)")
+    p.add_argument("--full-lr", type=float, default=1e-4)
+    p.add_argument("--lora-lrs", type=lambda s: [float(x) for x in s.split(",")], default=[2e-3, 5e-4])
+    p.add_argument("--lora-targets", default="query,key,value")
+    p.add_argument("--sweep-trials", type=int, default=16)
+    p.add_argument("--only", type=lambda s: s.split(","), default=None, help=f"methods to run, of {','.join(METHODS)}")
+    p.add_argument("--work", default=None, help="keep stores and runs here (default: a temporary folder)")
+    p.add_argument("--name", default="peers", help="results/<name>.json, .md, .png")
+    p.add_argument("--quick", action="store_true", help="smoke run: banking77, 300 train / 200 eval rows, 1 epoch")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tasks, args.train, args.eval_rows = "banking77", args.train or 300, args.eval_rows or 200
+        args.peer_epochs, args.lst_epochs, args.sweep_trials = 1, 1, 4
+        args.name = args.name if args.name != "peers" else "peers_quick"
+    args.online_epochs = args.online_epochs or args.lst_epochs
+    if len(args.lora_lrs) != 2:
+        p.error("--lora-lrs takes two learning rates, e.g. 2e-3,5e-4")
+    if args.only and set(args.only) - set(METHODS):
+        p.error(f"--only: unknown methods {sorted(set(args.only) - set(METHODS))} (have {', '.join(METHODS)})")
+    if not Path(args.model).is_dir():
+        p.error(f"--model: expected a local model folder, got '{args.model}' (the benchmark never downloads)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    setup_logging()
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for t in tasks:
+        if t != "banking77" and t not in GLUE_TASKS:
+            log.error("unknown task %s (have banking77, %s)", t, ", ".join(GLUE_TASKS))
+            return 2
+    if not GLUE.is_dir() and any(t in GLUE_TASKS for t in tasks):
+        log.info("no GLUE data at %s: GLUE tasks skipped", GLUE)
+        tasks = [t for t in tasks if t not in GLUE_TASKS]
+    from featcache.bundled import minilm_path
+
+    cfg = json.loads((Path(args.model) / "config.json").read_text())
+    name = "all-MiniLM-L6-v2 (bundled)" if Path(args.model) == Path(minilm_path()) else Path(args.model).name
+    results: dict[str, Any] = {
+        "backbone": f"{name} ({cfg.get('model_type')}, {cfg.get('num_hidden_layers')} layers, "
+                    f"d={cfg.get('hidden_size')}) from {args.model}",
+        "backbone_short": f"{cfg.get('model_type')} {cfg.get('num_hidden_layers')}L d={cfg.get('hidden_size')}",
+        "settings": {k: v for k, v in vars(args).items() if k not in ("work",)}, "tasks": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_peers_") as tmp:
+        root = Path(args.work) if args.work else Path(tmp)
+        for task in tasks:
+            work = root / task
+            if work.exists() and args.work:
+                import shutil
+
+                shutil.rmtree(work)  # a fresh store and fresh runs each time: lst would resume otherwise
+            work.mkdir(parents=True, exist_ok=True)
+            results["tasks"][task] = bench_task(task, args, work)
+            # written after each task: a long run that is stopped keeps what it measured
+            _write(results, args)
+    return 0
+
+
+def _write(results: dict[str, Any], args) -> None:
+    results = merge_previous(results, args.only) if args.name == "peers" else results
+    command = "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:])
+    write_results(args.name, results, markdown(results, args), command)
+    plot(results, RESULTS / f"{args.name}.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
