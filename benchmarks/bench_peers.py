@@ -27,6 +27,7 @@ Results: benchmarks/results/peers.json, peers.md, peers.png (metric against memo
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -64,7 +65,7 @@ def prepare_data(task: str, work: Path, train_rows: int, eval_rows: int) -> tupl
     for split, table in data.splits.items():
         frame = table.frame
         # rows without quotes or tabs, so that the subset reads back the same with --quoting none
-        frame = frame[~frame.astype(str).apply(lambda c: c.str.contains('["\t]', regex=True)).any(axis=1)]
+        frame = frame[~frame.astype(str).apply(lambda c: c.str.contains('["\t\n\r]', regex=True)).any(axis=1)]
         if 0 < limits[split] < len(frame):
             frame = frame.sample(limits[split], random_state=0)
         frame.to_csv(out / f"{split}.tsv", sep="\t", index=False, quoting=3)
@@ -180,6 +181,9 @@ def bench_task(task: str, args, work: Path) -> dict[str, Any]:
         if method == "full":
             rows_out[method] = run_peer(method, args, data, quoting, metric, "full", args.full_lr)
         elif method in ("lora_a", "lora_b"):
+            if importlib.util.find_spec("peft") is None:
+                log.error("%s skipped: peft is not installed (`make bench` installs it: pyproject's bench extra)", method)
+                continue
             lr = args.lora_lrs[0 if method == "lora_a" else 1]
             rows_out[method] = run_peer(method, args, data, quoting, metric, "lora", lr)
         elif method == "lst_online":

@@ -2,6 +2,10 @@
 
     python benchmarks/run_all.py            # all of them
     python benchmarks/run_all.py store      # only bench_store.py
+    python benchmarks/run_all.py peers convergence   # lst vs full fine-tuning / LoRA, and LST's convergence
+
+bench_peers.py needs peft (pyproject's `bench` extra; `make bench` installs it with --no-deps) and, like
+bench_convergence.py, takes a long time on a CPU (docs/benchmarks.md says how long).
 """
 
 from __future__ import annotations
