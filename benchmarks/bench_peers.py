@@ -211,13 +211,14 @@ def _eval_split(row: dict[str, Any]) -> str:
     return next(s for s in ("dev", "validation", "valid", "val") if s in row["splits"])
 
 
-def merge_previous(results: dict[str, Any], only: list[str]) -> dict[str, Any]:
-    """With --only: the rows not re-run come from the last results/peers.json (marked with its date)."""
+def merge_previous(results: dict[str, Any], only: list[str] | None) -> dict[str, Any]:
+    """Tasks not run now come from the last results/peers.json, and with --only so do the rows not re-run
+    (marked with that run's date)."""
     path = RESULTS / "peers.json"
-    if not only or not path.exists():
+    if not path.exists():
         return results
     old = json.loads(path.read_text())
-    for task, new in results["tasks"].items():
+    for task, new in results["tasks"].items() if only else ():
         before = old.get("tasks", {}).get(task)
         if not before:
             continue
@@ -228,7 +229,8 @@ def merge_previous(results: dict[str, Any], only: list[str]) -> dict[str, Any]:
         if "equal_budget" not in new and "equal_budget" in before:
             new["equal_budget"] = before["equal_budget"]
     for task, before in old.get("tasks", {}).items():
-        results["tasks"].setdefault(task, before)
+        if task not in results["tasks"]:
+            results["tasks"][task] = {**before, "measured": before.get("measured") or old["machine"]["date"]}
     return results
 
 
@@ -264,7 +266,9 @@ def markdown(results: dict[str, Any], args) -> str:
         has_test = any("test" in row["splits"] for row in r["methods"].values())
         ex = r["extract"]
         lines += [f"## {task} ({metric}; rows {r['rows']})", "",
-                  f"Extraction: {ex['seconds']:.0f} s, peak RssAnon {ex['peak_rss_anon_bytes'] / MiB:,.0f} MiB.", "",
+                  (f"Measured {r.get('measured', '?')}, load average {r.get('load_average_1m', '?')} at the end, "
+                   f"`{r.get('command', '')}`. Extraction: {ex['seconds']:.0f} s, peak RssAnon "
+                   f"{ex['peak_rss_anon_bytes'] / MiB:,.0f} MiB."), "",
                   f"| method | epochs | dev {metric} |" + (f" test {metric} |" if has_test else "")
                   + " dev per epoch | s/epoch | wall to result (s) | peak RssAnon (MiB) | peak RssFile (MiB) "
                     "| above loaded (MiB) | trainable params |",
@@ -315,7 +319,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for i, task in enumerate(tasks):
         r = results["tasks"][task]
         metric = r["metric"]
-        for row in r["methods"].values():
+        for j, row in enumerate(r["methods"].values()):
             if not row["splits"]:
                 continue
             score = row["splits"][_eval_split(row)][metric]
@@ -323,7 +327,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             style = {"marker": "o" if kind == "lst" else "s", "s": 60}
             for ax, x in ((axes[i][0], row["peak_rss_anon_bytes"] / MiB), (axes[i][1], row["wall_seconds"])):
                 ax.scatter([x], [score], **style)
-                ax.annotate(label(row), (x, score), textcoords="offset points", xytext=(5, 4), fontsize=8)
+                ax.annotate(label(row), (x, score), textcoords="offset points", xytext=(5, (-11, 4, 12)[j % 3]), fontsize=8)
         axes[i][0].set_xlabel("peak RssAnon (MiB)")
         axes[i][1].set_xlabel("wall time to the result (s, extraction included for lst)")
         axes[i][1].set_xscale("log")
@@ -404,7 +408,12 @@ def main(argv: list[str] | None = None) -> int:
 
                 shutil.rmtree(work)  # a fresh store and fresh runs each time: lst would resume otherwise
             work.mkdir(parents=True, exist_ok=True)
-            results["tasks"][task] = bench_task(task, args, work)
+            import datetime as dt
+
+            results["tasks"][task] = {**bench_task(task, args, work),
+                                      "measured": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                      "load_average_1m": round(os.getloadavg()[0], 2),
+                                      "command": "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:])}
             # written after each task: a long run that is stopped keeps what it measured
             _write(results, args)
     return 0

@@ -123,6 +123,7 @@ def main() -> None:
     trainable = [q for q in model.parameters() if q.requires_grad]
     n_trainable = sum(q.numel() for q in trainable)
     print("LOADED", flush=True)
+    time.sleep(0.5)  # the parent samples the loaded RSS on reading LOADED: before training allocates more
 
     lengths = np.array([len(x) for x in encoded["train"]["input_ids"]])
     steps_per_epoch = -(-len(lengths) // args.batch_size)

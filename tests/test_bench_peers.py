@@ -15,8 +15,8 @@ from peers_finetune import bucketed_batches
 
 
 def test_run_measured_sees_the_child_s_anonymous_memory_and_the_loaded_marker():
-    code = ("import numpy as np; print('LOADED', flush=True); a = np.ones(30_000_000); "
-            "import time; time.sleep(0.2); print(a.sum())")
+    code = ("import time; import numpy as np; print('LOADED', flush=True); time.sleep(1.0); "
+            "a = np.ones(30_000_000); time.sleep(0.5); print(a.sum())")
     m = run_measured([sys.executable, "-c", code])
     assert m["rc"] == 0 and "30000000.0" in m["stdout"]
     assert m["peak_rss_anon_bytes"] > 200 * 2**20  # 240 MB of float64 ones
