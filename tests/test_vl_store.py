@@ -270,6 +270,27 @@ def test_resume_refuses_another_image_model(tiny_bert, tiny_vit, vqa, tmp_path):
     assert_user_error(result, "image_model", "image_revision", "--overwrite")
 
 
+def test_changed_images_are_refused_on_resume_and_online(tiny_bert, tiny_vit, vqa, tmp_path):
+    import shutil
+
+    from featcache.errors import StoreError
+    from featcache.kinds.vision_language import store_images
+
+    data = tmp_path / "copy" / "data"
+    shutil.copytree(vqa.parent, data.parent)
+    out = tmp_path / "s"
+    extract(vl_config(tiny_bert, tiny_vit, data, out, error_sample=0))
+    found = store_images(open_store(out).manifest)  # what stage 2's --online re-lists
+    # relative cells now name the copies, absolute ones still the originals: train uses 3 files
+    assert [len(found[s].items) for s in ("train", "dev")] == [3, 2]
+    assert found["train"].image_index.tolist() == [0, 0, 0, 1, 2, 2]
+    draw(data.parent / "pics" / "a.png", "green", "rectangle")  # same path, other pixels
+    with pytest.raises(StoreError, match="image_fingerprint"):
+        extract(vl_config(tiny_bert, tiny_vit, data, out, error_sample=0))
+    with pytest.raises(StoreError, match="changed"):
+        store_images(open_store(out).manifest)
+
+
 def test_bad_inputs_are_one_line_errors(tiny_bert, tiny_vit, vqa, tmp_path):
     gone = tmp_path / "gone"
     rows = questions([(str((vqa.parent / "pics" / "a.png").resolve()), "red", "circle"),
@@ -284,6 +305,8 @@ def test_bad_inputs_are_one_line_errors(tiny_bert, tiny_vit, vqa, tmp_path):
     assert_user_error(result, "--image-model an image model", "BertConfig")
     result = invoke("extract", tiny_bert, vqa, "--image-model", tmp_path / "nowhere", "--out", tmp_path / "o4")
     assert_user_error(result, "nowhere")
+    result = invoke("extract", "efficientnet-lite0", vqa, "--image-model", tiny_vit, "--out", tmp_path / "o4")
+    assert_user_error(result, "text backbone as MODEL")  # the two models swapped
     bad = tmp_path / "bad"
     (bad / "x.png").parent.mkdir(parents=True)
     (bad / "x.png").write_bytes(b"not a png")

@@ -119,6 +119,9 @@ class ImageKind(StoreKind):
     def plan(self, cfg: ExtractConfig, config: Any, backbone: ImageBackbone | None) -> KindPlan:
         if cfg.task == "regression":
             raise DatasetError(expected("--task classification (or auto) for an image store", "regression"))
+        if getattr(cfg, "image_model", None) is not None:  # claimed by name before --image-model was seen
+            raise BackboneError(expected("a text backbone as MODEL with --image-model (a vision-language store)",
+                                         f"the image model '{cfg.model}'"))
         model = image_model_plan(cfg.model, cfg.layers, config, backbone)
         stages, layers, width, tokens, image = model.stages, model.layers, model.width, model.tokens, model.image
         backbone_facts = model.backbone
