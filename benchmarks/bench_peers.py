@@ -360,6 +360,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", type=lambda s: s.split(","), default=None, help=f"methods to run, of {','.join(METHODS)}")
     p.add_argument("--work", default=None, help="keep stores and runs here (default: a temporary folder)")
     p.add_argument("--name", default="peers", help="results/<name>.json, .md, .png")
+    p.add_argument("--render", action="store_true",
+                   help="run nothing: rewrite results/<name>.md and .png from results/<name>.json (and --merge)")
+    p.add_argument("--merge", default="", help="with --render: also take the tasks of results/<these>.json, e.g. "
+                                               "peers_glue (a run of other tasks under another --name)")
     p.add_argument("--quick", action="store_true", help="smoke run: banking77, 300 train / 200 eval rows, 1 epoch")
     args = p.parse_args(argv)
     if args.quick:
@@ -382,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.render:
+        return render(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in tasks:
         if t != "banking77" and t not in GLUE_TASKS:
@@ -416,6 +422,18 @@ def main(argv: list[str] | None = None) -> int:
                                       "command": "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:])}
             # written after each task: a long run that is stopped keeps what it measured
             _write(results, args)
+    return 0
+
+
+def render(args) -> int:
+    results = json.loads((RESULTS / f"{args.name}.json").read_text())
+    for name in filter(None, args.merge.split(",")):
+        other = json.loads((RESULTS / f"{name}.json").read_text())
+        results["tasks"].update(other["tasks"])
+    results = {k: v for k, v in results.items() if k not in ("command", "machine")}
+    write_results(args.name, results, markdown(results, argparse.Namespace(**results["settings"])),
+                  "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:]))
+    plot(results, RESULTS / f"{args.name}.png")
     return 0
 
 
