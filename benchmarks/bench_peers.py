@@ -46,6 +46,7 @@ FINETUNE = str(HERE / "peers_finetune.py")
 GLUE_TASKS = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE"}
 DEFAULT_TRAIN_ROWS = {"sst2": 8000}
 METHODS = ["full", "lora_a", "lora_b", "lst_online", "lst_cached", "lst_sweep", "probe"]
+LST_METHODS = {"lst_online", "lst_cached", "lst_sweep", "probe"}
 MiB = 2 ** 20
 
 
@@ -169,11 +170,13 @@ def bench_task(task: str, args, work: Path) -> dict[str, Any]:
     store = work / "store.zarr"
     extract_cmd = [LST, "extract", args.model, str(data), "--out", str(store), "--max-length", "64",
                    "--quoting", quoting]
-    ex = run_measured(extract_cmd)
-    _check(ex, "lst extract")
-    extract_seconds = ex["wall_seconds"]
-    rows_out: dict[str, dict[str, Any]] = {}
     want = set(args.only or METHODS)
+    ex = None
+    if want & LST_METHODS:
+        ex = run_measured(extract_cmd)
+        _check(ex, "lst extract")
+    extract_seconds = ex["wall_seconds"] if ex else 0.0
+    rows_out: dict[str, dict[str, Any]] = {}
     lst_epochs = ["--epochs", str(args.lst_epochs)]
     for method in METHODS:
         if method not in want:
@@ -197,14 +200,20 @@ def bench_task(task: str, args, work: Path) -> dict[str, Any]:
             rows_out[method] = run_lst(method, work, store, ["--head", "probe"], extract_seconds)
     result = {"task": task, "rows": rows, "metric": metric, "data": str(data),
               "extract": {"seconds": extract_seconds, **_memory(ex), "command": "lst extract MODEL DATA --max-length 64 "
-                          f"--quoting {quoting}"}, "methods": rows_out}
-    loras = [rows_out[k] for k in ("lora_a", "lora_b") if k in rows_out]
-    if loras and "lst_sweep" in rows_out:
+                          f"--quoting {quoting}"} if ex else None, "methods": rows_out}
+    add_equal_budget(result)
+    return result
+
+
+def add_equal_budget(result: dict[str, Any]) -> None:
+    """The equal-budget row, where the task has a LoRA row, a sweep (with its study.db) and an extraction."""
+    rows, metric = result["methods"], result["metric"]
+    loras = [rows[k] for k in ("lora_a", "lora_b") if k in rows]
+    if loras and "lst_sweep" in rows and result.get("extract") and Path(rows["lst_sweep"]["study_db"]).exists():
         best_lora = max(loras, key=lambda r: r["splits"][_eval_split(r)][metric])
         result["equal_budget"] = {"lora": best_lora["method"],
-                                  **equal_budget(rows_out["lst_sweep"], best_lora["wall_seconds"], extract_seconds,
-                                                 metric)}
-    return result
+                                  **equal_budget(rows["lst_sweep"], best_lora["wall_seconds"],
+                                                 result["extract"]["seconds"], metric)}
 
 
 def _eval_split(row: dict[str, Any]) -> str:
@@ -264,11 +273,15 @@ def markdown(results: dict[str, Any], args) -> str:
     for task, r in results["tasks"].items():
         metric = r["metric"]
         has_test = any("test" in row["splits"] for row in r["methods"].values())
-        ex = r["extract"]
+        ex = r["extract"] or {"seconds": 0.0, "peak_rss_anon_bytes": 0}
         lines += [f"## {task} ({metric}; rows {r['rows']})", "",
                   (f"Measured {r.get('measured', '?')}, load average {r.get('load_average_1m', '?')} at the end, "
                    f"`{r.get('command', '')}`. Extraction: {ex['seconds']:.0f} s, peak RssAnon "
-                   f"{ex['peak_rss_anon_bytes'] / MiB:,.0f} MiB."), "",
+                   f"{ex['peak_rss_anon_bytes'] / MiB:,.0f} MiB."
+                   + (" The two commands ran at the same time (the peer rows one after the other in one, the lst "
+                      "rows in the other), to fit a deadline on a loaded machine: each row still ran in its own "
+                      "process, but the two streams slowed each other down." if " + " in r.get("command", "") else "")),
+                  "",
                   f"| method | epochs | dev {metric} |" + (f" test {metric} |" if has_test else "")
                   + " dev per epoch | s/epoch | wall to result (s) | peak RssAnon (MiB) | peak RssFile (MiB) "
                     "| above loaded (MiB) | trainable params |",
@@ -426,10 +439,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(args) -> int:
-    results = json.loads((RESULTS / f"{args.name}.json").read_text())
+    path = RESULTS / f"{args.name}.json"
+    results = json.loads(path.read_text()) if path.exists() else {"tasks": {}}
     for name in filter(None, args.merge.split(",")):
         other = json.loads((RESULTS / f"{name}.json").read_text())
-        results["tasks"].update(other["tasks"])
+        for key in ("backbone", "backbone_short", "settings"):
+            results.setdefault(key, other[key])
+        for task, r in other["tasks"].items():
+            mine = results["tasks"].get(task)
+            if mine is None:
+                results["tasks"][task] = r
+                continue
+            # the same task from two runs (e.g. the peer rows and the lst rows run side by side): the rows of both
+            mine["methods"] = {m: {**mine["methods"], **r["methods"]}[m] for m in METHODS
+                               if m in mine["methods"] or m in r["methods"]}
+            mine["extract"] = mine.get("extract") or r.get("extract")
+            mine["command"] = " + ".join(filter(None, (mine.get("command"), r.get("command"))))
+            mine["measured"] = " / ".join(filter(None, (mine.get("measured"), r.get("measured"))))
+            mine["load_average_1m"] = " / ".join(str(x) for x in (mine.get("load_average_1m"),
+                                                                 r.get("load_average_1m")) if x is not None)
+            add_equal_budget(mine)
     results = {k: v for k, v in results.items() if k not in ("command", "machine")}
     write_results(args.name, results, markdown(results, argparse.Namespace(**results["settings"])),
                   "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:]))
