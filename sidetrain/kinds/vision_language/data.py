@@ -59,6 +59,18 @@ def image_rows(part: PartReader, rows: np.ndarray) -> torch.Tensor:
     return flat.view(len(rows), -1, *flat.shape[1:])
 
 
+def channel_stats(split: SplitReader, layer: int = -1, rows_at_once: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (floored) per channel of a split's stored image tokens (float64 sums: exact enough)."""
+    part, _ = image_part(split)
+    total, squares, n = 0.0, 0.0, 0
+    for a in range(0, len(part), rows_at_once):
+        x = image_rows(part, np.arange(a, min(a + rows_at_once, len(part))))[:, :, layer].flatten(0, 1).double()
+        total, squares, n = total + x.sum(0), squares + (x * x).sum(0), n + x.shape[0]
+    mean = total / max(n, 1)
+    std = (squares / max(n, 1) - mean * mean).clamp(min=0).sqrt()
+    return mean.float(), std.clamp(min=1e-3 * float(std.max()) + 1e-6).float()
+
+
 class CachedVisionLanguage:
     """Text states from `text` (a cached source of the split: RAM, memory-mapped or on the GPU) and image
     tokens from the images part (in RAM when the text is)."""

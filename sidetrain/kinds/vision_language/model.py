@@ -21,18 +21,23 @@ from ..encoder.model import LadderSideNetwork
 
 
 class VisualEmbedding(nn.Module):
-    """Cached image tokens (B, T, d_img) -> side tokens (B, T, ds): a projection, a LayerNorm, and a learned
-    position per token (VL-T5 adds box positions; here the tokens are a fixed grid, so one per cell)."""
+    """Cached image tokens (B, T, d_img) -> side tokens (B, T, ds): each channel standardised by the training
+    images' statistics, a projection, a LayerNorm, and a learned position per token (VL-T5 adds box
+    positions; here the tokens are a fixed grid, so one per cell)."""
 
     def __init__(self, image_width: int, side_width: int, tokens: int, eps: float) -> None:
         super().__init__()
+        # set once from the training split (recipe.py); saved with the weights, so predict reads the same.
+        # A CNN's concatenated stages differ in scale by orders of magnitude: unscaled, the largest drown the rest.
+        self.register_buffer("mean", torch.zeros(image_width))
+        self.register_buffer("std", torch.ones(image_width))
         self.proj = nn.Linear(image_width, side_width)
         self.norm = nn.LayerNorm(side_width, eps=eps)
         self.position = nn.Parameter(torch.zeros(1, tokens, side_width))
         nn.init.normal_(self.position, std=0.02)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(image)) + self.position
+        return self.norm(self.proj((image - self.mean) / self.std)) + self.position
 
 
 class VisionLanguageSide(nn.Module):

@@ -26,7 +26,7 @@ from ...recipe import (
     select_metric,
 )
 from ..encoder.recipe import cached_source, loss
-from .data import IMAGES_PART, CachedVisionLanguage, OnlineVisionLanguage, image_part
+from .data import IMAGES_PART, CachedVisionLanguage, OnlineVisionLanguage, channel_stats, image_part
 from .model import VisionLanguageSide
 
 if TYPE_CHECKING:
@@ -116,7 +116,9 @@ def vision_language_recipe(cfg: TrainConfig, store: StoreReader, device: torch.d
     if cfg.init == "pruned":
         raise TrainConfigError(expected("--init random for a vision-language store", "--init pruned",
                                         "Pruned init is not wired for the VL side network yet."))
-    model = build_model(cfg, manifest).to(device)
+    model = build_model(cfg, manifest)
+    model.visual.mean, model.visual.std = channel_stats(store.split(cfg.train_split))  # cached or online: the store's
+    model.to(device)
     batches = sources(cfg, store, device)
 
     def predict(name: str, amp) -> np.ndarray:
