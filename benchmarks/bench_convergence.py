@@ -7,7 +7,8 @@ Here every lever the paper and its code use is tried alone at `--epochs` epochs 
 bench_peers.py), against lst's defaults at 3 and at 10 epochs, over several seeds, on banking77 and a GLUE
 task (seeded training subsets; the full dev split, banking77's test split subsampled to --eval-rows):
   --lr 6e-3 / 1e-2, --warmup-steps 0, --init pruned, --reduction-factor 4, --layers 4-6 (the top three of
-  MiniLM's six blocks), --pooling cls, --batch-size 16 (twice the steps), pruned init with lr 6e-3, and the
+  MiniLM's six blocks), --pooling cls, --batch-size 16 (twice the steps), pruned init with lr 6e-3, --dropout 0,
+  r 4 with batch 16, 5 epochs, and the
   best trial of bench_peers' sweep (results/peers.json) where one exists. All runs in this one process (the
   question is accuracy, not memory), one torch thread, each from the same store; the default space and
   defaults of sidetrain/config.py are not changed here.
@@ -42,6 +43,9 @@ LEVERS: dict[str, dict[str, Any]] = {
     "pooling cls": {"pooling": "cls"},
     "batch 16": {"batch_size": 16},
     "init pruned + lr 6e-3": {"init": "pruned", "lr": 6e-3},
+    "dropout 0": {"dropout": 0.0},
+    "r 4 + batch 16": {"reduction_factor": 4, "batch_size": 16},
+    "defaults, 5 epochs": {"epochs": 5},
 }
 SWEEP_KEYS = ("lr", "reduction_factor", "layers", "batch_size", "init", "pooling", "warmup_steps")
 
@@ -153,6 +157,7 @@ def main() -> int:
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
     p.add_argument("--levers", default="", help="comma-separated lever names to run (default: all)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--name", default="convergence", help="results/<name>.json and .md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     levers = dict(LEVERS)
@@ -175,7 +180,7 @@ def main() -> int:
                 n: [t["summary"][n]["delta_vs_defaults"] for t in results["tasks"].values()]
                 for n in names if all(n in t["summary"] and t["summary"][n]["delta_vs_defaults"] > 0
                                       for t in results["tasks"].values())}
-            write_results("convergence", results, markdown(results, args),
+            write_results(args.name, results, markdown(results, args),
                           "python benchmarks/bench_convergence.py " + " ".join(sys.argv[1:]))
     return 0
 
