@@ -155,7 +155,7 @@ def main() -> int:
     p.add_argument("--eval-rows", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
-    p.add_argument("--levers", default="", help="comma-separated lever names to run (default: all)")
+    p.add_argument("--levers", default="", help="lever names to run, separated by semicolons (default: all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="convergence", help="results/<name>.json and .md")
     args = p.parse_args()
@@ -165,7 +165,7 @@ def main() -> int:
     if sweep:
         levers["best sweep trial"] = sweep
     if args.levers:
-        levers = {k: v for k, v in levers.items() if k in args.levers.split(",")}
+        levers = {k: v for k, v in levers.items() if k in args.levers.split(";")}
     tasks = [t for t in args.tasks.split(",") if t == "banking77" or (t in GLUE_TASKS and GLUE.is_dir())]
     results: dict[str, Any] = {"levers": levers, "sweep_lever": sweep, "settings": vars(args), "tasks": {}}
     with tempfile.TemporaryDirectory(prefix="bench_convergence_") as tmp:
