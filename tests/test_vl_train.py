@@ -205,3 +205,13 @@ def test_bad_inputs_are_one_line_errors(tiny_store, text_store, tmp_path):
     train(TrainConfig(store=str(text_store), out=str(text_run), epochs=1, device="cpu"))
     assert_user_error(invoke("predict", text_run, "--text", "hi", "--image", "a.png"), "vision-language")
     assert_user_error(invoke("train", tiny_store, "--out", tmp_path / "p", "--init", "pruned"), "--init random")
+
+
+def test_sweep_runs_unstacked_on_a_vl_store(tiny_store, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {low: 1.0e-3, high: 1.0e-2, log: true}\nreduction_factor: [4, 8]\nepochs: 1\n")
+    result = invoke("sweep", tiny_store, "--out", tmp_path / "sweep", "--trials", 2, "--space", space,
+                    "--device", "cpu", "--threads", 1)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
+    assert summary["best"] is not None and (tmp_path / "sweep" / "best" / "model.safetensors").exists()
