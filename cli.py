@@ -294,7 +294,7 @@ class DemoTask(str, Enum):
     vqa = "vqa"
 
 
-VQA_DEMO = {"train_images": 300, "test_images": 100, "epochs": 10, "reduction_factor": 4}  # measured: docs/vision_language.md
+VQA_DEMO = {"train_images": 300, "test_images": 100, "epochs": 8}  # measured: docs/vision_language.md
 
 
 @app.command()
@@ -352,7 +352,7 @@ def _vqa_demo(out: Path, epochs: int, batch_size: int, train_images: int, test_i
                                   out=str(store), max_length=32, store_dtype="fp16", overwrite=store.exists()))
     extract_s = time.perf_counter() - t0
     summary = run_train(TrainConfig(store=str(store), out=str(out / "vqa-run"), epochs=epochs, batch_size=batch_size,
-                                    reduction_factor=VQA_DEMO["reduction_factor"], resume=False))
+                                    resume=False))
     probe = run_train(TrainConfig(store=str(store), out=str(out / "vqa-probe"), head="probe", resume=False))
     size = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
     floor = probe["splits"].get("test", next(iter(probe["splits"].values())))[summary["metric"]]
