@@ -13,6 +13,7 @@ import torch
 from featcache.backbone import load_backbone
 from featcache.errors import TrainConfigError, expected
 from featcache.images import ImageBackbone, load_image_backbone
+from featcache.kinds.vision_language import store_images  # --online: the images as the extraction listed them
 from featcache.reader import StoreReader
 from featcache.store import check_match
 
@@ -81,8 +82,6 @@ def sources(cfg: TrainConfig, store: StoreReader, device: torch.device) -> dict[
     names = labelled_splits(store)
     if not cfg.online:
         return {n: CachedVisionLanguage(store.split(n), cached_source(store.split(n), cfg, device)) for n in names}
-    from featcache.kinds.vision_language import store_images  # the images as the extraction listed them
-
     manifest = store.manifest
     for n in names:  # a store without images fails here, before the backbones load
         image_part(store.split(n))
