@@ -172,14 +172,23 @@ def bench_task(task: str, args, work: Path) -> dict[str, Any]:
                    "--quoting", quoting]
     want = set(args.only or METHODS)
     ex = None
-    if want & LST_METHODS:
+    saved = work / "extract.json"
+    if want & LST_METHODS and args.keep_store and saved.exists() and store.exists():
+        ex = json.loads(saved.read_text())  # --keep-store: the store and its extraction record of an earlier run
+        log.info("reusing %s (extracted in %.0f s)", store, ex["wall_seconds"])
+    elif want & LST_METHODS:
         ex = run_measured(extract_cmd)
         _check(ex, "lst extract")
+        saved.write_text(json.dumps({k: v for k, v in ex.items() if k not in ("stdout",)}))
     extract_seconds = ex["wall_seconds"] if ex else 0.0
     rows_out: dict[str, dict[str, Any]] = {}
     lst_epochs = ["--epochs", str(args.lst_epochs)]
     for method in METHODS:
         if method not in want:
+            continue
+        done = work / f"{method}.row.json"  # each finished row on disk: a stopped run keeps what it measured
+        if args.keep_store and done.exists():
+            rows_out[method] = json.loads(done.read_text())
             continue
         if method == "full":
             rows_out[method] = run_peer(method, args, data, quoting, metric, "full", args.full_lr)
@@ -198,6 +207,8 @@ def bench_task(task: str, args, work: Path) -> dict[str, Any]:
             rows_out[method] = run_sweep(work, store, args.sweep_trials, extract_seconds)
         elif method == "probe":
             rows_out[method] = run_lst(method, work, store, ["--head", "probe"], extract_seconds)
+        if method in rows_out:
+            done.write_text(json.dumps(rows_out[method]))
     result = {"task": task, "rows": rows, "metric": metric, "data": str(data),
               "extract": {"seconds": extract_seconds, **_memory(ex), "command": "lst extract MODEL DATA --max-length 64 "
                           f"--quoting {quoting}"} if ex else None, "methods": rows_out}
@@ -273,11 +284,11 @@ def markdown(results: dict[str, Any], args) -> str:
     for task, r in results["tasks"].items():
         metric = r["metric"]
         has_test = any("test" in row["splits"] for row in r["methods"].values())
-        ex = r["extract"] or {"seconds": 0.0, "peak_rss_anon_bytes": 0}
+        ex = r["extract"] or {"seconds": 0.0}
         lines += [f"## {task} ({metric}; rows {r['rows']})", "",
                   (f"Measured {r.get('measured', '?')}, load average {r.get('load_average_1m', '?')} at the end, "
                    f"`{r.get('command', '')}`. Extraction: {ex['seconds']:.0f} s, peak RssAnon "
-                   f"{ex['peak_rss_anon_bytes'] / MiB:,.0f} MiB."
+                   f"{_fmt((ex.get('peak_rss_anon_bytes') or 0) / MiB or None, ',.0f')} MiB."
                    + (" The two commands ran at the same time (the peer rows one after the other in one, the lst "
                       "rows in the other), to fit a deadline on a loaded machine: each row still ran in its own "
                       "process, but the two streams slowed each other down." if " + " in r.get("command", "") else "")),
@@ -372,6 +383,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-trials", type=int, default=16)
     p.add_argument("--only", type=lambda s: s.split(","), default=None, help=f"methods to run, of {','.join(METHODS)}")
     p.add_argument("--work", default=None, help="keep stores and runs here (default: a temporary folder)")
+    p.add_argument("--keep-store", action="store_true",
+                   help="with --work: reuse the store (and its extraction record) and the finished rows found there")
     p.add_argument("--name", default="peers", help="results/<name>.json, .md, .png")
     p.add_argument("--render", action="store_true",
                    help="run nothing: rewrite results/<name>.md and .png from results/<name>.json (and --merge)")
@@ -422,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.work) if args.work else Path(tmp)
         for task in tasks:
             work = root / task
-            if work.exists() and args.work:
+            if work.exists() and args.work and not args.keep_store:
                 import shutil
 
                 shutil.rmtree(work)  # a fresh store and fresh runs each time: lst would resume otherwise
