@@ -70,7 +70,7 @@ def _layers(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
-def run_task(task: str, args, work: Path, levers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def run_task(task: str, args, work: Path, levers: dict[str, dict[str, Any]], on_lever=None) -> dict[str, Any]:
     from featcache import ExtractConfig, extract
     from featcache.bundled import minilm_path
     from sidetrain import TrainConfig, train
@@ -93,6 +93,8 @@ def run_task(task: str, args, work: Path, levers: dict[str, dict[str, Any]]) -> 
                 "splits": {k: v[metric] for k, v in s["splits"].items()},
                 "per_epoch_eval": [h.get(f"eval_{metric}") for h in s["history"]],
                 "trainable_parameters": s["trainable_parameters"]})
+        if on_lever is not None:  # results written after every lever: a stopped run keeps what it measured
+            on_lever({"task": task, "rows": rows, "metric": metric, "extract_seconds": extract_seconds, "runs": runs})
     return {"task": task, "rows": rows, "metric": metric, "extract_seconds": extract_seconds, "runs": runs}
 
 
@@ -158,6 +160,7 @@ def main() -> int:
     p.add_argument("--levers", default="", help="lever names to run, separated by semicolons (default: all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="convergence", help="results/<name>.json and .md")
+    p.add_argument("--keep", action="store_true", help="keep the other tasks found in results/<name>.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     levers = dict(LEVERS)
@@ -165,23 +168,32 @@ def main() -> int:
     if sweep:
         levers["best sweep trial"] = sweep
     if args.levers:
-        levers = {k: v for k, v in levers.items() if k in args.levers.split(";")}
+        levers = {k: levers[k] for k in args.levers.split(";") if k in levers}  # in the order given
     tasks = [t for t in args.tasks.split(",") if t == "banking77" or (t in GLUE_TASKS and GLUE.is_dir())]
     results: dict[str, Any] = {"levers": levers, "sweep_lever": sweep, "settings": vars(args), "tasks": {}}
+    path = RESULTS / f"{args.name}.json"
+    if args.keep and path.exists():  # the tasks of an earlier run that this one does not run
+        old = json.loads(path.read_text())
+        results["tasks"] = {t: {**r, "command": r.get("command") or old["command"]}
+                            for t, r in old["tasks"].items() if t not in tasks}
+    command = "python benchmarks/bench_convergence.py " + " ".join(sys.argv[1:])
+
+    def save(r: dict[str, Any]) -> None:
+        r["summary"] = summarize(r)
+        r["command"] = command
+        results["tasks"][r["task"]] = r
+        names = [n for n in LEVERS | levers if n not in ("defaults", "defaults, 10 epochs", "defaults, 5 epochs")]
+        results["wins_on_every_task"] = {
+            n: [t["summary"][n]["delta_vs_defaults"] for t in results["tasks"].values()]
+            for n in names if all(n in t["summary"] and (t["summary"][n]["delta_vs_defaults"] or 0) > 0
+                                  for t in results["tasks"].values())}
+        write_results(args.name, results, markdown(results, args), command)
+
     with tempfile.TemporaryDirectory(prefix="bench_convergence_") as tmp:
         for task in tasks:
             work = Path(tmp) / task
             work.mkdir()
-            r = run_task(task, args, work, levers)
-            r["summary"] = summarize(r)
-            results["tasks"][task] = r
-            names = [n for n in levers if n not in ("defaults", "defaults, 10 epochs")]
-            results["wins_on_every_task"] = {
-                n: [t["summary"][n]["delta_vs_defaults"] for t in results["tasks"].values()]
-                for n in names if all(n in t["summary"] and t["summary"][n]["delta_vs_defaults"] > 0
-                                      for t in results["tasks"].values())}
-            write_results(args.name, results, markdown(results, args),
-                          "python benchmarks/bench_convergence.py " + " ".join(sys.argv[1:]))
+            save(run_task(task, args, work, levers, on_lever=save))
     return 0
 
 
