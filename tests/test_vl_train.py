@@ -215,3 +215,12 @@ def test_sweep_runs_unstacked_on_a_vl_store(tiny_store, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
     assert summary["best"] is not None and (tmp_path / "sweep" / "best" / "model.safetensors").exists()
+
+
+def test_an_encoder_decoder_vl_store_is_refused_in_one_line():
+    from featcache.errors import TrainConfigError
+    from sidetrain.kinds.vision_language.recipe import check_text_backbone
+
+    with pytest.raises(TrainConfigError, match="encoder-only text backbone.*not supported yet"):
+        check_text_backbone({"backbone": {"config": {"model_type": "t5", "is_encoder_decoder": True}}})
+    check_text_backbone({"backbone": {"config": {"model_type": "bert", "is_encoder_decoder": False}}})
