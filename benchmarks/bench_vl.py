@@ -11,11 +11,13 @@
 4. Levers (LST_BENCH_VL_LEVERS=1): r = 4 (the paper's), lr, epochs, pooling, one change each.
 
 Sizes: LST_BENCH_VL_TRAIN_IMAGES (default 1000), LST_BENCH_VL_TEST_IMAGES (200), LST_BENCH_VL_EPOCHS (10),
-LST_BENCH_VL_ONLINE_STEPS (12), LST_BENCH_VL_STORE (reuse an extracted store). Results: benchmarks/results/vl.*
+LST_BENCH_VL_ONLINE_STEPS (12), LST_BENCH_VL_STORE (reuse an extracted store), LST_BENCH_VL_WORK (the runs'
+folder; finished runs there are read back, not retrained). Results: benchmarks/results/vl.*
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -59,8 +61,12 @@ def store_facts(store: Path) -> dict[str, Any]:
 
 
 def run(store: Path, out: Path, **kw) -> dict[str, Any]:
-    summary = train(TrainConfig(store=str(store), out=str(out), reduction_factor=REDUCTION, epochs=EPOCHS,
-                                resume=False, **kw))
+    """One training run; a finished one in LST_BENCH_VL_WORK is read back instead of trained again."""
+    if os.environ.get("LST_BENCH_VL_WORK") and (out / "metrics.json").exists():
+        summary = json.loads((out / "metrics.json").read_text())
+    else:
+        summary = train(TrainConfig(**{"store": str(store), "out": str(out), "reduction_factor": REDUCTION,
+                                       "epochs": EPOCHS, "resume": False, **kw}))
     return {k: summary[k] for k in ("splits", "train_seconds", "steps", "peak_memory_bytes", "history", "mode")}
 
 
@@ -72,7 +78,8 @@ def per_step(store: Path, out: Path, online: bool) -> dict[str, Any]:
 
 def main() -> None:
     setup_logging()
-    work = Path(tempfile.mkdtemp(prefix="bench_vl_"))
+    work = Path(os.environ.get("LST_BENCH_VL_WORK") or tempfile.mkdtemp(prefix="bench_vl_"))
+    work.mkdir(parents=True, exist_ok=True)
     store = Path(os.environ.get("LST_BENCH_VL_STORE") or work / "vqa.zarr")
     results: dict[str, Any] = {"train_images": TRAIN_IMAGES, "test_images": TEST_IMAGES, "epochs": EPOCHS,
                                "reduction_factor": REDUCTION}
