@@ -289,9 +289,9 @@ def markdown(results: dict[str, Any], args) -> str:
                   (f"Measured {r.get('measured', '?')}, load average {r.get('load_average_1m', '?')} at the end, "
                    f"`{r.get('command', '')}`. Extraction: {ex['seconds']:.0f} s, peak RssAnon "
                    f"{_fmt((ex.get('peak_rss_anon_bytes') or 0) / MiB or None, ',.0f')} MiB."
-                   + (" The two commands ran at the same time (the peer rows one after the other in one, the lst "
-                      "rows in the other), to fit a deadline on a loaded machine: each row still ran in its own "
-                      "process, but the two streams slowed each other down." if " + " in r.get("command", "") else "")),
+                   + (" These commands ran at the same time, to fit a deadline on a loaded machine: each row "
+                      "still ran in its own process, but the processes slowed each other down (and other work ran "
+                      "beside them)." if " + " in r.get("command", "") else "")),
                   "",
                   f"| method | epochs | dev {metric} |" + (f" test {metric} |" if has_test else "")
                   + " dev per epoch | s/epoch | wall to result (s) | peak RssAnon (MiB) | peak RssFile (MiB) "
@@ -451,13 +451,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def rows_on_disk(work: Path, like: dict[str, Any]) -> dict[str, Any]:
+    """The finished rows of a --work folder whose run was stopped before it wrote its results (WORK/TASK/*.row.json)."""
+    tasks = {}
+    for task_dir in sorted(p for p in work.iterdir() if p.is_dir()):
+        rows = {f.name.removesuffix(".row.json"): json.loads(f.read_text()) for f in task_dir.glob("*.row.json")}
+        if not rows:
+            continue
+        ex = json.loads((task_dir / "extract.json").read_text()) if (task_dir / "extract.json").exists() else None
+        base = like["tasks"].get(task_dir.name, {})
+        tasks[task_dir.name] = {"task": task_dir.name, "rows": base.get("rows"), "metric": base.get("metric", "accuracy"),
+                                "methods": rows, "command": f"(rows of the stopped run in {work})",
+                                "extract": {"seconds": ex["wall_seconds"], **_memory(ex)} if ex else None}
+    return {"tasks": tasks}
+
+
 def render(args) -> int:
     path = RESULTS / f"{args.name}.json"
     results = json.loads(path.read_text()) if path.exists() else {"tasks": {}}
     for name in filter(None, args.merge.split(",")):
-        other = json.loads((RESULTS / f"{name}.json").read_text())
+        other = json.loads((RESULTS / f"{name}.json").read_text()) if (RESULTS / f"{name}.json").exists() \
+            else rows_on_disk(Path(name), results)
         for key in ("backbone", "backbone_short", "settings"):
-            results.setdefault(key, other[key])
+            results.setdefault(key, other.get(key))
         for task, r in other["tasks"].items():
             mine = results["tasks"].get(task)
             if mine is None:
