@@ -60,6 +60,8 @@ def test_members_equal_separate_runs_with_their_settings(tiny_store, tmp_path, o
         config = files(stk, "config.json")
         assert config["data_seed"] == 0 and "batch order" in config["stacked_batches"]
         assert set(files(stk, "metrics.json")) == set(files(sep, "metrics.json"))
+        measured = files(stk, "metrics.json")  # the stack's peak, measured (it was "not measured"); RSS may not grow when freed memory is reused
+        assert measured["peak_memory_bytes"] >= 0 and "whole stack" in measured["peak_memory_kind"]
         assert {p.name for p in stk.iterdir()} >= {"config.json", "metrics.json", "model.safetensors",
                                                     "predictions.json", "train_log.jsonl"}
     # the settings mattered: no two members trained alike

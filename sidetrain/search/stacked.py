@@ -45,6 +45,7 @@ from .. import metrics as M
 from ..config import TrainConfig
 from ..data import CachedBatches, batch_stream, iterate, length_bucketed_batches
 from ..kinds.registry import kind_for
+from ..memory import PeakMemory
 from ..recipe import autocast, evaluate_splits, pick_eval_split, resolved_config, select_metric
 from ..run_files import summary as run_summary
 from ..run_files import write_config, write_run
@@ -236,89 +237,97 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
     schedules = [_schedule(c, steps_per_epoch) for c in cfgs]
     sources = {n: CachedBatches(store.split(n), None, cfg0.preload) for n in store.split_names
                if store.split(n).labels is not None}
-    step = 0
-    losses: list[list[float]] = [[] for _ in cfgs]
-    history: list[list[dict[str, Any]]] = [[] for _ in cfgs]
-    best = [-np.inf] * k_n
-    best_row: list[torch.Tensor | None] = [None] * k_n
-    stopped: list[BaseException | None] = [None] * k_n
-    train_seconds = [0.0] * k_n
-    wait_seconds = [0.0] * k_n
-    out: list[dict[str, Any] | None] = [None] * k_n
-    for epoch in range(max(c.epochs for c in cfgs)):
-        if not rows.members:
-            break
-        t0 = time.perf_counter()
-        batches = length_bucketed_batches(train_split.lengths, cfg0.batch_size, batch_seed, epoch)
-        stream = batch_stream(sources[cfg0.train_split], batches, device, False)  # one read per batch, for all
-        for b in stream:
-            stepping = [j for j, k in enumerate(rows.members) if step < schedules[k][0]]
-            if not stepping:
+    with PeakMemory(device) as mem:  # the stack's peak, shared by its members (one process trains them all)
+        step = 0
+        losses: list[list[float]] = [[] for _ in cfgs]
+        history: list[list[dict[str, Any]]] = [[] for _ in cfgs]
+        best = [-np.inf] * k_n
+        best_row: list[torch.Tensor | None] = [None] * k_n
+        stopped: list[BaseException | None] = [None] * k_n
+        train_seconds = [0.0] * k_n
+        wait_seconds = [0.0] * k_n
+        out: list[dict[str, Any] | None] = [None] * k_n
+        for epoch in range(max(c.epochs for c in cfgs)):
+            if not rows.members:
                 break
-            with amp:
-                logits = net.forward(rows.flat, b.hidden, b.mask, True, rows.dropout, rows.attention_dropout)
-            logits = logits.float()
-            if task == "regression":
-                per = ((logits.squeeze(-1) - b.labels.float()) ** 2).mean(1)
-            else:
-                n_m = logits.shape[0]
-                per = F.cross_entropy(logits.flatten(0, 1), b.labels.repeat(n_m), reduction="none").view(n_m, -1).mean(1)
-            per.sum().backward()  # members share no parameter: each row gets its own gradient
-            rows.step([_factor(step, *schedules[k]) for k in rows.members])
-            values = per.detach().cpu().tolist()
-            for j in stepping:
-                losses[rows.members[j]].append(values[j])
-            step += 1
-        ran = list(rows.members)
-        seconds = (time.perf_counter() - t0) / len(ran)  # one pass trains every member: each gets its share
-        waited = stream.wait_seconds / len(ran)
-        preds = _predict(net, rows.flat.detach(), sources[eval_name], store.split(eval_name), cfg0.batch_size,
-                         task, device, amp) if eval_name else None
-        done = []
-        for j, k in enumerate(ran):
-            train_seconds[k] += seconds
-            wait_seconds[k] += waited
-            record = {"epoch": epoch + 1, "step": min(step, schedules[k][0]), "seconds": seconds,
-                      "data_wait_fraction": waited / max(seconds, 1e-9), "train_loss": float(np.mean(losses[k][-len(batches):]))}
-            if preds is not None:
-                scores = M.compute(task, preds[j], store.split(eval_name).labels, num_labels)
-                record.update({f"eval_{m}": v for m, v in scores.items()})
-                if scores[metric] > best[k]:
-                    best[k] = scores[metric]
-                    best_row[k] = rows.flat[j].detach().clone()
-            history[k].append(record)
-            if callbacks[k] is not None:
-                try:
-                    callbacks[k](epoch + 1, record)
-                except Exception as err:  # noqa: BLE001 - a pruned member stops; the stack goes on
-                    stopped[k] = err
-            if stopped[k] is not None:
-                out[k] = {"metric": metric, "stopped": stopped[k], "history": history[k]}
-                done.append(k)
-            elif epoch + 1 >= cfgs[k].epochs or step >= schedules[k][0]:
-                if best_row[k] is None:
-                    best_row[k] = rows.flat[j].detach().clone()
-                done.append(k)
-        finishing = [k for k in done if stopped[k] is None]
-        if finishing:
-            finished = _finish(net, [best_row[k] for k in finishing], [models[k] for k in finishing], store, sources,
-                               cfgs[0], task, num_labels, amp, device)
-            for k, (splits, predictions) in zip(finishing, finished):
-                c = cfgs[k]
-                summary = run_summary(
-                    metric=metric, eval_split=eval_name, best_eval=None if best[k] == -np.inf else float(best[k]),
-                    splits=splits, history=history[k], steps=len(losses[k]), train_seconds=train_seconds[k],
-                    examples=len(train_split) * len(history[k]) if not c.max_steps else len(losses[k]) * c.batch_size,
-                    wait_seconds=wait_seconds[k], peak_memory_bytes=0, peak_memory_kind="not measured (stacked)", mode="cached",
-                    head="lst", trainable_parameters=sum(p.numel() for p in models[k].parameters() if p.requires_grad),
-                    stacked_with=k_n)
-                write_run(Path(c.out), models[k], summary, predictions, losses[k])
-                out[k] = summary
-        if done:
-            rows.keep([k for k in rows.members if k not in done], cfgs, device)
-            _track(net, rows)
-    return [o if o is not None else {"metric": metric, "stopped": TrainConfigError("not trained"), "history": []}
-            for o in out]
+            t0 = time.perf_counter()
+            batches = length_bucketed_batches(train_split.lengths, cfg0.batch_size, batch_seed, epoch)
+            stream = batch_stream(sources[cfg0.train_split], batches, device, False)  # one read per batch, for all
+            for b in stream:
+                stepping = [j for j, k in enumerate(rows.members) if step < schedules[k][0]]
+                if not stepping:
+                    break
+                with amp:
+                    logits = net.forward(rows.flat, b.hidden, b.mask, True, rows.dropout, rows.attention_dropout)
+                logits = logits.float()
+                if task == "regression":
+                    per = ((logits.squeeze(-1) - b.labels.float()) ** 2).mean(1)
+                else:
+                    n_m = logits.shape[0]
+                    per = F.cross_entropy(logits.flatten(0, 1), b.labels.repeat(n_m), reduction="none").view(n_m, -1).mean(1)
+                per.sum().backward()  # members share no parameter: each row gets its own gradient
+                rows.step([_factor(step, *schedules[k]) for k in rows.members])
+                values = per.detach().cpu().tolist()
+                for j in stepping:
+                    losses[rows.members[j]].append(values[j])
+                step += 1
+            ran = list(rows.members)
+            seconds = (time.perf_counter() - t0) / len(ran)  # one pass trains every member: each gets its share
+            waited = stream.wait_seconds / len(ran)
+            preds = _predict(net, rows.flat.detach(), sources[eval_name], store.split(eval_name), cfg0.batch_size,
+                             task, device, amp) if eval_name else None
+            done = []
+            for j, k in enumerate(ran):
+                train_seconds[k] += seconds
+                wait_seconds[k] += waited
+                record = {"epoch": epoch + 1, "step": min(step, schedules[k][0]), "seconds": seconds,
+                          "data_wait_fraction": waited / max(seconds, 1e-9), "train_loss": float(np.mean(losses[k][-len(batches):]))}
+                if preds is not None:
+                    scores = M.compute(task, preds[j], store.split(eval_name).labels, num_labels)
+                    record.update({f"eval_{m}": v for m, v in scores.items()})
+                    if scores[metric] > best[k]:
+                        best[k] = scores[metric]
+                        best_row[k] = rows.flat[j].detach().clone()
+                history[k].append(record)
+                if callbacks[k] is not None:
+                    try:
+                        callbacks[k](epoch + 1, record)
+                    except Exception as err:  # noqa: BLE001 - a pruned member stops; the stack goes on
+                        stopped[k] = err
+                if stopped[k] is not None:
+                    out[k] = {"metric": metric, "stopped": stopped[k], "history": history[k]}
+                    done.append(k)
+                elif epoch + 1 >= cfgs[k].epochs or step >= schedules[k][0]:
+                    if best_row[k] is None:
+                        best_row[k] = rows.flat[j].detach().clone()
+                    done.append(k)
+            finishing = [k for k in done if stopped[k] is None]
+            if finishing:
+                finished = _finish(net, [best_row[k] for k in finishing], [models[k] for k in finishing], store, sources,
+                                   cfgs[0], task, num_labels, amp, device)
+                for k, (splits, predictions) in zip(finishing, finished):
+                    c = cfgs[k]
+                    summary = run_summary(
+                        metric=metric, eval_split=eval_name, best_eval=None if best[k] == -np.inf else float(best[k]),
+                        splits=splits, history=history[k], steps=len(losses[k]), train_seconds=train_seconds[k],
+                        examples=len(train_split) * len(history[k]) if not c.max_steps else len(losses[k]) * c.batch_size,
+                        wait_seconds=wait_seconds[k], peak_memory_bytes=_peak_so_far(mem), peak_memory_kind=f"{mem.kind} (the whole stack)", mode="cached",
+                        head="lst", trainable_parameters=sum(p.numel() for p in models[k].parameters() if p.requires_grad),
+                        stacked_with=k_n)
+                    write_run(Path(c.out), models[k], summary, predictions, losses[k])
+                    out[k] = summary
+            if done:
+                rows.keep([k for k in rows.members if k not in done], cfgs, device)
+                _track(net, rows)
+        return [o if o is not None else {"metric": metric, "stopped": TrainConfigError("not trained"), "history": []}
+                for o in out]
+
+
+def _peak_so_far(mem: PeakMemory) -> int:
+    """The stack's peak until now: CUDA max allocated, or anonymous RSS above the stack's start."""
+    if mem.device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(mem.device))
+    return mem.update().peak_rss_anon - mem.start_rss_anon
 
 
 def _track(net, rows: _Rows) -> None:
