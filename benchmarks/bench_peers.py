@@ -266,6 +266,10 @@ def label(row: dict[str, Any]) -> str:
     return LABELS[row["method"]]
 
 
+def _mib(v: int | None) -> str:
+    return "—" if v is None else f"{v / MiB:,.0f}"
+
+
 def _fmt(v: float | None, spec: str = ".4f") -> str:
     return "—" if v is None else format(v, spec)
 
@@ -303,10 +307,11 @@ def markdown(results: dict[str, Any], args) -> str:
             test = row["splits"].get("test", {}).get(metric)
             curve = "/".join(f"{v:.3f}" for v in row.get("per_epoch_eval") or [] if v is not None)
             above = row.get("peak_above_loaded_bytes")
-            name = label(row) + (" *" if row.get("from_earlier_run") else "")
+            name = label(row) + (" *" if row.get("from_earlier_run") else "") \
+                + (" †" if row.get("stopped_at_deadline") else "")
             lines.append(f"| {name} | {row['epochs'] or '—'} | {_fmt(dev)} |" + (f" {_fmt(test)} |" if has_test else "")
                          + f" {curve or '—'} | {_fmt(row['seconds_per_epoch'], '.1f')} | {row['wall_seconds']:.0f} "
-                         f"| {row['peak_rss_anon_bytes'] / MiB:,.0f} | {row['peak_rss_file_bytes'] / MiB:,.0f} "
+                         f"| {_mib(row['peak_rss_anon_bytes'])} | {_mib(row['peak_rss_file_bytes'])} "
                          f"| {_fmt(None if above is None else above / MiB, ',.0f')} "
                          f"| {_fmt(row['trainable_parameters'], ',')} |")
         sweep = r["methods"].get("lst_sweep")
@@ -327,6 +332,10 @@ def markdown(results: dict[str, Any], args) -> str:
     if any(row.get("from_earlier_run") for r in results["tasks"].values() for row in r["methods"].values()):
         lines += [("\\* from an earlier run of this benchmark (its date in peers.json), kept when the others were "
                   "re-run with --only."), ""]
+    stopped = [row for r in results["tasks"].values() for row in r["methods"].values() if row.get("stopped_at_deadline")]
+    if stopped:
+        lines += ["† stopped at a deadline before it finished: " + "; ".join(
+            f"{label(row)}: {row['command']}" for row in stopped) + ".", ""]
     lines += [("Timings are from a shared 2-core machine (other work ran beside it: see the load average above); "
                "compare ratios measured in the same run."), ""]
     return "\n".join(lines)
@@ -349,7 +358,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
             score = row["splits"][_eval_split(row)][metric]
             kind = "lst" if row["kind"] == "lst" else "peer"
             style = {"marker": "o" if kind == "lst" else "s", "s": 60}
-            for ax, x in ((axes[i][0], row["peak_rss_anon_bytes"] / MiB), (axes[i][1], row["wall_seconds"])):
+            points = [(axes[i][1], row["wall_seconds"])]
+            if row["peak_rss_anon_bytes"]:
+                points.append((axes[i][0], row["peak_rss_anon_bytes"] / MiB))
+            for ax, x in points:
                 ax.scatter([x], [score], **style)
                 ax.annotate(label(row), (x, score), textcoords="offset points", xytext=(5, (-11, 4, 12)[j % 3]), fontsize=8)
         axes[i][0].set_xlabel("peak RssAnon (MiB)")
@@ -422,14 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     if not GLUE.is_dir() and any(t in GLUE_TASKS for t in tasks):
         log.info("no GLUE data at %s: GLUE tasks skipped", GLUE)
         tasks = [t for t in tasks if t not in GLUE_TASKS]
-    from featcache.bundled import minilm_path
-
-    cfg = json.loads((Path(args.model) / "config.json").read_text())
-    name = "all-MiniLM-L6-v2 (bundled)" if Path(args.model) == Path(minilm_path()) else Path(args.model).name
     results: dict[str, Any] = {
-        "backbone": f"{name} ({cfg.get('model_type')}, {cfg.get('num_hidden_layers')} layers, "
-                    f"d={cfg.get('hidden_size')}) from {args.model}",
-        "backbone_short": f"{cfg.get('model_type')} {cfg.get('num_hidden_layers')}L d={cfg.get('hidden_size')}",
+        **_backbone(args.model),
         "settings": {k: v for k, v in vars(args).items() if k not in ("work",)}, "tasks": {}}
     with tempfile.TemporaryDirectory(prefix="bench_peers_") as tmp:
         root = Path(args.work) if args.work else Path(tmp)
@@ -449,6 +455,16 @@ def main(argv: list[str] | None = None) -> int:
             # written after each task: a long run that is stopped keeps what it measured
             _write(results, args)
     return 0
+
+
+def _backbone(model: str) -> dict[str, str]:
+    from featcache.bundled import minilm_path
+
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    name = "all-MiniLM-L6-v2 (bundled)" if Path(model) == Path(minilm_path()) else Path(model).name
+    return {"backbone": f"{name} ({cfg.get('model_type')}, {cfg.get('num_hidden_layers')} layers, "
+                        f"d={cfg.get('hidden_size')}) from {model}",
+            "backbone_short": f"{cfg.get('model_type')} {cfg.get('num_hidden_layers')}L d={cfg.get('hidden_size')}"}
 
 
 def rows_on_disk(work: Path, like: dict[str, Any]) -> dict[str, Any]:
@@ -473,7 +489,8 @@ def render(args) -> int:
         other = json.loads((RESULTS / f"{name}.json").read_text()) if (RESULTS / f"{name}.json").exists() \
             else rows_on_disk(Path(name), results)
         for key in ("backbone", "backbone_short", "settings"):
-            results.setdefault(key, other.get(key))
+            if other.get(key):
+                results.setdefault(key, other[key])
         for task, r in other["tasks"].items():
             mine = results["tasks"].get(task)
             if mine is None:
@@ -489,6 +506,10 @@ def render(args) -> int:
                                                                  r.get("load_average_1m")) if x is not None)
             add_equal_budget(mine)
     results = {k: v for k, v in results.items() if k not in ("command", "machine")}
+    if not results.get("settings"):  # only stopped runs' rows: the settings are this command's
+        results["settings"] = {k: v for k, v in vars(args).items() if k not in ("work",)}
+    if not results.get("backbone"):
+        results.update(_backbone(args.model))
     write_results(args.name, results, markdown(results, argparse.Namespace(**results["settings"])),
                   "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:]))
     plot(results, RESULTS / f"{args.name}.png")
