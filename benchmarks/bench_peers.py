@@ -476,7 +476,9 @@ def rows_on_disk(work: Path, like: dict[str, Any]) -> dict[str, Any]:
             continue
         ex = json.loads((task_dir / "extract.json").read_text()) if (task_dir / "extract.json").exists() else None
         base = like["tasks"].get(task_dir.name, {})
-        tasks[task_dir.name] = {"task": task_dir.name, "rows": base.get("rows"), "metric": base.get("metric", "accuracy"),
+        split_files = sorted((task_dir / "origin_data").glob("*.tsv")) if task_dir.name == "banking77" else []
+        counted = {f.stem: sum(1 for _ in f.open()) - 1 for f in split_files}
+        tasks[task_dir.name] = {"task": task_dir.name, "rows": base.get("rows") or counted or None, "metric": base.get("metric", "accuracy"),
                                 "methods": rows, "command": f"(rows of the stopped run in {work})",
                                 "extract": {"seconds": ex["wall_seconds"], **_memory(ex)} if ex else None}
     return {"tasks": tasks}
