@@ -386,7 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a local encoder folder (never downloaded): e.g. a base-size backbone where one is present")
     p.add_argument("--train", type=int, default=0, help="training rows per task, seeded subset (0: all; SST-2: 8000)")
     p.add_argument("--eval-rows", type=int, default=0, help="dev/test rows per task (0: all)")
-    p.add_argument("--peer-epochs", type=int, default=3)
+    p.add_argument("--peer-epochs", type=int, default=10, help="epochs of full fine-tuning and LoRA (3 left both underfit on a 2,000-row banking77 subset: docs/benchmarks.md)")
     p.add_argument("--lst-epochs", type=int, default=10)
     p.add_argument("--online-epochs", type=int, default=0, help="epochs of the online row (0: as --lst-epochs)")
     p.add_argument("--full-lr", type=float, default=1e-4)
