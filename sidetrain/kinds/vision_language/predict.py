@@ -26,7 +26,7 @@ def question_rows(paths: list[str], manifest: dict[str, Any]) -> tuple[list[str]
     columns; a relative image path is relative to its file)."""
     from featcache.sources import load_dataset_path
 
-    columns = manifest.get("columns") or {}
+    columns = (manifest.get("dataset") or {}).get("columns") or {}  # the store's question (and pair) columns
     text, pair = columns.get("text", "question"), columns.get("pair")
     image = (manifest.get("vision_language") or {}).get("image_column", "image")
     questions, images = [], []

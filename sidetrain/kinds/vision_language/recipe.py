@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ...config import TrainConfig
 
 # What `lst predict` needs besides the text facts: both backbones, the image facts, the image part's shape.
-VL_RUN_KEYS = (*RUN_MANIFEST_KEYS, "image_backbone", "image", "vision_language", "parts", "columns")
+VL_RUN_KEYS = (*RUN_MANIFEST_KEYS, "image_backbone", "image", "vision_language", "parts", "dataset")
 
 
 def check_text_backbone(manifest: dict[str, Any]) -> None:
