@@ -34,6 +34,33 @@ def load_run(run: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
     return cfg, resolved["store_manifest"]
 
 
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[list[int]]]:
+    """As `lst extract` did: same tokenizer, pairs split on a tab, same max length."""
+    firsts, seconds = zip(*[(t.split("\t", 1) + [None])[:2] for t in texts]) if texts else ((), ())
+    pairs = list(seconds) if any(s is not None for s in seconds) else None
+    if pairs is not None and any(s is None for s in pairs):
+        raise LstError(expected("every line to hold a pair (text<TAB>text) or none to", "a mix"))
+    enc = tokenizer(list(firsts), pairs, truncation=True, max_length=max_length)
+    types = enc.get("token_type_ids") or [[0] * len(x) for x in enc["input_ids"]]
+    return enc["input_ids"], types
+
+
+def text_states(backbone, ids: list[list[int]], types: list[list[int]], idx: np.ndarray,
+                layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The live backbone's states of examples `idx`, padded to the longest with padding zeroed (as the store
+    has it), and their (B, T) mask."""
+    lengths = torch.as_tensor([len(ids[i]) for i in idx])
+    t = int(lengths.max())
+    input_ids = torch.zeros(len(idx), t, dtype=torch.long)
+    type_ids = torch.zeros(len(idx), t, dtype=torch.long)
+    for row, i in enumerate(idx):
+        input_ids[row, :lengths[row]] = torch.tensor(ids[i])
+        type_ids[row, :lengths[row]] = torch.tensor(types[i])
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    hidden = backbone.hidden_states(input_ids, mask.long(), type_ids, layers)
+    return hidden * mask.to(hidden.device)[..., None, None], mask
+
+
 class Predictor:
     """Backbone + side network of a finished run, ready to label raw text."""
 
@@ -49,14 +76,7 @@ class Predictor:
         self.task = self.manifest["task"]
 
     def tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-        """As `lst extract` did: same tokenizer, pairs split on a tab, same max length."""
-        firsts, seconds = zip(*[(t.split("\t", 1) + [None])[:2] for t in texts]) if texts else ((), ())
-        pairs = list(seconds) if any(s is not None for s in seconds) else None
-        if pairs is not None and any(s is None for s in pairs):
-            raise LstError(expected("every line to hold a pair (text<TAB>text) or none to", "a mix"))
-        enc = self.backbone.tokenizer(list(firsts), pairs, truncation=True, max_length=self.manifest["max_length"])
-        types = enc.get("token_type_ids") or [[0] * len(x) for x in enc["input_ids"]]
-        return enc["input_ids"], types
+        return tokenize(self.backbone.tokenizer, texts, self.manifest["max_length"])
 
     @torch.no_grad()
     def predict(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
@@ -65,15 +85,7 @@ class Predictor:
         lengths = np.array([len(x) for x in ids])
         out = np.zeros(len(texts), dtype=np.float32 if self.task["type"] == "regression" else np.int64)
         for idx in length_bucketed_batches(lengths, batch_size, 0, 0, shuffle=False):
-            t = int(lengths[idx].max())
-            input_ids = torch.zeros(len(idx), t, dtype=torch.long)
-            type_ids = torch.zeros(len(idx), t, dtype=torch.long)
-            for row, i in enumerate(idx):
-                input_ids[row, :lengths[i]] = torch.tensor(ids[i])
-                type_ids[row, :lengths[i]] = torch.tensor(types[i])
-            mask = torch.arange(t)[None, :] < torch.as_tensor(lengths[idx])[:, None]
-            hidden = self.backbone.hidden_states(input_ids, mask.long(), type_ids, self.manifest["layers"])
-            hidden = hidden * mask.to(hidden.device)[..., None, None]
+            hidden, mask = text_states(self.backbone, ids, types, idx, self.manifest["layers"])
             with autocast(self.cfg, self.device):
                 logits = self.model(hidden.to(self.device), mask.to(self.device)).float()
             out[idx] = (logits.squeeze(-1) if self.task["type"] == "regression" else logits.argmax(-1)).cpu().numpy()

@@ -18,6 +18,7 @@ from featcache.images import ImageSplit, PixelPrefetcher
 from ...config import TrainConfig
 from ...data import length_bucketed_batches
 from ...recipe import autocast
+from ..encoder.predict import text_states, tokenize
 from .recipe import build_model, image_layers, load_image_model, load_text_model
 
 
@@ -71,25 +72,13 @@ def predict_questions(run: Path, config: dict[str, Any], questions: list[str], i
     model = build_model(cfg, manifest)
     model.load_state_dict(load_file(str(Path(run) / "model.safetensors")))
     model.to(dev).eval()
-    firsts, seconds = zip(*[(q.split("\t", 1) + [None])[:2] for q in questions])
-    pairs = list(seconds) if any(s is not None for s in seconds) else None
-    enc = text.tokenizer(list(firsts), pairs, truncation=True, max_length=manifest["max_length"])
-    ids = enc["input_ids"]
-    types = enc.get("token_type_ids") or [[0] * len(x) for x in ids]
+    ids, types = tokenize(text.tokenizer, questions, manifest["max_length"])
     pixels = PixelPrefetcher(ImageSplit("input", [Path(p) for p in images], None, "the command line", images), image)
     lengths = np.array([len(x) for x in ids])
     out = np.zeros(len(questions), dtype=np.int64)
     try:
         for idx in length_bucketed_batches(lengths, batch_size, 0, 0, shuffle=False):
-            t = int(lengths[idx].max())
-            input_ids = torch.zeros(len(idx), t, dtype=torch.long)
-            type_ids = torch.zeros(len(idx), t, dtype=torch.long)
-            for row, i in enumerate(idx):
-                input_ids[row, :lengths[i]] = torch.tensor(ids[i])
-                type_ids[row, :lengths[i]] = torch.tensor(types[i])
-            mask = torch.arange(t)[None, :] < torch.as_tensor(lengths[idx])[:, None]
-            hidden = text.hidden_states(input_ids, mask.long(), type_ids, manifest["layers"])
-            hidden = hidden * mask.to(hidden.device)[..., None, None]
+            hidden, mask = text_states(text, ids, types, idx, manifest["layers"])
             states = image.hidden_states(pixels.get(idx.tolist()), image_layers(manifest))
             with autocast(cfg, dev):
                 logits = model(hidden.to(dev), mask.to(dev), states.to(dev)).float()
