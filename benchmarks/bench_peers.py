@@ -10,7 +10,7 @@ splits, same machine, one process per method, run one after the other:
   lora_<lr>     PEFT LoRA r=8 on the attention's query/key/value projections, classification head trained,
                 two learning rates (peers_finetune.py)
   lst_online    `lst train STORE --online`: the side network with the backbone live
-  lst_cached    `lst train STORE`: the side network from the store (defaults: 10 epochs, r=8, fp16 store)
+  lst_cached    `lst train STORE`: the side network from the store (defaults: 10 epochs, the kind's r (4 for a text encoder), fp16 store)
   lst_sweep     best of `lst sweep STORE --trials 16` (default space, default stacking and pruning)
   probe         `lst train STORE --head probe`
   equal budget  in the wall time of the best LoRA run: extraction plus the sweep's trials that finished
@@ -279,7 +279,7 @@ def markdown(results: dict[str, Any], args) -> str:
              (f"Backbone: {results['backbone']}. Batch 32, max length 64, fp16 store (lst's default). Peers: "
               f"{args.peer_epochs} epochs, AdamW, linear warm-up (10%) and decay, dev scored each epoch, test at the "
               f"best dev epoch; LoRA r=8, alpha 16, dropout 0.1 on {args.lora_targets} (PEFT, task SEQ_CLS: the "
-              "classification head trained too). lst: its defaults (r=8, all layers, lr 3e-3, 10 epochs); the sweep "
+              "classification head trained too). lst: its defaults (r=4 for a text encoder, all layers, lr 3e-3, 10 epochs); the sweep "
               f"{args.sweep_trials} trials of the default space with default stacking and pruning. One process per "
               "method, one after the other. Wall time to the result includes extraction for every lst row. Memory: "
               "the child's peak RssAnon and RssFile sampled every 20 ms from /proc; 'above loaded' is the peak "
