@@ -16,8 +16,7 @@ class TrainConfig:
 
     store: str = opt(help="A store written by `lst extract`.")
     out: str = opt(help="Run folder: config.json, metrics.json, weights.")
-    reduction_factor: int | None = opt(None, "Side width = backbone width / r (default: the store kind's: 4 for "
-                                             "text encoders, 8 for T5, image and vision-language stores).")
+    reduction_factor: int = opt(8, "Side width = backbone width / r.")
     layers: list[int] | None = opt(  # noqa: RUF009 (opt() is a field)
         None, "Backbone layers that feed ladders (layer dropping; hidden_states indices >= 1), e.g. '2,4,6' or "
               "'2-6'; 'all': every stored block.")
@@ -69,7 +68,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for flag, value, low in [("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
                                  ("--reduction-factor", self.reduction_factor, 1)]:
-            if value is not None and value < low:
+            if value < low:
                 raise TrainConfigError(expected(f"{flag} of at least {low}", value))
         if self.lr <= 0:
             raise TrainConfigError(expected("--lr above 0", self.lr))

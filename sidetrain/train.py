@@ -51,7 +51,6 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
     torch.manual_seed(cfg.seed)
     store = store or open_store(cfg.store)
     kind = kind_for(store.manifest)
-    cfg = kind.with_defaults(cfg, store.manifest)
     if cfg.head == "probe":
         if not kind.probe:
             raise TrainConfigError(expected(f"--head lst for a {kind.name} store (the linear probe reads pooled "

@@ -167,26 +167,3 @@ def test_t5_decoder_rows_come_through_the_store_reader(cola_t5_store):
         batches[reader] = CachedSeq2Seq(store.split("dev"), dec, preload=False)(idx)
     for name in ("enc_hidden", "dec_hidden", "dec_mask", "targets", "row_example"):
         assert torch.equal(getattr(batches["shards"], name), getattr(batches["zarr"], name)), name
-
-
-def test_the_default_reduction_factor_is_the_kinds(tiny_store, cola_t5_store, tmp_path):
-    """Unset, --reduction-factor is the store kind's (4 for text encoders, 8 for T5), recorded as run;
-    an explicit one wins; a kind's first preference the backbone refuses gives way to its next."""
-    cfg = TrainConfig(store="", out="")
-    for store, r in ((tiny_store, 4), (cola_t5_store, 8)):
-        manifest = open_store(store).manifest
-        assert kind_for(manifest).with_defaults(cfg, manifest).reduction_factor == r
-    manifest = open_store(tiny_store).manifest
-    assert kind_for(manifest).with_defaults(TrainConfig(store="", out="", reduction_factor=2), manifest) \
-        .reduction_factor == 2
-
-    class Narrow(StoreKind):
-        preferred_reduction_factors = (4, 8)
-
-        def search_facts(self, manifest):
-            return SearchFacts(24, 3, (2, 8), "divide 24 into 3 heads", (1, 2), stackable=False)
-
-    assert Narrow().with_defaults(cfg, manifest).reduction_factor == 8
-    run = tmp_path / "run"
-    train(TrainConfig(store=str(tiny_store), out=str(run), epochs=1, max_steps=1, device="cpu"))
-    assert json.loads((run / "config.json").read_text())["reduction_factor"] == 4

@@ -12,7 +12,7 @@ registers) the built-in kinds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,17 +48,6 @@ class StoreKind:
     probe: bool = False  # `--head probe` (linear probe on pooled stored states) applies
     generates: bool = False  # `lst predict --generate` applies
     inputs_are_files: bool = False  # `lst predict RUN INPUTS`: each input is one example's file (an image)
-    # The default --reduction-factor: the first of these the backbone allows. 8 is the paper's T5 and
-    # image setting; text encoders override it (benchmarks/results/convergence.md).
-    preferred_reduction_factors: tuple[int, ...] = (8,)
-
-    def with_defaults(self, cfg: TrainConfig, manifest: dict[str, Any]) -> TrainConfig:
-        """`cfg` with this kind's defaults for the options left unset (--reduction-factor)."""
-        if cfg.reduction_factor is not None:
-            return cfg
-        allowed = self.search_facts(manifest).reduction_factors
-        r = next((r for r in self.preferred_reduction_factors if r in allowed), self.preferred_reduction_factors[0])
-        return replace(cfg, reduction_factor=r)  # one the backbone refuses fails in the model, naming the valid r
 
     def recipe(self, cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:
         """Side network, batch sources (cached, or the live backbone for --online), loss and predictions."""

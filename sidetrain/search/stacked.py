@@ -204,7 +204,6 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
     kind = kind_for(manifest)
     if not kind.search_facts(manifest).stackable:
         raise TrainConfigError(expected("a store whose trials can be stacked", f"a {kind.name} store", "Use --stack 1."))
-    cfgs = [kind.with_defaults(c, manifest) for c in cfgs]
     models = []
     for c in cfgs:  # as train(): the seed fixes the initial weights (and --init pruned starts from the backbone)
         torch.manual_seed(c.seed)

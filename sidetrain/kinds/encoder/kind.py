@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 
 class EncoderKind(StoreKind):
     probe = True
-    # r=4 beat the paper's 8 on banking77 and SST-2 with MiniLM (benchmarks/results/convergence.md)
-    preferred_reduction_factors = (4, 8)
 
     def recipe(self, cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:
         return encoder_recipe(cfg, store, device, eval_name)
