@@ -10,7 +10,7 @@ splits, same machine, one process per method, run one after the other:
   lora_<lr>     PEFT LoRA r=8 on the attention's query/key/value projections, classification head trained,
                 two learning rates (peers_finetune.py)
   lst_online    `lst train STORE --online`: the side network with the backbone live
-  lst_cached    `lst train STORE`: the side network from the store (defaults: 10 epochs, the kind's r (4 for a text encoder), fp16 store)
+  lst_cached    `lst train STORE`: the side network from the store (defaults: 10 epochs, r=8, fp16 store)
   lst_sweep     best of `lst sweep STORE --trials 16` (default space, default stacking and pruning)
   probe         `lst train STORE --head probe`
   equal budget  in the wall time of the best LoRA run: extraction plus the sweep's trials that finished
@@ -45,6 +45,8 @@ FINETUNE = str(HERE / "peers_finetune.py")
 # GLUE folder per task; SST-2's 67k training rows are subsampled by default (a full LoRA epoch: ~20 min here)
 GLUE_TASKS = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE"}
 DEFAULT_TRAIN_ROWS = {"sst2": 8000}
+# GLUE files without a header row: their columns, named so that the subset written to --work has one
+HEADERLESS = {"cola": ["source", "label", "original_label", "sentence"]}
 METHODS = ["full", "lora_a", "lora_b", "lst_online", "lst_cached", "lst_sweep", "probe"]
 LST_METHODS = {"lst_online", "lst_cached", "lst_sweep", "probe"}
 MiB = 2 ** 20
@@ -56,10 +58,12 @@ def prepare_data(task: str, work: Path, train_rows: int, eval_rows: int) -> tupl
     from featcache.sources import Quoting, load_dataset_path
 
     src, quoting = (bolt_dataset_path("banking"), "auto") if task == "banking77" else (GLUE / GLUE_TASKS[task], "none")
-    data = load_dataset_path(src, Quoting(quoting))
+    data = load_dataset_path(src, Quoting(quoting), header=task not in HEADERLESS)
+    for table in data.splits.values() if task in HEADERLESS else ():
+        table.frame.columns = HEADERLESS[task]
     rows = {s: len(t.frame) for s, t in data.splits.items()}
     limits = {s: (train_rows if s == "train" else eval_rows) for s in rows}
-    if not any(0 < limits[s] < rows[s] for s in rows):
+    if task not in HEADERLESS and not any(0 < limits[s] < rows[s] for s in rows):
         return src, quoting, rows
     out = work / src.name  # keep the folder name: lst picks GLUE's metric by it
     out.mkdir(parents=True, exist_ok=True)
@@ -279,7 +283,7 @@ def markdown(results: dict[str, Any], args) -> str:
              (f"Backbone: {results['backbone']}. Batch 32, max length 64, fp16 store (lst's default). Peers: "
               f"{args.peer_epochs} epochs, AdamW, linear warm-up (10%) and decay, dev scored each epoch, test at the "
               f"best dev epoch; LoRA r=8, alpha 16, dropout 0.1 on {args.lora_targets} (PEFT, task SEQ_CLS: the "
-              "classification head trained too). lst: its defaults (r=4 for a text encoder, all layers, lr 3e-3, 10 epochs); the sweep "
+              "classification head trained too). lst: its defaults (r=8, all layers, lr 3e-3, 10 epochs); the sweep "
               f"{args.sweep_trials} trials of the default space with default stacking and pruning. One process per "
               "method, one after the other. Wall time to the result includes extraction for every lst row. Memory: "
               "the child's peak RssAnon and RssFile sampled every 20 ms from /proc; 'above loaded' is the peak "

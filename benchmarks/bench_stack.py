@@ -35,7 +35,6 @@ from common import log, setup_logging, timed, write_results
 from featcache import ExtractConfig, extract, open_store
 from featcache.bundled import minilm_path
 from sidetrain import TrainConfig, train
-from sidetrain.kinds.registry import kind_for
 from sidetrain.search.config import DEFAULT_STACK, SweepConfig
 from sidetrain.search.stacked import train_stacked
 from sidetrain.search.sweep import run_sweep
@@ -205,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                                                            out=str(store_path), max_length=64, store_dtype="fp16",
                                                            device="cpu")))
         manifest = open_store(store_path).manifest
-        r = args.reduction_factor or kind_for(manifest).with_defaults(TrainConfig(store="", out=""), manifest).reduction_factor
+        r = args.reduction_factor or TrainConfig(store="", out="").reduction_factor
         member = {"reduction_factor": r, "batch_size": 32, "epochs": 1, "device": "cpu"}
         reference = {"reduction_factor": r, "lr": 3e-3, "batch_size": 32, "epochs": REFERENCE_EPOCHS, "seed": 0,
                      "device": "cpu"}

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_peers import markdown, parse_args, plot
+from bench_peers import GLUE, markdown, parse_args, plot, prepare_data
 from common import run_measured
 from peers_finetune import bucketed_batches
 
@@ -56,3 +57,16 @@ def test_markdown_and_plot_name_every_method_and_the_equal_budget_row(tmp_path):
         assert want in text
     plot(results, tmp_path / "peers.png")
     assert (tmp_path / "peers.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not (GLUE / "CoLA").exists(), reason="GLUE is not beside the project (../shared/data/glue)")
+def test_headerless_cola_is_written_with_a_header_lst_reads(tmp_path):
+    """GLUE's CoLA TSVs have no header row: the subset gets one, so `lst extract` finds the text column."""
+    from featcache.sources import Quoting, load_dataset_path
+
+    folder, quoting, rows = prepare_data("cola", tmp_path, 50, 0)
+    assert folder.name == "CoLA" and rows["train"] == 50  # the folder name picks GLUE's metric (Matthews)
+    data = load_dataset_path(folder, Quoting(quoting))
+    train = data.splits["train"].frame
+    assert list(train.columns) == ["source", "label", "original_label", "sentence"] and len(train) == 50
+    assert set(train["label"].astype(str)) <= {"0", "1"} and rows["dev"] == len(data.splits["dev"].frame)

@@ -62,6 +62,10 @@ def test_members_equal_separate_runs_with_their_settings(tiny_store, tmp_path, o
         assert set(files(stk, "metrics.json")) == set(files(sep, "metrics.json"))
         measured = files(stk, "metrics.json")  # the stack's peak, measured (it was "not measured"); RSS may not grow when freed memory is reused
         assert measured["peak_memory_bytes"] >= 0 and "whole stack" in measured["peak_memory_kind"]
+        memory, alone = measured["memory"], files(sep, "metrics.json")["memory"]  # the whole stack's, split as alone
+        assert list(memory) == list(alone) and memory["data_policy"] == alone["data_policy"]
+        assert memory["gradient_bytes"] == len(cfgs) * alone["gradient_bytes"]  # K rows of the member's parameters
+        assert memory["optimizer_bytes"] == 2 * memory["gradient_bytes"] and memory["model_bytes"] > len(cfgs) * alone["model_bytes"]
         assert {p.name for p in stk.iterdir()} >= {"config.json", "metrics.json", "model.safetensors",
                                                     "predictions.json", "train_log.jsonl"}
     # the settings mattered: no two members trained alike

@@ -43,12 +43,12 @@ from featcache.reader import StoreReader, open_store
 
 from .. import metrics as M
 from ..config import TrainConfig
-from ..data import CachedBatches, batch_stream, iterate, length_bucketed_batches
+from ..data import CachedBatches, batch_stream, iterate, length_bucketed_batches, token_bytes
 from ..kinds.registry import kind_for
-from ..memory import PeakMemory
+from ..memory import PeakMemory, model_bytes
 from ..recipe import autocast, evaluate_splits, pick_eval_split, resolved_config, select_metric
+from ..run_files import memory_figures, write_config, write_run
 from ..run_files import summary as run_summary
-from ..run_files import write_config, write_run
 
 log = logging.getLogger(__name__)
 # May differ inside a stack (the fused network; under vmap dropout rates must be equal).
@@ -107,6 +107,7 @@ class _Rows:
 
     def __init__(self, flat: torch.Tensor, members: list[int], cfgs: list[TrainConfig], device) -> None:
         self.flat = flat.requires_grad_(True)
+        self.row_bytes = flat[0].numel() * flat.element_size()  # one member's trainable parameters
         self.m = torch.zeros_like(flat)
         self.v = torch.zeros_like(flat)
         self.members = members
@@ -313,7 +314,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
                         examples=len(train_split) * len(history[k]) if not c.max_steps else len(losses[k]) * c.batch_size,
                         wait_seconds=wait_seconds[k], peak_memory_bytes=_peak_so_far(mem), peak_memory_kind=f"{mem.kind} (the whole stack)", mode="cached",
                         head="lst", trainable_parameters=sum(p.numel() for p in models[k].parameters() if p.requires_grad),
-                        stacked_with=k_n)
+                        stacked_with=k_n, memory=_memory(models, k_n * rows.row_bytes, sources, store, mem))
                     write_run(Path(c.out), models[k], summary, predictions, losses[k])
                     out[k] = summary
             if done:
@@ -321,6 +322,28 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
                 _track(net, rows)
         return [o if o is not None else {"metric": metric, "stopped": TrainConfigError("not trained"), "history": []}
                 for o in out]
+
+
+def _memory(models: list[torch.nn.Module], row_bytes: int, sources: dict[str, Any], store: StoreReader,
+            mem: PeakMemory) -> dict[str, Any]:
+    """metrics.json's `memory` of a stacked member: the whole stack's, as its peak is (one process, one
+    pass trains them all). Exact sizes for the K members (their modules, the (K, P) rows, their gradient,
+    AdamW's two moments, a best row each) and the stack's sampled peaks; activations as in `lst train`."""
+    weights = sum(model_bytes(m) for m in models) + row_bytes  # the members' modules and the rows they train
+    grads, optimizer, best = row_bytes, 2 * row_bytes, row_bytes
+    peak = _peak_so_far(mem)
+    on_device = sum(getattr(s, "device_bytes", 0) for s in sources.values())
+    # CPU: the moments exist before the pass's start; gradients and best rows are allocated in it
+    activations = peak - (weights + grads + optimizer + best + on_device if mem.device.type == "cuda" else grads + best)
+    return memory_figures(
+        model_bytes=weights, gradient_bytes=grads, optimizer_bytes=optimizer, best_weights_bytes=best,
+        data_held_bytes=sum(getattr(s, "held_bytes", 0) for s in sources.values()), data_device_bytes=on_device,
+        data_mapped_bytes=sum(getattr(s, "mapped_bytes", 0) for s in sources.values()),
+        data_tokens_bytes=sum(token_bytes(store.split(n)) for n in sources),
+        data_policy={n: getattr(s, "policy", type(s).__name__) for n, s in sources.items()},
+        activation_bytes=max(0, activations), process_start_rss_anon_bytes=mem.start_rss_anon,
+        peak_rss_anon_bytes=mem.peak_rss_anon, peak_rss_file_bytes=mem.peak_rss_file,
+        peak_device_bytes=peak if mem.device.type == "cuda" else None)
 
 
 def _peak_so_far(mem: PeakMemory) -> int:
