@@ -70,3 +70,15 @@ def test_headerless_cola_is_written_with_a_header_lst_reads(tmp_path):
     train = data.splits["train"].frame
     assert list(train.columns) == ["source", "label", "original_label", "sentence"] and len(train) == 50
     assert set(train["label"].astype(str)) <= {"0", "1"} and rows["dev"] == len(data.splits["dev"].frame)
+
+
+@pytest.mark.skipif(not (GLUE / "MRPC").exists(), reason="GLUE is not beside the project (../shared/data/glue)")
+def test_a_subset_keeps_rows_with_quotes_and_reads_back_exactly(tmp_path):
+    """MRPC's texts hold quote characters (85 of 408 dev rows): the subset keeps every row, CSV-quoted."""
+    from featcache.sources import Quoting, load_dataset_path
+
+    folder, quoting, rows = prepare_data("mrpc", tmp_path, 100, 0)
+    original = load_dataset_path(GLUE / "MRPC", Quoting("none")).splits["dev"].frame.astype(str)
+    back = load_dataset_path(folder, Quoting(quoting)).splits["dev"].frame.astype(str)
+    assert rows == {"train": 100, "dev": len(original)} and (back.values == original.values).all()
+    assert original.apply(lambda c: c.str.contains('"')).any(axis=1).sum() > 0  # the case this is about
