@@ -106,5 +106,10 @@ def gradient_bytes(params) -> int:
 
 
 def optimizer_bytes(optim: torch.optim.Optimizer) -> int:
-    """Every tensor the optimizer keeps per parameter (AdamW: exp_avg, exp_avg_sq, step)."""
-    return sum(tensor_bytes(state.values()) for state in optim.state.values())
+    """Every tensor the optimizer keeps per parameter (AdamW: exp_avg, exp_avg_sq, step; L-BFGS: its
+    direction and step histories, lists of tensors)."""
+    def flat(values):
+        for v in values:
+            yield from (v if isinstance(v, (list, tuple)) else (v,))
+
+    return sum(tensor_bytes(flat(state.values())) for state in optim.state.values())

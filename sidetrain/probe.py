@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from featcache.reader import SplitReader, StoreReader
 
 from . import metrics as M
-from .data import CachedBatches, length_bucketed_batches
-from .memory import PeakMemory
+from .data import CachedBatches, length_bucketed_batches, token_bytes
+from .memory import PeakMemory, gradient_bytes, model_bytes, optimizer_bytes, tensor_bytes
 from .recipe import (
     check_labels,
     evaluate_splits,
@@ -30,8 +30,8 @@ from .recipe import (
     resolved_config,
     select_metric,
 )
+from .run_files import memory_figures, write_config, write_run
 from .run_files import summary as run_summary
-from .run_files import write_config, write_run
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 L2_GRID = (1e-4, 1e-3, 1e-2)  # per-example L2 penalty on the weights
 
 
-def pooled_features(split: SplitReader, layer: int, preload: bool | None, batch_size: int = 256) -> torch.Tensor:
-    """(n_examples, d): the mean over real tokens of stored layer `layer`, in the split's order."""
-    source = CachedBatches(split, [layer], preload)
+def pooled_features(split: SplitReader, layer: int, preload: bool | None, batch_size: int = 256,
+                    source: CachedBatches | None = None) -> torch.Tensor:
+    """(n_examples, d): the mean over real tokens of stored layer `layer`, in the split's order (read
+    through `source`, else a source of the default policy)."""
+    source = source or CachedBatches(split, [layer], preload)
     out = torch.zeros(len(split), int(split.manifest["hidden_size"]))
     for idx in length_bucketed_batches(split.lengths, batch_size, 0, 0, shuffle=False):
         b = source(idx)
@@ -52,6 +54,12 @@ def pooled_features(split: SplitReader, layer: int, preload: bool | None, batch_
 
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, n_out: int, l2: float, task: str, steps: int = 100) -> torch.nn.Linear:
+    return fit_linear_and_optimizer(x, y, n_out, l2, task, steps)[0]
+
+
+def fit_linear_and_optimizer(x: torch.Tensor, y: torch.Tensor, n_out: int, l2: float, task: str,
+                             steps: int = 100) -> tuple[torch.nn.Linear, torch.optim.LBFGS]:
+    """The L2-penalised linear fit by L-BFGS, and the optimizer (its history is the probe's optimizer memory)."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(x.shape[1], n_out)
     torch.nn.init.zeros_(lin.weight)
@@ -66,7 +74,7 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, n_out: int, l2: float, task: st
         return loss
 
     opt.step(closure)
-    return lin
+    return lin, opt
 
 
 def _predict(lin: torch.nn.Linear, x: torch.Tensor, task: str) -> np.ndarray:
@@ -87,7 +95,8 @@ def train_probe(cfg: TrainConfig, store: StoreReader) -> dict[str, Any]:
     names = labelled_splits(store)
     t0 = time.perf_counter()
     with PeakMemory(torch.device("cpu")) as mem:
-        feats = {n: pooled_features(store.split(n), layer, cfg.preload) for n in names}
+        sources = {n: CachedBatches(store.split(n), [layer], cfg.preload) for n in names}
+        feats = {n: pooled_features(store.split(n), layer, cfg.preload, source=sources[n]) for n in names}
         # standardise with the training statistics: L-BFGS converges in far fewer steps
         mean, std = feats[cfg.train_split].mean(0), feats[cfg.train_split].std(0).clamp(min=1e-6)
         feats = {n: (f - mean) / std for n, f in feats.items()}
@@ -96,7 +105,7 @@ def train_probe(cfg: TrainConfig, store: StoreReader) -> dict[str, Any]:
         history, best, best_lin = [], -np.inf, None
         for l2 in L2_GRID if eval_name else L2_GRID[1:2]:
             t_fit = time.perf_counter()
-            lin = fit_linear(feats[cfg.train_split], y_train, num_labels, l2, task)
+            lin, opt = fit_linear_and_optimizer(feats[cfg.train_split], y_train, num_labels, l2, task)
             record = {"epoch": len(history) + 1, "step": len(history) + 1, "seconds": time.perf_counter() - t_fit,
                       "data_wait_fraction": 0.0, "train_loss": _loss(lin, feats[cfg.train_split], y_train, task),
                       "l2": l2}
@@ -117,10 +126,27 @@ def train_probe(cfg: TrainConfig, store: StoreReader) -> dict[str, Any]:
                           splits=results, history=history, steps=len(history), train_seconds=seconds,
                           examples=len(train_split) * len(history), wait_seconds=0.0,
                           peak_memory_bytes=mem.peak_bytes, peak_memory_kind=mem.kind, mode="cached", head="probe",
-                          trainable_parameters=sum(p.numel() for p in best_lin.parameters()))
+                          trainable_parameters=sum(p.numel() for p in best_lin.parameters()),
+                          memory=_memory(best_lin, opt, feats, sources, store, mem))
     weights = {"weight": best_lin.weight, "bias": best_lin.bias, "mean": mean, "std": std}
     write_run(out, weights, summary, predictions, [r["train_loss"] for r in history])
     return summary
+
+
+def _memory(lin: torch.nn.Linear, opt: torch.optim.LBFGS, feats: dict[str, torch.Tensor], sources: dict[str, Any],
+            store: StoreReader, mem: PeakMemory) -> dict[str, Any]:
+    """metrics.json's `memory` for the probe: the linear layer, its gradient and L-BFGS history (of the last
+    fit), the states the sources copied into RAM plus the pooled features (n x d floats per split), the peaks."""
+    weights, grads, optimizer = model_bytes(lin), gradient_bytes(lin.parameters()), optimizer_bytes(opt)
+    held = sum(s.held_bytes for s in sources.values()) + tensor_bytes(feats.values())
+    return memory_figures(
+        model_bytes=weights, gradient_bytes=grads, optimizer_bytes=optimizer, best_weights_bytes=0,
+        data_held_bytes=held, data_device_bytes=0, data_mapped_bytes=sum(s.mapped_bytes for s in sources.values()),
+        data_tokens_bytes=sum(token_bytes(store.split(n)) for n in sources),
+        data_policy={n: s.policy for n, s in sources.items()},
+        activation_bytes=max(0, mem.peak_bytes - weights - grads - optimizer - held),
+        process_start_rss_anon_bytes=mem.start_rss_anon, peak_rss_anon_bytes=mem.peak_rss_anon,
+        peak_rss_file_bytes=mem.peak_rss_file, peak_device_bytes=None)
 
 
 def _loss(lin: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, task: str) -> float:

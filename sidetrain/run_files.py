@@ -24,8 +24,9 @@ metrics.json (`summary()`):
     data_wait_seconds    the seconds themselves
     peak_memory_bytes    peak memory while training (peak_memory_kind: which memory, or why not measured;
                          on a CPU anonymous RSS above the level at the first step, "cpu_rss_anon_above_start")
-    memory               the run's memory, split (`memory_figures`; null where a trainer does not measure it: the
-                         probe; a stacked member's is the whole stack's, as its peak is):
+    memory               the run's memory, split (`memory_figures`; null where a trainer does not measure it; a
+                         stacked member's is the whole stack's, as its peak is; the probe's model is its linear
+                         layer, its optimizer L-BFGS's history, and its data held includes the pooled features):
         model_bytes            parameters + buffers of the side network (frozen ones included), exact
         gradient_bytes         gradients of the trained parameters, exact
         optimizer_bytes        optimizer state (AdamW: two moments and a step per parameter), exact

@@ -58,6 +58,11 @@ def test_layer_dropping_side_heads_and_probe(store, tmp_path):
     p = train(cfg(store, tmp_path / "probe", head="probe"))
     assert p["head"] == "probe" and p["splits"]["dev"]["accuracy"] > 0.45  # chance is 1/3
     assert set(p["splits"]) == {"dev", "test"}
+    memory, d = p["memory"], open_store(str(store)).manifest["hidden_size"]  # the probe's, split as lst train's
+    n_labels = open_store(str(store)).manifest["task"]["num_labels"]
+    assert memory["model_bytes"] == memory["gradient_bytes"] == (d + 1) * n_labels * 4 and memory["optimizer_bytes"] > 0
+    features = sum(len(open_store(str(store)).split(n)) for n in ("train", "dev", "test")) * d * 4
+    assert memory["data_held_bytes"] >= features and set(memory["data_policy"]) == {"train", "dev", "test"}
 
 
 SCRIPT = """
