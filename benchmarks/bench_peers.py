@@ -349,6 +349,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     tasks = list(results["tasks"])
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4.2 * len(tasks)), squeeze=False)
@@ -370,6 +371,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         axes[i][0].set_xlabel("peak RssAnon (MiB)")
         axes[i][1].set_xlabel("wall time to the result (s, extraction included for lst)")
         axes[i][1].set_xscale("log")
+        axes[i][1].xaxis.set_minor_formatter(NullFormatter())  # 2x10^1, 3x10^1, ... overlap on a narrow axis
         for ax in axes[i]:
             ax.set_ylabel(f"dev {metric}")
             ax.set_title(f"{task}: {results['backbone_short']}")
