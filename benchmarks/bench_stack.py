@@ -3,7 +3,7 @@
     python benchmarks/bench_stack.py [--train 1000] [--ks 1,2,4,8,16] [--no-sweep] [--model DIR | --random-base]
 
 1. Members per pass: the bundled MiniLM-L6 (or --model), a seeded banking77 subset (--train rows, fp16
-   store), --reduction-factor (default: lst train's, the store kind's), all layers, batch 32, one epoch.
+   store), --reduction-factor (default: lst train's), all layers, batch 32, one epoch.
    `train()` of one member, then `train_stacked` of K = --ks members (different seeds and lr) with the fused
    network, and K = --vmap-ks under the torch.func.vmap fallback; each measured --rounds times side by side
    (median kept). Reported: the pass's training seconds (evaluation excluded) / one member's epoch seconds.

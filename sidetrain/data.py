@@ -11,13 +11,14 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from featcache.backbone import Backbone
 from featcache.errors import StoreError
-from featcache.reader import Batch, SplitReader
+from featcache.reader import Batch, SplitReader, StoreReader
 
 log = logging.getLogger(__name__)
 PRELOAD_RAM_FRACTION = 0.5  # default memory budget: this share of the free GPU memory or available RAM
@@ -113,6 +114,16 @@ def token_bytes(split: SplitReader) -> int:
     """What every policy keeps in RAM beside the states: offsets, token ids, types and labels."""
     arrays = [split.offsets, split.input_ids, split.token_type_ids, split.labels]
     return sum(int(a.nbytes) for a in arrays if a is not None)
+
+
+def data_figures(sources: dict[str, Any], store: StoreReader) -> dict[str, Any]:
+    """The data entries of metrics.json's `memory` (run_files.py) for a run's batch sources, by split:
+    states copied into RAM / onto the GPU, store bytes read through memory maps, the token arrays, policies."""
+    return {"data_held_bytes": sum(getattr(s, "held_bytes", 0) for s in sources.values()),
+            "data_device_bytes": sum(getattr(s, "device_bytes", 0) for s in sources.values()),
+            "data_mapped_bytes": sum(getattr(s, "mapped_bytes", 0) for s in sources.values()),
+            "data_tokens_bytes": sum(token_bytes(store.split(n)) for n in sources),
+            "data_policy": {n: getattr(s, "policy", type(s).__name__) for n, s in sources.items()}}
 
 
 class CachedBatches:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from featcache.reader import SplitReader, StoreReader
 
 from . import metrics as M
-from .data import CachedBatches, length_bucketed_batches, token_bytes
+from .data import CachedBatches, data_figures, length_bucketed_batches
 from .memory import PeakMemory, gradient_bytes, model_bytes, optimizer_bytes, tensor_bytes
 from .recipe import (
     check_labels,
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 L2_GRID = (1e-4, 1e-3, 1e-2)  # per-example L2 penalty on the weights
 
 
-def pooled_features(split: SplitReader, layer: int, preload: bool | None, batch_size: int = 256,
+def pooled_features(split: SplitReader, layer: int, preload: bool | None = None, batch_size: int = 256,
                     source: CachedBatches | None = None) -> torch.Tensor:
     """(n_examples, d): the mean over real tokens of stored layer `layer`, in the split's order (read
     through `source`, else a source of the default policy)."""
@@ -96,7 +96,7 @@ def train_probe(cfg: TrainConfig, store: StoreReader) -> dict[str, Any]:
     t0 = time.perf_counter()
     with PeakMemory(torch.device("cpu")) as mem:
         sources = {n: CachedBatches(store.split(n), [layer], cfg.preload) for n in names}
-        feats = {n: pooled_features(store.split(n), layer, cfg.preload, source=sources[n]) for n in names}
+        feats = {n: pooled_features(store.split(n), layer, source=sources[n]) for n in names}
         # standardise with the training statistics: L-BFGS converges in far fewer steps
         mean, std = feats[cfg.train_split].mean(0), feats[cfg.train_split].std(0).clamp(min=1e-6)
         feats = {n: (f - mean) / std for n, f in feats.items()}
@@ -138,13 +138,11 @@ def _memory(lin: torch.nn.Linear, opt: torch.optim.LBFGS, feats: dict[str, torch
     """metrics.json's `memory` for the probe: the linear layer, its gradient and L-BFGS history (of the last
     fit), the states the sources copied into RAM plus the pooled features (n x d floats per split), the peaks."""
     weights, grads, optimizer = model_bytes(lin), gradient_bytes(lin.parameters()), optimizer_bytes(opt)
-    held = sum(s.held_bytes for s in sources.values()) + tensor_bytes(feats.values())
+    data = data_figures(sources, store)
+    data["data_held_bytes"] += tensor_bytes(feats.values())
     return memory_figures(
-        model_bytes=weights, gradient_bytes=grads, optimizer_bytes=optimizer, best_weights_bytes=0,
-        data_held_bytes=held, data_device_bytes=0, data_mapped_bytes=sum(s.mapped_bytes for s in sources.values()),
-        data_tokens_bytes=sum(token_bytes(store.split(n)) for n in sources),
-        data_policy={n: s.policy for n, s in sources.items()},
-        activation_bytes=max(0, mem.peak_bytes - weights - grads - optimizer - held),
+        model_bytes=weights, gradient_bytes=grads, optimizer_bytes=optimizer, best_weights_bytes=0, **data,
+        activation_bytes=max(0, mem.peak_bytes - weights - grads - optimizer - data["data_held_bytes"]),
         process_start_rss_anon_bytes=mem.start_rss_anon, peak_rss_anon_bytes=mem.peak_rss_anon,
         peak_rss_file_bytes=mem.peak_rss_file, peak_device_bytes=None)
 

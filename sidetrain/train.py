@@ -25,7 +25,7 @@ from featcache.reader import StoreReader, open_store
 
 from . import metrics as M
 from .config import TrainConfig
-from .data import batch_stream, length_bucketed_batches, token_bytes
+from .data import batch_stream, data_figures, length_bucketed_batches
 from .kinds.registry import kind_for
 from .memory import PeakMemory, gradient_bytes, model_bytes, optimizer_bytes
 from .recipe import Recipe, autocast, check_labels, evaluate_splits, pick_eval_split
@@ -157,18 +157,13 @@ def _memory(model: torch.nn.Module, params: list, optim: torch.optim.Optimizer, 
     epoch's copy; on a GPU, minus everything resident: the loop's peak there is absolute)."""
     weights, grads, optimizer = model_bytes(model), gradient_bytes(params), optimizer_bytes(optim)
     best = model_bytes(model) if kept_best else 0
-    held = sum(getattr(s, "held_bytes", 0) for s in sources.values())
-    on_device = sum(getattr(s, "device_bytes", 0) for s in sources.values())
+    data = data_figures(sources, store)
     if loop.device.type == "cuda":
-        activations = loop.peak_bytes - weights - grads - optimizer - best - on_device
+        activations = loop.peak_bytes - weights - grads - optimizer - best - data["data_device_bytes"]
     else:
         activations = loop.peak_bytes - grads - (optimizer - optim_at_start) - best
     return memory_figures(
-        model_bytes=weights, gradient_bytes=grads, optimizer_bytes=optimizer, best_weights_bytes=best,
-        data_held_bytes=held, data_device_bytes=on_device,
-        data_mapped_bytes=sum(getattr(s, "mapped_bytes", 0) for s in sources.values()),
-        data_tokens_bytes=sum(token_bytes(store.split(n)) for n in sources),
-        data_policy={n: getattr(s, "policy", type(s).__name__) for n, s in sources.items()},
+        model_bytes=weights, gradient_bytes=grads, optimizer_bytes=optimizer, best_weights_bytes=best, **data,
         activation_bytes=max(0, activations), process_start_rss_anon_bytes=whole.start_rss_anon,
         peak_rss_anon_bytes=whole.peak_rss_anon, peak_rss_file_bytes=whole.peak_rss_file,
         peak_device_bytes=loop.peak_bytes if loop.device.type == "cuda" else None)

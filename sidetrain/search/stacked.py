@@ -43,7 +43,7 @@ from featcache.reader import StoreReader, open_store
 
 from .. import metrics as M
 from ..config import TrainConfig
-from ..data import CachedBatches, batch_stream, iterate, length_bucketed_batches, token_bytes
+from ..data import CachedBatches, batch_stream, data_figures, iterate, length_bucketed_batches
 from ..kinds.registry import kind_for
 from ..memory import PeakMemory, model_bytes
 from ..recipe import autocast, evaluate_splits, pick_eval_split, resolved_config, select_metric
@@ -306,15 +306,17 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
             if finishing:
                 finished = _finish(net, [best_row[k] for k in finishing], [models[k] for k in finishing], store, sources,
                                    cfgs[0], task, num_labels, amp, device)
+                peak = _peak_so_far(mem)
+                memory = _memory(models, k_n * rows.row_bytes, sources, store, mem, peak)  # the stack's: one for all
                 for k, (splits, predictions) in zip(finishing, finished):
                     c = cfgs[k]
                     summary = run_summary(
                         metric=metric, eval_split=eval_name, best_eval=None if best[k] == -np.inf else float(best[k]),
                         splits=splits, history=history[k], steps=len(losses[k]), train_seconds=train_seconds[k],
                         examples=len(train_split) * len(history[k]) if not c.max_steps else len(losses[k]) * c.batch_size,
-                        wait_seconds=wait_seconds[k], peak_memory_bytes=_peak_so_far(mem), peak_memory_kind=f"{mem.kind} (the whole stack)", mode="cached",
+                        wait_seconds=wait_seconds[k], peak_memory_bytes=peak, peak_memory_kind=f"{mem.kind} (the whole stack)", mode="cached",
                         head="lst", trainable_parameters=sum(p.numel() for p in models[k].parameters() if p.requires_grad),
-                        stacked_with=k_n, memory=_memory(models, k_n * rows.row_bytes, sources, store, mem))
+                        stacked_with=k_n, memory=memory)
                     write_run(Path(c.out), models[k], summary, predictions, losses[k])
                     out[k] = summary
             if done:
@@ -325,22 +327,18 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
 
 
 def _memory(models: list[torch.nn.Module], row_bytes: int, sources: dict[str, Any], store: StoreReader,
-            mem: PeakMemory) -> dict[str, Any]:
+            mem: PeakMemory, peak: int) -> dict[str, Any]:
     """metrics.json's `memory` of a stacked member: the whole stack's, as its peak is (one process, one
     pass trains them all). Exact sizes for the K members (their modules, the (K, P) rows, their gradient,
     AdamW's two moments, a best row each) and the stack's sampled peaks; activations as in `lst train`."""
     weights = sum(model_bytes(m) for m in models) + row_bytes  # the members' modules and the rows they train
     grads, optimizer, best = row_bytes, 2 * row_bytes, row_bytes
-    peak = _peak_so_far(mem)
-    on_device = sum(getattr(s, "device_bytes", 0) for s in sources.values())
+    data = data_figures(sources, store)
     # CPU: the moments exist before the pass's start; gradients and best rows are allocated in it
-    activations = peak - (weights + grads + optimizer + best + on_device if mem.device.type == "cuda" else grads + best)
+    resident = weights + grads + optimizer + best + data["data_device_bytes"]
+    activations = peak - (resident if mem.device.type == "cuda" else grads + best)
     return memory_figures(
-        model_bytes=weights, gradient_bytes=grads, optimizer_bytes=optimizer, best_weights_bytes=best,
-        data_held_bytes=sum(getattr(s, "held_bytes", 0) for s in sources.values()), data_device_bytes=on_device,
-        data_mapped_bytes=sum(getattr(s, "mapped_bytes", 0) for s in sources.values()),
-        data_tokens_bytes=sum(token_bytes(store.split(n)) for n in sources),
-        data_policy={n: getattr(s, "policy", type(s).__name__) for n, s in sources.items()},
+        model_bytes=weights, gradient_bytes=grads, optimizer_bytes=optimizer, best_weights_bytes=best, **data,
         activation_bytes=max(0, activations), process_start_rss_anon_bytes=mem.start_rss_anon,
         peak_rss_anon_bytes=mem.peak_rss_anon, peak_rss_file_bytes=mem.peak_rss_file,
         peak_device_bytes=peak if mem.device.type == "cuda" else None)
