@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import log, setup_logging, timed, write_results
 
 from featcache import ExtractConfig, extract
-from featcache.images import decode_rgb, load_image_backbone, load_image_splits
+from featcache.images.backbones import load_image_backbone
+from featcache.images.datasets import decode_rgb, load_image_splits
 from sidetrain import TrainConfig, train
 
 PER_CLASS = int(os.environ.get("LST_BENCH_IMAGES_PER_CLASS", "100"))

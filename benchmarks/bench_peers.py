@@ -55,7 +55,7 @@ MiB = 2 ** 20
 def prepare_data(task: str, work: Path, train_rows: int, eval_rows: int) -> tuple[Path, str, dict[str, int]]:
     """The task's folder (or a seeded subset of it written to `work`), the --quoting to read it with, rows."""
     from featcache.bundled import bolt_dataset_path
-    from featcache.sources import Quoting, load_dataset_path
+    from featcache.text.sources import Quoting, load_dataset_path
 
     src, quoting = (bolt_dataset_path("banking"), "auto") if task == "banking77" else (GLUE / GLUE_TASKS[task], "none")
     data = load_dataset_path(src, Quoting(quoting), header=task not in HEADERLESS)

@@ -27,11 +27,12 @@ from common import log, setup_logging, timed, write_results
 
 from featcache import ExtractConfig, extract, open_store
 from featcache import store as S
-from featcache.backbone import Backbone, load_backbone
 from featcache.bundled import bolt_dataset_path, minilm_path
-from featcache.kinds import ROOT, get_kind
-from featcache.kinds.encoder import padded_text
+from featcache.kinds import get_kind
 from featcache.layout import plan_layout
+from featcache.plan import ROOT
+from featcache.text.backbone import Backbone, load_backbone
+from featcache.text.part import padded_text
 
 EXAMPLES = int(os.environ.get("LST_BENCH_EXAMPLES", "1000"))
 DTYPE_EXAMPLES = int(os.environ.get("LST_BENCH_DTYPE_EXAMPLES", "400"))

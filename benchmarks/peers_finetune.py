@@ -28,7 +28,7 @@ EVAL_SPLITS = ("dev", "validation", "valid", "val")
 
 def read_splits(data: Path, quoting: str) -> tuple[dict[str, list], dict[str, np.ndarray], str, list]:
     """Texts (or text pairs) and labels per split, the task and the label names, as lst extract reads them."""
-    from featcache.sources import Quoting, load_dataset_path, resolve_columns
+    from featcache.text.sources import Quoting, load_dataset_path, resolve_columns
 
     dataset = load_dataset_path(data, Quoting(quoting))
     cols = resolve_columns(dataset, None, None, None)

@@ -20,6 +20,8 @@ import zarr
 from . import store as S
 from .destination import local_path, zarr_location
 from .errors import StoreError, expected
+from .manifest import kind_of, split_parts, store_parts
+from .plan import ROOT
 from .verify import verify_group
 
 # The writer measures, on a sample, the error of each storage dtype and of the compute precision
@@ -90,38 +92,6 @@ def _error_text(e: Any) -> str:
             f"min {e.get('cosine_min', float('nan')):.6f}")
 
 
-ROOT = ""  # the part a split's own group holds (its examples)
-
-
-def store_kind(manifest: dict[str, Any]) -> str:
-    """The manifest's `kind`; older stores: "seq2seq" if they carry T5 fields, else "encoder"."""
-    if "kind" in manifest:
-        return str(manifest["kind"])
-    return "seq2seq" if "seq2seq" in manifest else "encoder"
-
-
-def store_parts(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Part name -> {layers, bytes_per_token}, the root part first (older stores: from their fields)."""
-    parts = dict(manifest.get("parts") or {})
-    if not parts:
-        parts[ROOT] = {"layers": manifest.get("layers"), "bytes_per_token": manifest.get("bytes_per_token")}
-        if "seq2seq" in manifest:
-            parts["dec"] = {"layers": manifest["seq2seq"].get("decoder_layers"),
-                            "bytes_per_token": manifest.get("decoder_bytes_per_token")}
-    return {p: parts[p] for p in sorted(parts, key=lambda p: (p != ROOT, p))}
-
-
-def split_parts(facts: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Part name -> {rows, tokens, shards} of one split (older stores: from their per-split fields)."""
-    parts = dict(facts.get("parts") or {})
-    if not parts:
-        parts[ROOT] = {"rows": facts.get("examples"), "tokens": facts.get("tokens"), "shards": facts.get("shards", 0)}
-        if "decoder_shards" in facts:  # T5 stores written before parts were recorded
-            parts["dec"] = {"rows": facts.get("decoder_rows"), "tokens": facts.get("decoder_tokens"),
-                            "shards": facts["decoder_shards"]}
-    return {p: parts[p] for p in sorted(parts, key=lambda p: (p != ROOT, p))}
-
-
 def _part_state(split_group: zarr.Group | None, part: str, facts: dict[str, Any]) -> dict[str, Any]:
     total = int(facts.get("shards") or 0)
     entry = {"rows": facts.get("rows"), "tokens": facts.get("tokens"), "shards_total": total, "shards_done": 0,
@@ -181,7 +151,7 @@ def inspect_store(path: str | Path) -> dict[str, Any]:
     return {
         "path": str(path),
         "format_version": manifest.get("format_version"),
-        "kind": store_kind(manifest),
+        "kind": kind_of(manifest),
         "complete": bool(manifest.get("complete")),
         "shards_done": sum(s["shards_done"] for s in splits.values()),
         "shards_total": sum(s["shards_total"] for s in splits.values()),

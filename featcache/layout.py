@@ -19,8 +19,7 @@ import zarr
 
 from . import store as S
 from .config import ExtractConfig
-from .kinds import ROOT, KindPlan, PartPlan
-from .plan import shard_tokens_for
+from .plan import ROOT, KindPlan, PartPlan
 from .reader import CHECKSUMS
 
 
@@ -90,3 +89,11 @@ def create_part(group: zarr.Group, part: PartPlan, store_dtype: str, chunk_token
                        chunks=(1,), compressors=None, fill_value=0, overwrite=True)
     group.create_array("shard_done", shape=(max(math.ceil(part.n_tokens / shard_tokens), 1),), dtype="uint8",
                        chunks=(1,), compressors=None, fill_value=0, overwrite=True)
+
+
+def shard_tokens_for(cfg: ExtractConfig, bytes_per_token: int) -> int:
+    """Tokens per shard: --shard-tokens, else about 64 MiB; a whole number of inner chunks either way."""
+    if cfg.shard_tokens:
+        return max(cfg.chunk_tokens, cfg.shard_tokens // cfg.chunk_tokens * cfg.chunk_tokens)
+    target = (64 << 20) // bytes_per_token
+    return max(cfg.chunk_tokens, target // cfg.chunk_tokens * cfg.chunk_tokens)

@@ -41,6 +41,7 @@ import zarr
 from . import store as S
 from .destination import local_path, zarr_location
 from .errors import StoreError, expected
+from .manifest import part_layers
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,6 @@ READERS = ("auto", "shards", "cache", "zarr")
 CACHE_ENV = "LST_SHARD_CACHE"  # where remote stores' shards are cached (default ~/.cache/lst/shards)
 CHECKSUMS = "shard_crc"  # (n_shards,) uint32 per part: zlib crc32 of hidden (+ scales) bytes
 FROZEN_WEIGHTS = "backbone_weights"  # root group of frozen arrays that stage 2 needs without the backbone
-
-
-def part_layers(manifest: dict[str, Any], part: str) -> list[int] | None:
-    """Stored layers of a split's part ('' = the split's own); None if the store has no such part."""
-    if part == "":
-        return manifest["layers"]
-    if part in manifest.get("parts", {}):
-        return manifest["parts"][part]["layers"]
-    if part == "dec" and "seq2seq" in manifest:  # T5 stores written before parts were recorded
-        return manifest["seq2seq"]["decoder_layers"]
-    return None
 
 
 @dataclass

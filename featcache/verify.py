@@ -11,8 +11,9 @@ from typing import Any
 
 import zarr
 
+from .manifest import part_layers
 from .progress import progress_bar
-from .reader import CHECKSUMS, PartReader, part_layers
+from .reader import CHECKSUMS, PartReader
 
 
 def part_readers(group: zarr.Group, manifest: dict[str, Any]) -> list[PartReader]:

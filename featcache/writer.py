@@ -31,13 +31,14 @@ import zarr
 
 from . import distributed
 from . import store as S
-from .backbone import load_model_config
 from .config import ExtractConfig
 from .destination import SOMETHING_ELSE_HINT, describe, remove_store, zarr_location
 from .errors import BackboneError, LstError, StoreError, expected
-from .kinds import ROOT, KindPlan, PartPlan, RowsFn, StoreKind, kind_claiming_name, kind_for_request
+from .kinds import ExtractKind, kind_claiming_name, kind_for_request
 from .layout import Layout, create_part, plan_layout
 from .lease import writer_lease
+from .loading import load_model_config
+from .plan import ROOT, KindPlan, PartPlan, RowsFn
 from .progress import progress_bar
 from .reader import CHECKSUMS, FROZEN_WEIGHTS
 from .verify import verify_group
@@ -106,7 +107,7 @@ def extract(cfg: ExtractConfig, backbone: Any | None = None) -> dict[str, Any]:
         ctx.close()
 
 
-def _kind_and_config(cfg: ExtractConfig, backbone: Any | None) -> tuple[StoreKind, Any]:
+def _kind_and_config(cfg: ExtractConfig, backbone: Any | None) -> tuple[ExtractKind, Any]:
     """The kind that extracts this request, and the backbone's transformers config (None for a backbone
     that has none, such as a named CNN a kind knows: the kind then claims it by name)."""
     if backbone is not None:
@@ -124,14 +125,14 @@ def _kind_and_config(cfg: ExtractConfig, backbone: Any | None) -> tuple[StoreKin
     return kind_for_request(cfg, config), config
 
 
-def _request(cfg: ExtractConfig, kind: StoreKind, plan: KindPlan, layout: Layout, backbone: Any) -> dict[str, Any]:
+def _request(cfg: ExtractConfig, kind: ExtractKind, plan: KindPlan, layout: Layout, backbone: Any) -> dict[str, Any]:
     """What must match for a resume to continue an earlier run."""
     return {"kind": kind.name, "model": backbone.name, "revision": backbone.revision, **plan.request,
             "store_dtype": plan.store_dtype, "precision": cfg.precision, "shard_tokens": layout.shard_tokens,
             "chunk_tokens": cfg.chunk_tokens}
 
 
-def _manifest(cfg: ExtractConfig, kind: StoreKind, plan: KindPlan, layout: Layout, backbone: Any,
+def _manifest(cfg: ExtractConfig, kind: ExtractKind, plan: KindPlan, layout: Layout, backbone: Any,
               request: dict[str, Any]) -> dict[str, Any]:
     fields = {k: dict(v) if isinstance(v, dict) else v for k, v in plan.manifest.items()}
     fields["backbone"] = {"name": backbone.name, "revision": backbone.revision, **fields.get("backbone", {})}
@@ -158,7 +159,7 @@ def _manifest(cfg: ExtractConfig, kind: StoreKind, plan: KindPlan, layout: Layou
     return manifest
 
 
-def _setup(cfg: ExtractConfig, kind: StoreKind, plan: KindPlan, layout: Layout, backbone: Any,
+def _setup(cfg: ExtractConfig, kind: ExtractKind, plan: KindPlan, layout: Layout, backbone: Any,
            request: dict[str, Any]) -> dict[str, Any]:
     """Rank 0: check --out, measure fidelity, write the manifest and the layout. Returns the manifest."""
     group, resuming = open_for_write(cfg, request)
@@ -194,7 +195,7 @@ def _part_group(group: zarr.Group, split: str, part: str, create: bool = False) 
     return group.require_group(path) if create else group[path]
 
 
-def _run(cfg: ExtractConfig, kind: StoreKind, plan: KindPlan, layout: Layout, backbone: Any | None,
+def _run(cfg: ExtractConfig, kind: ExtractKind, plan: KindPlan, layout: Layout, backbone: Any | None,
          ctx: distributed.Context) -> dict[str, Any]:
     backbone = backbone or kind.load_backbone(cfg, ctx.device(cfg.device))
     request = _request(cfg, kind, plan, layout, backbone)
@@ -259,7 +260,7 @@ def _with_store_errors(cfg: ExtractConfig, fn):
                          "free some space (or fix the path) and re-run the same command to resume.") from None
 
 
-def _extract_shards(group: zarr.Group, kind: StoreKind, plan: KindPlan, layout: Layout, backbone: Any,
+def _extract_shards(group: zarr.Group, kind: ExtractKind, plan: KindPlan, layout: Layout, backbone: Any,
                     cfg: ExtractConfig, work: list[tuple[str, str, int]], show: bool = True) -> None:
     """Compute and write the shards in `work` that are not yet done; one shard in flight to the writer."""
     groups = {(s, p): _part_group(group, s, p) for s, p, _ in work}

@@ -5,7 +5,7 @@ raw text. Each kind of store is a plug-in (`sidetrain.kinds.register_kind`, kind
 """
 
 from .config import TrainConfig
-from .kinds.encoder.model import LadderSideNetwork
+from .networks.encoder_stack import LadderSideNetwork
 from .train import train
 
 __all__ = ["LadderSideNetwork", "TrainConfig", "train"]

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.backbone import Backbone
 from featcache.errors import StoreError
 from featcache.reader import Batch, SplitReader, StoreReader
+from featcache.text.backbone import Backbone
 
 log = logging.getLogger(__name__)
 PRELOAD_RAM_FRACTION = 0.5  # default memory budget: this share of the free GPU memory or available RAM

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from featcache.errors import StoreError, TrainConfigError, expected
 from featcache.reader import SplitReader, StoreReader
 
 from . import metrics as M
+from .data import CachedBatches, DeviceBatches, fits_on_device, iterate, length_bucketed_batches
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -112,3 +114,32 @@ def resolved_config(cfg: TrainConfig, manifest: dict[str, Any], metric: str, eva
                     store_manifest=recorded)
     resolved.update(extra)
     return resolved
+
+
+def loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    if task == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def predict_split(model: torch.nn.Module, source, split: SplitReader, batch_size: int, task: str,
+                  device: torch.device, amp=None) -> np.ndarray:
+    """Predictions for every example of a split, in the split's order."""
+    model.eval()
+    batches = length_bucketed_batches(split.lengths, batch_size * 2, seed=0, epoch=0, shuffle=False)
+    out = np.zeros(len(split), dtype=np.float32 if task == "regression" else np.int64)
+    for idx, b in zip(batches, iterate(source, batches, device)):
+        with amp or contextlib.nullcontext():
+            logits = model(b.hidden, b.mask).float()
+        out[idx] = (logits.squeeze(-1) if task == "regression" else logits.argmax(-1)).cpu().numpy()
+    return out
+
+
+def cached_source(split: SplitReader, cfg: TrainConfig, device: torch.device):
+    """A GPU keeps a split in its own memory when it fits --memory-budget (unless --no-preload); otherwise the
+    host reads it memory-mapped, from RAM (--preload) or streamed (sidetrain.data.host_policy)."""
+    if cfg.preload is not False and fits_on_device(split, device, cfg.memory_budget):
+        return DeviceBatches(split, None, device)
+    return CachedBatches(split, None, cfg.preload, memory_budget=cfg.memory_budget)

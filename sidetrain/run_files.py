@@ -55,6 +55,7 @@ plain file included, is refused in one line: lst never overwrites or deletes wha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from featcache.errors import LstError, SweepError, TrainConfigError, expected
+
+from .config import TrainConfig
 
 RUN_FILES = ("config.json", "model.safetensors")  # what a finished run folder holds at least
 # Every entry a trainer writes in RUN/ (checkpoint.tmp and config.json.tmp: renamed into place).
@@ -168,3 +171,15 @@ def read_run_config(run: str | Path) -> dict[str, Any]:
     if config.get("head", "lst") != "lst":
         raise TrainConfigError(expected("an LST run for `lst predict`", f"a '{config['head']}' run"))
     return config
+
+
+def run_options(resolved: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig a run was trained with, from its RUN/config.json (the fields it adds beside them dropped)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in resolved.items() if k in names})
+
+
+def load_run(run: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The run's options and the store manifest it was trained on (RUN/config.json)."""
+    resolved = read_run_config(run)
+    return run_options(resolved), resolved["store_manifest"]

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.backbone import resolve_device
 from featcache.errors import TrainConfigError, expected
+from featcache.loading import resolve_device
 from featcache.progress import progress_bar
 from featcache.reader import StoreReader, open_store
 

@@ -62,7 +62,7 @@ def test_markdown_and_plot_name_every_method_and_the_equal_budget_row(tmp_path):
 @pytest.mark.skipif(not (GLUE / "CoLA").exists(), reason="GLUE is not beside the project (../shared/data/glue)")
 def test_headerless_cola_is_written_with_a_header_lst_reads(tmp_path):
     """GLUE's CoLA TSVs have no header row: the subset gets one, so `lst extract` finds the text column."""
-    from featcache.sources import Quoting, load_dataset_path
+    from featcache.text.sources import Quoting, load_dataset_path
 
     folder, quoting, rows = prepare_data("cola", tmp_path, 50, 0)
     assert folder.name == "CoLA" and rows["train"] == 50  # the folder name picks GLUE's metric (Matthews)
@@ -75,7 +75,7 @@ def test_headerless_cola_is_written_with_a_header_lst_reads(tmp_path):
 @pytest.mark.skipif(not (GLUE / "MRPC").exists(), reason="GLUE is not beside the project (../shared/data/glue)")
 def test_a_subset_keeps_rows_with_quotes_and_reads_back_exactly(tmp_path):
     """MRPC's texts hold quote characters (85 of 408 dev rows): the subset keeps every row, CSV-quoted."""
-    from featcache.sources import Quoting, load_dataset_path
+    from featcache.text.sources import Quoting, load_dataset_path
 
     folder, quoting, rows = prepare_data("mrpc", tmp_path, 100, 0)
     original = load_dataset_path(GLUE / "MRPC", Quoting("none")).splits["dev"].frame.astype(str)

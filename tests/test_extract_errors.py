@@ -98,9 +98,9 @@ def test_dry_run_prints_the_summary_and_loads_nothing(tiny_bert, tiny_dataset, t
     def no_weights(*_a, **_k):
         raise AssertionError("the backbone was loaded by a dry run")
 
-    from featcache.kinds import encoder
+    from featcache.kinds.encoder import kind as encoder_kind
 
-    monkeypatch.setattr(encoder, "load_backbone", no_weights)
+    monkeypatch.setattr(encoder_kind, "load_backbone", no_weights)
     r = invoke("extract", tiny_bert, tiny_dataset, "--out", tmp_path / "s", "--dry-run", "--max-length", 8,
                "--store-dtype", "int8", "--layers", "0,2")
     assert r.exit_code == 0, r.output

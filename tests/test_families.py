@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig
 
 from featcache.errors import TrainConfigError
-from sidetrain.kinds.encoder.model import LadderSideNetwork
+from sidetrain.networks.encoder_stack import LadderSideNetwork
 
 BERT_STYLE = {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 64}
 FAMILIES = {

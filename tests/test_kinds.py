@@ -19,7 +19,8 @@ from conftest import synthetic_rows, write_tsv
 from featcache import ExtractConfig, extract, open_store
 from featcache import writer as W
 from featcache.errors import StoreError
-from featcache.kinds import kind_for_request, kind_of, registered_kinds
+from featcache.kinds import kind_for_request, registered_kinds
+from featcache.manifest import kind_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -57,7 +58,7 @@ def t5_config(model, data, out, **kw) -> ExtractConfig:
 def test_kinds_are_registered_detected_and_recorded(tiny_store, tiny_bert, small_t5):
     from transformers import AutoConfig
 
-    assert registered_kinds()[:2] == ["encoder", "seq2seq"]
+    assert registered_kinds()[:4] == ["vision_language", "seq2seq", "image", "encoder"]  # detection precedence
     cfg = ExtractConfig(model="m", dataset="d", out="o")
     assert kind_for_request(cfg, AutoConfig.from_pretrained(tiny_bert)).name == "encoder"
     assert kind_for_request(cfg, AutoConfig.from_pretrained(small_t5)).name == "seq2seq"

@@ -95,7 +95,7 @@ def test_help_shows_the_field_help(command, monkeypatch):
 
 
 def test_enum_choices_follow_the_library():
-    from featcache.backbone import PRECISIONS
+    from featcache.loading import PRECISIONS
     from featcache.store import STORE_DTYPES
 
     assert [e.value for e in cli.StoreDtype] == list(STORE_DTYPES)

@@ -11,13 +11,13 @@ import torch
 from conftest import torch_threads
 from torch import nn
 
-from featcache.backbone import Backbone, load_backbone
 from featcache.errors import TrainConfigError
 from featcache.reader import open_store
+from featcache.text.backbone import Backbone, load_backbone
 from sidetrain import TrainConfig, fisher, train
 from sidetrain.kinds.encoder import prune as P
-from sidetrain.kinds.encoder.model import LadderSideNetwork, block_list
 from sidetrain.kinds.encoder.recipe import build_model
+from sidetrain.networks.encoder_stack import LadderSideNetwork, block_list
 
 N = 32  # examples scored in these tests (1024 in real runs)
 

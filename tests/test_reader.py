@@ -11,7 +11,7 @@ import zarr
 
 from featcache import ExtractConfig, LstError, extract, open_store
 from featcache import store as S
-from featcache.backbone import load_backbone
+from featcache.text.backbone import load_backbone
 
 # small shards (64 tokens) and inner chunks (8) so that examples straddle shard boundaries
 LAYOUT = {"shard_tokens": 64, "chunk_tokens": 8, "max_length": 16, "device": "cpu", "batch_size": 16}

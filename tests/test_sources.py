@@ -6,7 +6,7 @@ import pytest
 from conftest import GLUE
 
 from featcache.errors import DatasetError
-from featcache.sources import Quoting, load_dataset_path, resolve_columns
+from featcache.text.sources import Quoting, load_dataset_path, resolve_columns
 
 
 def test_quoted_newlines_need_csv_quoting(tmp_path):

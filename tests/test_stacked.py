@@ -225,8 +225,8 @@ def test_fused_forward_equals_the_members_and_other_families_fall_back(family, o
     import torch
     from transformers import AutoConfig
 
-    from sidetrain.kinds.encoder.model import LadderSideNetwork
     from sidetrain.kinds.encoder.stacked_model import FusedStack
+    from sidetrain.networks.encoder_stack import LadderSideNetwork
 
     config = AutoConfig.for_model(family, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                   intermediate_size=128, dim=64, n_layers=3, n_heads=4, hidden_dim=128,

@@ -15,7 +15,9 @@ from test_t5 import tiny_t5  # noqa: F401 - a fixture: the tiny random T5 with t
 from featcache import ExtractConfig, extract, open_store
 from featcache.errors import LstError, StoreError, SweepError
 from sidetrain import TrainConfig, train
-from sidetrain.kinds.registry import SearchFacts, StoreKind, kind_for, kind_names, register_kind
+from featcache.kinds import ExtractKind, register_kind, registered_kinds
+from featcache.kinds.encoder.kind import EncoderExtractKind
+from sidetrain.kinds import SearchFacts, TrainKind, kind_for, kind_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,45 +41,77 @@ def cola_t5_store(tiny_t5, tmp_path_factory) -> Path:  # noqa: F811 - the import
 
 
 def test_registry_finds_each_kind_and_refuses_unknown_ones():
-    assert {"encoder", "seq2seq"} <= set(kind_names())
-    assert kind_for({"kind": "seq2seq"}).name == "seq2seq" and kind_for({"kind": "encoder"}).name == "encoder"
+    assert {"encoder", "seq2seq", "image", "vision_language"} <= set(kind_names())
+    for name in kind_names():  # every registration names a train half that imports and says its name
+        kind = kind_for({"kind": name})
+        assert isinstance(kind, TrainKind) and kind.name == name
     # stores written before the manifest recorded its kind
     assert kind_for({"seq2seq": {}}).name == "seq2seq" and kind_for({}).name == "encoder"
     with pytest.raises(StoreError, match="store kind among"):
-        kind_for({"kind": "audio"})  # a kind with no plug-in (image has one since #12)
-    with pytest.raises(ValueError, match="already registered"):
-        register_kind("encoder", StoreKind())
+        kind_for({"kind": "audio"})  # a kind nobody registered
+    with pytest.raises(ValueError, match="new, non-empty name"):
+        register_kind(EncoderExtractKind(), train="sidetrain.kinds.encoder:TRAIN_KIND")
+
+    class Clash(ExtractKind):
+        name, precedence = "clash", 0  # the encoder's: detection would depend on import order
+
+    with pytest.raises(ValueError, match="precedence 0 is 'encoder'"):
+        register_kind(Clash(), train="sidetrain.kinds.encoder:TRAIN_KIND")
+
+
+class ToyExtract(ExtractKind):
+    name, precedence = "toy", -1
+
+    def matches(self, cfg, config):
+        return False  # never detected: a store only says it is one
+
+
+class ToyTrain(TrainKind):
+    calls: list = []
+
+    def recipe(self, cfg, store, device, eval_name):
+        self.calls.append(eval_name)
+        return kind_for({"kind": "encoder"}).recipe(cfg, store, device, eval_name)
+
+    def search_facts(self, manifest):
+        return SearchFacts(32, 4, (4,), "are 4", (1, 2), stackable=False)
+
+
+TOY = ToyTrain()
 
 
 def test_a_new_kind_plugs_in_without_touching_the_loop(tiny_store, tmp_path):
-    """A kind registered from outside sidetrain is what `lst train` runs for a store that names it."""
-    encoder = kind_for({"kind": "encoder"})
-    calls = []
-
-    class Toy(StoreKind):
-        def recipe(self, cfg, store, device, eval_name):
-            calls.append(eval_name)
-            return encoder.recipe(cfg, store, device, eval_name)
-
-        def search_facts(self, manifest):
-            return SearchFacts(32, 4, (4,), "are 4", (1, 2), stackable=False)
-
-    register_kind("toy", Toy())
+    """A kind registered from outside lst (both halves, one registration) is what `lst train` runs for a store
+    that names it."""
+    if "toy" not in registered_kinds():
+        register_kind(ToyExtract(), train=f"{__name__}:TOY")
     store = open_store(tiny_store)
     store.manifest = {**store.manifest, "kind": "toy"}
     summary = train(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), epochs=1, reduction_factor=4,
                                 device="cpu"), store=store)
-    assert calls == ["dev"] and summary["steps"] > 0
+    assert TOY.calls == ["dev"] and summary["steps"] > 0
 
 
 def test_the_shared_modules_ask_no_kind():
-    """train.py, recipe.py and the search import no kind's package, nor test a manifest for one."""
-    for path in ["sidetrain/train.py", "sidetrain/recipe.py", "sidetrain/probe.py", "sidetrain/run_files.py",
-                 *(str(p.relative_to(ROOT)) for p in (ROOT / "sidetrain" / "search").glob("*.py"))]:
-        source = (ROOT / path).read_text()
+    """The shared modules of both stages import no kind's folder, nor test a manifest for one; no kind imports a
+    sibling kind (each registered kind, in both stages)."""
+    kinds = set(registered_kinds()) - {"toy"}
+    shared = [p for pkg in ("featcache", "sidetrain") for p in (ROOT / pkg).rglob("*.py") if "kinds" not in p.parts]
+    for path in shared:
+        source = path.read_text()
         imported = [n.module or "" for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)]
-        assert not [m for m in imported if "encoder" in m or "seq2seq" in m], path
-        assert '"seq2seq" in' not in source, path
+        assert not [m for m in imported for k in kinds if f"kinds.{k}" in m or m == k], path
+        # older manifests are told apart in one place only (featcache/manifest.py)
+        assert '"seq2seq" in' not in source or path == ROOT / "featcache" / "manifest.py", path
+    for kind in kinds:
+        for stage in ("featcache", "sidetrain"):
+            for path in (ROOT / stage / "kinds" / kind).rglob("*.py"):
+                tree = ast.parse(path.read_text())
+                modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+                modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+                siblings = [m for m in modules for other in kinds - {kind}
+                            if f"kinds.{other}" in m or m.lstrip(".").split(".")[0] == other and m.startswith("..")]
+                assert not siblings, (path, siblings)
 
 
 @pytest.fixture(scope="module")

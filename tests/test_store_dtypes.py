@@ -9,8 +9,8 @@ import zarr
 
 from featcache import ExtractConfig, extract, open_store
 from featcache import store as S
-from featcache.backbone import load_backbone
 from featcache.errors import BackboneError
+from featcache.text.backbone import load_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,8 +18,8 @@ from conftest import synthetic_rows, torch_threads, write_tsv
 from featcache import ExtractConfig, extract, open_store
 from featcache.bundled import minilm_path
 from featcache.errors import BackboneError, DatasetError, StoreError
-from featcache.plan import pad_batch
-from featcache.seq2seq import label_texts
+from featcache.kinds.seq2seq.backbone import label_texts
+from featcache.text.splits import pad_batch
 from sidetrain import TrainConfig, train
 
 
@@ -210,7 +210,7 @@ def test_label_text_file_and_fp16(tiny_t5, t5_data, tmp_path, caplog):
 
 def test_pruned_init(t5_store, tiny_t5, tmp_path):
     """Side blocks start as Fisher-pruned backbone blocks: r = 1 copies them, r = 2 slices them."""
-    from featcache.seq2seq import load_seq2seq_backbone
+    from featcache.kinds.seq2seq.backbone import load_seq2seq_backbone
     from sidetrain.kinds.seq2seq.prune import fisher_path, fisher_scores, pruned_init
     from sidetrain.kinds.seq2seq.recipe import build_seq2seq_model, store_weights
 

@@ -274,7 +274,7 @@ def test_changed_images_are_refused_on_resume_and_online(tiny_bert, tiny_vit, vq
     import shutil
 
     from featcache.errors import StoreError
-    from featcache.kinds.vision_language import store_images
+    from featcache.kinds.vision_language.kind import store_images
 
     data = tmp_path / "copy" / "data"
     shutil.copytree(vqa.parent, data.parent)

@@ -24,7 +24,7 @@ from featcache.bundled import easy_vqa_dataset
 from sidetrain import TrainConfig, train
 from sidetrain.kinds.vision_language.model import VisionLanguageSide
 from sidetrain.kinds.vision_language.probe import floors
-from sidetrain.ladders import GATE_TEMPERATURE
+from sidetrain.networks.ladders import GATE_TEMPERATURE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

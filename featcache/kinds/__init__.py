@@ -1,29 +1,29 @@
-"""Kinds of store, each a plug-in over the shared writer (featcache/writer.py) and reader.
+"""Kinds of store, one folder each; every kind is a plug-in over the shared writer (featcache/writer.py) and
+reader, registered once with both of its halves (registry.py):
 
-    encoder   text encoders (BERT-family): per-layer states of each example's tokens   (encoder.py)
-    seq2seq   T5: encoder states + decoder states teacher-forced on label texts       (seq2seq.py)
-    image     vision backbones: per-layer patch tokens, or a CNN's pooled stage maps   (image.py)
-    vision_language   a text part per row + an image part, one row per distinct image (vision_language.py)
+    encoder           text encoders (BERT-family): per-layer states of each example's tokens
+    seq2seq           T5: encoder states + decoder states teacher-forced on label texts
+    image             vision backbones: per-layer patch tokens, or a CNN's pooled stage maps
+    vision_language   a text part per row + an image part, one row per distinct image
 
-A kind registers itself by name (registry.py says what it brings); the manifest records the name,
-and stage 2 looks its own plug-in up by the same name. Adding a kind: one module here, imported
-below, and its stage-2 package under sidetrain/kinds/.
+The manifest records the kind's name; stage 2 finds the kind's train half under the same name
+(sidetrain/kinds/<name>/). Parts that several kinds share live in featcache/text/ and featcache/images/.
+Adding a kind: a folder here whose __init__ calls `register_kind`, imported below, and its stage-2
+folder under sidetrain/kinds/. Detection follows each kind's `precedence`, not this import order.
 """
 
 from . import encoder, image, seq2seq, vision_language  # noqa: F401 - importing a kind registers it
 from .registry import (
-    ROOT,
-    KindPlan,
-    PartPlan,
-    RowsFn,
-    StoreKind,
+    ExtractKind,
+    KindEntry,
     get_kind,
     kind_claiming_name,
+    kind_entry,
+    kind_for_manifest,
     kind_for_request,
-    kind_of,
     register_kind,
     registered_kinds,
 )
 
-__all__ = ["ROOT", "KindPlan", "PartPlan", "RowsFn", "StoreKind", "get_kind", "kind_claiming_name", "kind_for_request", "kind_of",
-           "register_kind", "registered_kinds"]
+__all__ = ["ExtractKind", "KindEntry", "get_kind", "kind_claiming_name", "kind_entry", "kind_for_manifest",
+           "kind_for_request", "register_kind", "registered_kinds"]

@@ -1,73 +1,41 @@
-"""The registry of store kinds, and what a kind brings to the shared writer.
+"""The registry of store kinds: one registration per kind pairs its two halves under one name.
 
-A kind is detected from an extraction request (`matches`), plans what it will store without loading
-the backbone's weights (`plan`: the parts of every split, with their offsets and layers), loads its
-backbone, computes the rows of a part in batches (`rows`), and may keep frozen weights that stage 2
-needs without the backbone (`frozen_weights`). Everything else (opening and resuming the store, the
-shard loop, whole-shard writes, done marks, finalising, torchrun ranks, error mapping) is the
-writer's, so every kind gets it for free.
+    register_kind(ImageExtractKind(), train="sidetrain.kinds.image:TRAIN_KIND")   # featcache/kinds/image/
+
+The extract half (an `ExtractKind`, below) is what the shared writer runs: it is detected from an
+extraction request (`matches`, the highest `precedence` wins), plans what it will store without loading
+the backbone's weights (`plan`: featcache/plan.py), loads its backbone, computes the rows of a part in
+batches (`rows`), and may keep frozen weights that stage 2 needs without the backbone (`frozen_weights`).
+Everything else (opening and resuming the store, the shard loop, whole-shard writes, done marks,
+finalising, torchrun ranks, error mapping) is the writer's, so every kind gets it for free.
+
+The train half is named by module and attribute and imported on first use (`KindEntry.train()`), so that
+stage 1 never imports stage 2 while both halves of a kind are still registered in one place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import importlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from ..errors import BackboneError, expected
+from ..errors import BackboneError, StoreError, expected
+from ..manifest import kind_of
 
 if TYPE_CHECKING:
     from ..config import ExtractConfig
-
-ROOT = ""  # the part a split's own group holds (its examples); other parts live in sub-groups
-
-
-@dataclass
-class PartPlan:
-    """A ragged, token-major array of one split: row i owns tokens offsets[i]:offsets[i+1]."""
-
-    offsets: np.ndarray  # (n_rows + 1,) int64
-    layers: list[int]  # stored layer indices (0 = embedding output)
-    hidden_size: int
-    columns: dict[str, np.ndarray] = field(default_factory=dict)  # written whole beside the states
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.offsets[-1])
+    from ..plan import KindPlan, RowsFn
 
 
-@dataclass
-class KindPlan:
-    """What one extraction will store, known before the backbone's weights load."""
-
-    parts: dict[str, dict[str, PartPlan]]  # split -> part name -> plan; ROOT first
-    store_dtype: str  # what the kind stores (it may refuse or replace the asked dtype)
-    request: dict[str, Any]  # kind-specific options a resume must match
-    manifest: dict[str, Any]  # kind-specific manifest fields (backbone, tokenizer, task, ...)
-    split_facts: dict[str, dict[str, Any]]  # per split: examples, truncated, rejected rows, labelled, ...
-    state: Any = None  # whatever the kind's `rows` needs later (tokenised texts, targets, ...)
-
-
-RowsFn = Callable[[list[int]], list[torch.Tensor]]  # row indices -> one (len_i, n_layers, d) tensor each
-
-
-class StoreKind:
-    """Base class of a kind; subclasses register an instance with `register_kind`."""
+class ExtractKind:
+    """The stage-1 half of a kind. Subclasses set `name` and `precedence` and fill in the methods."""
 
     name: str = ""
-    fallback: bool = False  # chosen only when no other kind matches (the generic text encoder)
-    precedence: int = 0  # among specific matches the highest wins (vision-language: --image-model decides)
+    # Detection order among the kinds whose `matches` is true: the highest wins. Unique per kind, so the
+    # choice never depends on import order (vision-language 30 > seq2seq 20 > image 10 > encoder 0).
+    precedence: int = 0
 
     def matches(self, cfg: ExtractConfig, config: Any) -> bool:
         """Whether this kind handles the request; `config` is the backbone's transformers config or None."""
@@ -100,45 +68,69 @@ class StoreKind:
         """Add kind-specific facts that need the writer's layout (shard counts); in place."""
 
 
-_KINDS: dict[str, StoreKind] = {}
+@dataclass(frozen=True)
+class KindEntry:
+    """Both halves of one kind, under its name."""
+
+    extract: ExtractKind
+    train_ref: str  # "module:attribute" of the stage-2 half (a sidetrain.kinds.base.TrainKind)
+
+    @property
+    def name(self) -> str:
+        return self.extract.name
+
+    def train(self) -> Any:
+        """The stage-2 half, imported now (stage 1 alone never needs it)."""
+        module, _, attribute = self.train_ref.partition(":")
+        return getattr(importlib.import_module(module), attribute)
 
 
-def register_kind(kind: StoreKind) -> StoreKind:
+_KINDS: dict[str, KindEntry] = {}
+
+
+def register_kind(kind: ExtractKind, train: str) -> KindEntry:
+    """Register a kind: its extract half and where its train half lives ("module:attribute")."""
     if not kind.name or kind.name in _KINDS:
         raise ValueError(f"a store kind needs a new, non-empty name; got {kind.name!r}")
-    _KINDS[kind.name] = kind
-    return kind
+    taken = {e.extract.precedence: e.name for e in _KINDS.values()}
+    if kind.precedence in taken:
+        raise ValueError(f"store kind {kind.name!r}: precedence {kind.precedence} is {taken[kind.precedence]!r}'s")
+    if ":" not in train:
+        raise ValueError(f"store kind {kind.name!r}: train must be 'module:attribute', got {train!r}")
+    _KINDS[kind.name] = entry = KindEntry(kind, train)
+    return entry
 
 
 def registered_kinds() -> list[str]:
-    return list(_KINDS)
+    """Kind names, highest detection precedence first."""
+    return [e.name for e in sorted(_KINDS.values(), key=lambda e: -e.extract.precedence)]
 
 
-def get_kind(name: str) -> StoreKind:
+def kind_entry(name: str) -> KindEntry:
     if name not in _KINDS:
-        raise BackboneError(expected(f"a store kind among {registered_kinds()}", repr(name),
-                                     "The store was written by another version of lst."))
+        raise StoreError(expected(f"a store kind among {registered_kinds()}", repr(name),
+                                  "This store was written by a newer lst, or its kind is not installed."))
     return _KINDS[name]
 
 
-def kind_for_request(cfg: ExtractConfig, config: Any) -> StoreKind:
-    """The kind that handles this extraction: the specific match of highest precedence (the first registered
-    on a tie), else the fallback."""
-    matching = [k for k in _KINDS.values() if k.matches(cfg, config)]
-    specific = sorted((k for k in matching if not k.fallback), key=lambda k: -k.precedence)  # stable
-    if specific or matching:
-        return (specific or matching)[0]
+def get_kind(name: str) -> ExtractKind:
+    return kind_entry(name).extract
+
+
+def kind_for_manifest(manifest: dict[str, Any]) -> KindEntry:
+    """The kind a store (or a run's recorded store manifest) was written as."""
+    return kind_entry(kind_of(manifest))
+
+
+def kind_for_request(cfg: ExtractConfig, config: Any) -> ExtractKind:
+    """The kind that handles this extraction: of those that match, the one of highest precedence."""
+    matching = [e.extract for e in _KINDS.values() if e.extract.matches(cfg, config)]
+    if matching:
+        return max(matching, key=lambda k: k.precedence)
     raise BackboneError(expected(f"a backbone one of the store kinds {registered_kinds()} can extract",
                                  f"'{cfg.model}' ({type(config).__name__ if config is not None else 'no config'})"))
 
 
-def kind_claiming_name(model: str) -> StoreKind | None:
-    """The kind that knows `model` by name alone (StoreKind.claims_name), if any."""
-    return next((k for k in _KINDS.values() if k.claims_name(model)), None)
-
-
-def kind_of(manifest: dict[str, Any]) -> str:
-    """The kind a manifest records (stores written before kinds were recorded: from their fields)."""
-    if "kind" in manifest:
-        return str(manifest["kind"])
-    return "seq2seq" if "seq2seq" in manifest else "encoder"
+def kind_claiming_name(model: str) -> ExtractKind | None:
+    """The kind that knows `model` by name alone (ExtractKind.claims_name), if any."""
+    return next((e.extract for e in _KINDS.values() if e.extract.claims_name(model)), None)

@@ -1,11 +1,10 @@
-"""Stage-2 plug-ins, one per kind of store (registry.py says what a kind brings).
-
-Importing this package registers the built-in kinds; `kinds.registry` is imported through it, so a
-lookup always sees them. A new kind: a subpackage here that calls `register_kind` in its `__init__`,
-imported below (encoder, seq2seq, image, vision_language: text + image tokens).
+"""The train halves of the kinds of store, one folder each (encoder, seq2seq, image, vision_language: text +
+image tokens). A kind is registered once, with both halves, in featcache/kinds/<name>/__init__.py; its folder
+here exports `TRAIN_KIND`, a `TrainKind` (base.py). `kind_for(manifest)` (registry.py) finds it.
+Side-network pieces that several kinds share live in sidetrain/networks/, recipe helpers in sidetrain/recipe.py.
 """
 
-from . import encoder, image, seq2seq, vision_language  # noqa: F401 - importing a kind registers it
-from .registry import SearchFacts, StoreKind, kind_for, kind_names, register_kind
+from .base import SearchFacts, TrainKind
+from .registry import kind_for, kind_names
 
-__all__ = ["SearchFacts", "StoreKind", "kind_for", "kind_names", "register_kind"]
+__all__ = ["SearchFacts", "TrainKind", "kind_for", "kind_names"]

@@ -21,7 +21,8 @@ from typing import Any
 from featcache.errors import LstError, expected
 
 from ..config import TrainConfig
-from ..kinds.registry import SearchFacts, kind_for
+from ..kinds.base import SearchFacts
+from ..kinds.registry import kind_for
 
 # TrainConfig fields that describe where and how a run executes, not the side network: never searched.
 NOT_SEARCHABLE = {"store", "out", "device", "train_split", "eval_split", "metric", "online", "preload",

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featcache.backbone import resolve_device
 from featcache.errors import TrainConfigError, expected
+from featcache.loading import resolve_device
 from featcache.reader import StoreReader, open_store
 
 from .. import metrics as M

@@ -2,7 +2,6 @@
 shared training loop (recipe.py), pruned init (prune.py), prediction on raw text (predict.py); kind.py
 plugs them in."""
 
-from ..registry import register_kind
-from .kind import EncoderKind
+from .kind import EncoderTrainKind
 
-register_kind("encoder", EncoderKind())
+TRAIN_KIND = EncoderTrainKind()  # named in the kind's registration (featcache/kinds/encoder/__init__.py)

@@ -1,13 +1,13 @@
-"""The encoder-only store kind (BERT-family backbones) as a stage-2 plug-in."""
+"""The encoder-only store kind (BERT-family backbones) in stage 2 (its train half)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ...networks.family import reduction_rule
 from ...recipe import Recipe, backbone_config
-from ..registry import SearchFacts, StoreKind
-from .model import reduction_rule
+from ..base import SearchFacts, TrainKind
 from .predict import Predictor
 from .recipe import encoder_recipe, init_model
 from .stacked_model import FusedStack
@@ -19,10 +19,10 @@ if TYPE_CHECKING:
     from featcache.reader import StoreReader
 
     from ...config import TrainConfig
-    from .model import LadderSideNetwork
+    from ...networks.encoder_stack import LadderSideNetwork
 
 
-class EncoderKind(StoreKind):
+class EncoderTrainKind(TrainKind):
     probe = True
 
     def recipe(self, cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featcache.backbone import Backbone, load_backbone
 from featcache.errors import TrainConfigError, expected
 from featcache.reader import SplitReader, StoreReader
 from featcache.store import check_match
+from featcache.text.backbone import Backbone, load_backbone
 
 from ...fisher import (
     BATCH_SIZE,
@@ -40,8 +40,9 @@ from ...fisher import (
     top_channels,
     top_per_head,
 )
+from ...networks.encoder_stack import LadderSideNetwork
+from ...networks.family import block_list
 from ...probe import fit_linear
-from .model import LadderSideNetwork, block_list
 
 # Attention projections are d x d: shapes cannot tell them apart, names must. BERT / RoBERTa / ELECTRA /
 # MiniLM, DistilBERT, MPNet, DeBERTa-v2 (whose position projections pair with query/key dims too).

@@ -4,27 +4,29 @@ store (or the live backbone for --online), cross-entropy or MSE on the pooled ou
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from featcache.backbone import load_backbone
-from featcache.reader import SplitReader, StoreReader
+from featcache.reader import StoreReader
 from featcache.store import check_match
+from featcache.text.backbone import load_backbone
 
 from ...data import (
-    CachedBatches,
-    DeviceBatches,
     OnlineBatches,
-    fits_on_device,
-    iterate,
-    length_bucketed_batches,
 )
-from ...recipe import Recipe, backbone_config, labelled_splits, resolved_config, select_metric
-from .model import LadderSideNetwork
+from ...networks.encoder_stack import LadderSideNetwork
+from ...recipe import (
+    Recipe,
+    backbone_config,
+    cached_source,
+    labelled_splits,
+    loss,
+    predict_split,
+    resolved_config,
+    select_metric,
+)
 
 if TYPE_CHECKING:
     from ...config import TrainConfig
@@ -47,27 +49,6 @@ def init_model(cfg: TrainConfig, store: StoreReader, device: torch.device) -> La
     return model
 
 
-def loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()
-    if task == "regression":
-        return F.mse_loss(logits.squeeze(-1), labels.float())
-    return F.cross_entropy(logits, labels)
-
-
-@torch.no_grad()
-def predict_split(model: torch.nn.Module, source, split: SplitReader, batch_size: int, task: str,
-                  device: torch.device, amp=None) -> np.ndarray:
-    """Predictions for every example of a split, in the split's order."""
-    model.eval()
-    batches = length_bucketed_batches(split.lengths, batch_size * 2, seed=0, epoch=0, shuffle=False)
-    out = np.zeros(len(split), dtype=np.float32 if task == "regression" else np.int64)
-    for idx, b in zip(batches, iterate(source, batches, device)):
-        with amp or contextlib.nullcontext():
-            logits = model(b.hidden, b.mask).float()
-        out[idx] = (logits.squeeze(-1) if task == "regression" else logits.argmax(-1)).cpu().numpy()
-    return out
-
-
 def sources(cfg: TrainConfig, store: StoreReader, device: torch.device) -> dict[str, Any]:
     """One batch source per labelled split: the store, or the live backbone for --online."""
     names = labelled_splits(store)
@@ -77,14 +58,6 @@ def sources(cfg: TrainConfig, store: StoreReader, device: torch.device) -> dict[
     backbone = load_backbone(manifest["backbone"]["name"], "fp32", str(device))
     check_match("backbone weights", manifest["backbone"]["revision"], backbone.revision)
     return {n: OnlineBatches(store.split(n), backbone, manifest["layers"]) for n in names}
-
-
-def cached_source(split: SplitReader, cfg: TrainConfig, device: torch.device):
-    """A GPU keeps a split in its own memory when it fits --memory-budget (unless --no-preload); otherwise the
-    host reads it memory-mapped, from RAM (--preload) or streamed (sidetrain.data.host_policy)."""
-    if cfg.preload is not False and fits_on_device(split, device, cfg.memory_budget):
-        return DeviceBatches(split, None, device)
-    return CachedBatches(split, None, cfg.preload, memory_budget=cfg.memory_budget)
 
 
 def encoder_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...ladders import GATE_TEMPERATURE
-from .model import LadderSideNetwork
+from ...networks.encoder_stack import LadderSideNetwork
+from ...networks.ladders import GATE_TEMPERATURE
 
 FUSED_FAMILIES = ("bert", "roberta", "xlm-roberta")
 BLOCK_PARTS = {  # group -> parameter names inside one transformers BERT-family block, adjacent in a row

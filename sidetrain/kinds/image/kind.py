@@ -1,4 +1,4 @@
-"""The image store kind as a stage-2 plug-in: LST on image classification (docs/images.md)."""
+"""The image store kind in stage 2 (its train half): LST on image classification (docs/images.md)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...recipe import Recipe, backbone_config
-from ..registry import SearchFacts, StoreKind
+from ..base import SearchFacts, TrainKind
 from .model import cnn_heads, reduction_rule
 from .predict import predict_images
 from .recipe import image_recipe, is_cnn
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ...config import TrainConfig
 
 
-class ImageKind(StoreKind):
+class ImageTrainKind(TrainKind):
     inputs_are_files = True  # `lst predict RUN IMAGE...`
     probe = True  # the probe reads the mean over tokens of the last stored layer (a CNN: every pooled stage)
 

@@ -29,8 +29,13 @@ from torch import nn
 
 from featcache.errors import TrainConfigError, expected
 
-from ...ladders import GATE_TEMPERATURE, Ladders, kept_blocks, mix
-from ..encoder.model import ATTENTION_DROPOUT_FIELDS, FF_WIDTH_FIELDS, HEAD_SIZE_FIELDS, HIDDEN_DROPOUT_FIELDS
+from ...networks.family import (
+    ATTENTION_DROPOUT_FIELDS,
+    FF_WIDTH_FIELDS,
+    HEAD_SIZE_FIELDS,
+    HIDDEN_DROPOUT_FIELDS,
+)
+from ...networks.ladders import GATE_TEMPERATURE, Ladders, kept_blocks, mix
 
 CNN_HEAD_DIM = 32  # default side heads on a CNN: width / 32 (a ViT-like head size)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,19 +9,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from featcache.backbone import resolve_device
-from featcache.images import ImageSplit, PixelPrefetcher
+from featcache.images.datasets import ImageSplit
+from featcache.images.prefetch import PixelPrefetcher
+from featcache.loading import resolve_device
 
-from ...config import TrainConfig
 from ...recipe import autocast
+from ...run_files import run_options
 from .recipe import build_model, load_store_backbone, stored_layers
 
 
 @torch.no_grad()
 def predict_images(run: Path, config: dict[str, Any], paths: list[str], device: str = "auto",
                    batch_size: int = 32) -> list[str]:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in config.items() if k in names})
+    cfg = run_options(config)
     manifest = config["store_manifest"]
     dev = resolve_device(device)
     backbone = load_store_backbone(manifest, str(dev))

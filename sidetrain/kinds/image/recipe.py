@@ -11,13 +11,23 @@ import torch
 
 from featcache.config import ExtractConfig
 from featcache.errors import StoreError
-from featcache.images import ImageBackbone, ImageSplit, PixelPrefetcher, load_image_backbone
-from featcache.kinds.image import decode_threads, image_splits
+from featcache.images.backbones import ImageBackbone, load_image_backbone
+from featcache.images.datasets import ImageSplit
+from featcache.images.part import image_splits
+from featcache.images.prefetch import PixelPrefetcher, decode_threads
 from featcache.reader import Batch, SplitReader, StoreReader
 from featcache.store import check_match
 
-from ...recipe import Recipe, backbone_config, labelled_splits, resolved_config, select_metric
-from ..encoder.recipe import cached_source, loss, predict_split
+from ...recipe import (
+    Recipe,
+    backbone_config,
+    cached_source,
+    labelled_splits,
+    loss,
+    predict_split,
+    resolved_config,
+    select_metric,
+)
 from .model import ConvSide, VisionTransformerSide
 
 if TYPE_CHECKING:

@@ -5,7 +5,6 @@ batches in data.py); side blocks may start as the backbone's blocks pruned by Fi
 (prune.py); prediction on raw text runs the backbone live (predict.py); kind.py plugs them in.
 """
 
-from ..registry import register_kind
-from .kind import Seq2SeqKind
+from .kind import Seq2SeqTrainKind
 
-register_kind("seq2seq", Seq2SeqKind())
+TRAIN_KIND = Seq2SeqTrainKind()  # named in the kind's registration (featcache/kinds/seq2seq/__init__.py)

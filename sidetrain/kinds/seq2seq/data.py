@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone, shift_right
 from featcache.reader import SplitReader, StoreReader
-from featcache.seq2seq import Seq2SeqBackbone, shift_right
 
 from ...data import host_policy, mappable
 

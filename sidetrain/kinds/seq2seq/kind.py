@@ -1,14 +1,14 @@
-"""The encoder-decoder (T5) store kind as a stage-2 plug-in."""
+"""The encoder-decoder (T5) store kind in stage 2 (its train half)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featcache.seq2seq import Seq2SeqBackbone
+from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone
 
 from ...recipe import Recipe, backbone_config
-from ..registry import SearchFacts, StoreKind
+from ..base import SearchFacts, TrainKind
 from .model import T5LadderSideNetwork, reduction_rule
 from .predict import predict_lines
 from .prune import fisher_scores, pruned_init
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ...config import TrainConfig
 
 
-class Seq2SeqKind(StoreKind):
+class Seq2SeqTrainKind(TrainKind):
     generates = True  # free text, greedy, with the backbone decoder live
 
     def recipe(self, cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:

@@ -30,7 +30,7 @@ from torch import nn
 
 from featcache.errors import TrainConfigError, expected
 
-from ...ladders import Ladders, kept_blocks, mix
+from ...networks.ladders import Ladders, kept_blocks, mix
 
 
 def reduction_rule(backbone_config) -> tuple[list[int], str]:

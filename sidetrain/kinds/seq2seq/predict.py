@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from featcache.errors import StoreError, expected
-from featcache.plan import pad_batch
-from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone, shift_right
+from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone, load_seq2seq_backbone, shift_right
+from featcache.text.splits import pad_batch
 
 from ...recipe import backbone_config
 from ...run_files import read_run_config
@@ -121,7 +121,7 @@ def _generate(model, backbone, s, side_enc, enc_out, mask, max_new_tokens: int) 
 def predict_lines(run_dir: str | Path, lines: list[str], generate: bool = False, device: str = "auto",
                   max_new_tokens: int = 16) -> list[str]:
     """`lst predict` for T5 runs: one label name (or generated text) per input line; a tab splits a pair."""
-    from featcache.backbone import resolve_device
+    from featcache.loading import resolve_device
 
     split = [line.split("\t", 1) for line in lines]
     texts = [p[0] for p in split]

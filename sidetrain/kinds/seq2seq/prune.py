@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone, load_seq2seq_backbone
 from featcache.reader import StoreReader
-from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone
 from featcache.store import check_match
 
 from ...fisher import (

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from featcache.errors import StoreError, TrainConfigError, expected
+from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone, load_seq2seq_backbone
 from featcache.reader import SplitReader, StoreReader
-from featcache.seq2seq import Seq2SeqBackbone, load_seq2seq_backbone
 from featcache.store import check_match
 
 from ...data import length_bucketed_batches

@@ -2,7 +2,6 @@
 image): side network (model.py), batches (data.py), the recipe for the shared loop (recipe.py), the floors
 (probe.py), prediction on (question, image file) pairs (predict.py); kind.py plugs them in."""
 
-from ..registry import register_kind
-from .kind import VisionLanguageKind
+from .kind import VisionLanguageTrainKind
 
-register_kind("vision_language", VisionLanguageKind())
+TRAIN_KIND = VisionLanguageTrainKind()  # named in the kind's registration (featcache/kinds/vision_language/__init__.py)

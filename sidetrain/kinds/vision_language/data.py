@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.backbone import Backbone
 from featcache.errors import StoreError, expected
-from featcache.images import ImageBackbone, ImageSplit, PixelPrefetcher
-from featcache.kinds.image import decode_threads
+from featcache.images.backbones import ImageBackbone
+from featcache.images.datasets import ImageSplit
+from featcache.images.prefetch import PixelPrefetcher, decode_threads
 from featcache.reader import PartReader, SplitReader
+from featcache.text.backbone import Backbone
 
 from ...data import OnlineBatches
 

@@ -1,4 +1,4 @@
-"""The vision-language store kind as a stage-2 plug-in: LST with the image tokens as a side prefix
+"""The vision-language store kind in stage 2 (its train half): LST with the image tokens as a side prefix
 (docs/vision_language.md)."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ...networks.family import reduction_rule
 from ...recipe import Recipe, backbone_config
-from ..encoder.model import reduction_rule
-from ..registry import SearchFacts, StoreKind
+from ..base import SearchFacts, TrainKind
 from .predict import pair_up, predict_questions, question_rows
 from .recipe import check_text_backbone, vision_language_recipe
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ...config import TrainConfig
 
 
-class VisionLanguageKind(StoreKind):
+class VisionLanguageTrainKind(TrainKind):
     probe = True  # `--head probe`: the question-only floor (the text part is an encoder store's)
     needs_images = True  # `lst predict RUN --text Q --image PATH`, or rows files of (question, image)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..encoder.model import LadderSideNetwork
+from ...networks.encoder_stack import LadderSideNetwork
 
 
 class VisualEmbedding(nn.Module):

@@ -3,7 +3,6 @@ question, from both backbones live and the run's side network."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,21 +10,22 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from featcache.backbone import resolve_device
 from featcache.errors import LstError, expected
-from featcache.images import ImageSplit, PixelPrefetcher
+from featcache.images.datasets import ImageSplit
+from featcache.images.prefetch import PixelPrefetcher
+from featcache.loading import resolve_device
 
-from ...config import TrainConfig
 from ...data import length_bucketed_batches
 from ...recipe import autocast
-from ..encoder.predict import text_states, tokenize
+from ...run_files import run_options
+from ...text_inputs import text_states, tokenize
 from .recipe import build_model, image_layers, load_image_model, load_text_model
 
 
 def question_rows(paths: list[str], manifest: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Questions and image paths from rows files (csv/tsv/jsonl/parquet with the store's text and image
     columns; a relative image path is relative to its file)."""
-    from featcache.sources import load_dataset_path
+    from featcache.text.sources import load_dataset_path
 
     columns = (manifest.get("dataset") or {}).get("columns") or {}  # the store's question (and pair) columns
     text, pair = columns.get("text", "question"), columns.get("pair")
@@ -63,8 +63,7 @@ def pair_up(texts: list[str], images: list[str]) -> list[str]:
 @torch.no_grad()
 def predict_questions(run: Path, config: dict[str, Any], questions: list[str], images: list[str],
                       device: str = "auto", batch_size: int = 32) -> list[str]:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in config.items() if k in names})
+    cfg = run_options(config)
     manifest = config["store_manifest"]
     dev = resolve_device(device)
     text, image = load_text_model(manifest, str(dev), manifest.get("precision", "fp32")), \

@@ -10,23 +10,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from featcache.backbone import load_backbone
 from featcache.errors import TrainConfigError, expected
-from featcache.images import ImageBackbone, load_image_backbone
-from featcache.kinds.vision_language import store_images  # --online: the images as the extraction listed them
+from featcache.images.backbones import ImageBackbone, load_image_backbone
+from featcache.kinds.vision_language.kind import (
+    store_images,  # --online: the images as the extraction listed them
+)
 from featcache.reader import StoreReader
 from featcache.store import check_match
+from featcache.text.backbone import load_backbone
 
 from ...data import iterate, length_bucketed_batches
 from ...recipe import (
     RUN_MANIFEST_KEYS,
     Recipe,
     backbone_config,
+    cached_source,
     labelled_splits,
+    loss,
     resolved_config,
     select_metric,
 )
-from ..encoder.recipe import cached_source, loss
 from .data import IMAGES_PART, CachedVisionLanguage, OnlineVisionLanguage, channel_stats, image_part
 from .model import VisionLanguageSide
 

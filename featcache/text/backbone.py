@@ -1,8 +1,8 @@
-"""The frozen backbone: loading it with its tokenizer, and running it to per-layer hidden states."""
+"""A frozen text encoder (BERT-family) with its tokenizer, run to per-layer hidden states; shared by the
+kinds whose text part is an encoder's (encoder, vision_language)."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import warnings
@@ -13,20 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import BackboneError, expected
+from ..errors import BackboneError, expected
+from ..loading import PRECISIONS, TORCH_DTYPES, check_model_path, first_line, resolve_device, weights_hash
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackboneError(expected("a CUDA device for --device cuda", "none available", "Use --device cpu."))
-    return torch.device(device)
 
 
 @dataclass
@@ -84,25 +74,6 @@ class Backbone:
             encoder.layer = blocks
 
 
-def weights_hash(path: Path) -> str:
-    """sha256 of the weight files of a local model directory (the 'revision' of a local backbone)."""
-    h = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
-    for p in files:
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return "sha256:" + h.hexdigest()[:16] if files else "unknown"
-
-
-def check_model_path(name_or_path: str) -> None:
-    """Fail fast on a path that does not exist (before any hub lookup turns it into a long trace)."""
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_like_path and not Path(name_or_path).expanduser().exists():
-        raise BackboneError(expected("an existing model directory or a hub id", f"'{name_or_path}' (no such path)",
-                                     "Check the MODEL argument."))
-
-
 def load_tokenizer(name_or_path: str):
     """The backbone's tokenizer only (planning a text store needs no weights)."""
     from transformers import AutoTokenizer
@@ -111,22 +82,7 @@ def load_tokenizer(name_or_path: str):
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
-        raise BackboneError(f"Could not load backbone '{name_or_path}': {_first_line(err)}") from None
-
-
-def load_model_config(name_or_path: str):
-    """The backbone's transformers config (what picks the kind of store), without the weights."""
-    from transformers import AutoConfig
-
-    check_model_path(name_or_path)
-    try:
-        return AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:
-        raise BackboneError(f"Could not load backbone '{name_or_path}': {_first_line(err)}") from None
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneError(f"Could not load backbone '{name_or_path}': {first_line(err)}") from None
 
 
 def load_backbone(name_or_path: str, precision: str = "fp32", device: str = "auto") -> Backbone:
@@ -150,7 +106,7 @@ def load_backbone(name_or_path: str, precision: str = "fp32", device: str = "aut
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModel.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
-        raise BackboneError(f"Could not load backbone '{name_or_path}': {_first_line(err)}") from None
+        raise BackboneError(f"Could not load backbone '{name_or_path}': {first_line(err)}") from None
     model.eval().requires_grad_(False)
     if precision == "int8" and dev.type == "cpu":
         # dynamic quantisation: int8 weights, activations quantised per batch; CPU kernels only

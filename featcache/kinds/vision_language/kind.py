@@ -2,17 +2,17 @@
 (question) and an image model's tokens per DISTINCT image, stored once however many rows use it.
 
 `lst extract TEXT_MODEL DATA --image-model IMAGE_MODEL [--image-column C] --out STORE`; DATA is a text dataset
-(featcache/sources.py) whose rows hold a question (--text-column), an answer (--label-column, default
+(featcache/text/sources.py) whose rows hold a question (--text-column), an answer (--label-column, default
 `answer`) and an image (a path, absolute or relative to the data file, or a datasets Image feature).
 
 Per split S:
-    S/...             the text part, exactly as the encoder kind stores it (featcache/kinds/encoder.py):
+    S/...             the text part, exactly as the shared text part (featcache/text/part.py):
                       hidden (n_tokens, n_layers, d_text), offsets, input_ids, token_type_ids, labels (n_rows,)
                       int64 answer indices into manifest task.label_names (over the answers of every labelled
                       split, as the text kinds do)
     S/image_index     (n_rows,) int64   the row of this question's image in S/images
     S/images/...      one row per distinct image of split S (deduped by resolved path, or by content for
-                      bytes), T tokens each, laid out as the image kind's rows (featcache/kinds/image.py):
+                      bytes), T tokens each, laid out as the shared image part (featcache/images/part.py):
                       hidden (n_images * T, 1, d_img), offsets i * T, input_ids 0..T-1, token_type_ids zeros
 One stored image layer: a vision transformer's last hidden_states entry; a CNN's default stage set (all
 nine EfficientNet-Lite stages, each average-pooled to the 7 x 7 grid, concatenated: d_img = 2,096), as the
@@ -37,26 +37,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..backbone import Backbone, load_backbone, load_model_config, load_tokenizer, weights_hash
-from ..config import ExtractConfig
-from ..errors import BackboneError, DatasetError, StoreError, expected
-from ..images import (
+from ...config import ExtractConfig
+from ...errors import BackboneError, DatasetError, StoreError, expected
+from ...images.backbones import (
     ImageBackbone,
-    PixelPrefetcher,
     cnn_weights_path,
     is_cnn_name,
     load_image_backbone,
     vision_config,
 )
-from ..plan import check_layers
-from ..vision_language import QuestionImages, VisionLanguageData, question_images
-from .encoder import EncoderKind, text_plan
-from .image import decode_threads, image_fidelity, image_model_plan
-from .registry import ROOT, KindPlan, PartPlan, RowsFn, StoreKind, register_kind
+from ...images.part import image_fidelity, image_model_plan
+from ...images.prefetch import PixelPrefetcher, decode_threads
+from ...loading import load_model_config, weights_hash
+from ...plan import ROOT, KindPlan, PartPlan, RowsFn, check_layers
+from ...text.backbone import Backbone, load_backbone, load_tokenizer
+from ...text.part import text_fidelity, text_plan, text_rows
+from ..registry import ExtractKind
+from .data import QuestionImages, VisionLanguageData, question_images
 
 IMAGES = "images"  # the part holding one row per distinct image
 IMAGE_INDEX = "image_index"  # the text part's per-row column pointing at it
-TEXT = EncoderKind()  # the text part is computed by the encoder kind's own code (not registered twice)
 
 
 class VisionLanguageBackbone:
@@ -121,9 +121,9 @@ def store_images(manifest: dict[str, Any]) -> dict[str, QuestionImages]:
     return data.splits
 
 
-class VisionLanguageKind(StoreKind):
+class VisionLanguageExtractKind(ExtractKind):
     name = "vision_language"
-    precedence = 1  # --image-model decides, whatever the dataset (an image column) or text backbone look like
+    precedence = 30  # --image-model decides, whatever the dataset (an image column) or text backbone look like
 
     def matches(self, cfg: ExtractConfig, config: Any) -> bool:
         return getattr(cfg, "image_model", None) is not None
@@ -189,7 +189,7 @@ class VisionLanguageKind(StoreKind):
     def rows(self, plan: KindPlan, backbone: VisionLanguageBackbone, split: str, part: str) -> RowsFn:
         self._check_image_weights(plan, backbone)
         if part == ROOT:
-            return TEXT.rows(self._text_view(plan), backbone.text, split, ROOT)
+            return text_rows(plan.state["text"][split], plan.parts[split][ROOT].layers, backbone.text)
         if part != IMAGES:
             raise StoreError(expected(f"a part '' or '{IMAGES}' of a vision-language store", repr(part)))
         stages = plan.state["image_stages"]
@@ -203,7 +203,8 @@ class VisionLanguageKind(StoreKind):
     def fidelity(self, cfg: ExtractConfig, plan: KindPlan, backbone: VisionLanguageBackbone) -> dict[str, Any] | None:
         """The text part's fidelity as the encoder kind measures it, and the image tokens' under `image`."""
         self._check_image_weights(plan, backbone)
-        text = TEXT.fidelity(cfg, self._text_view(plan), backbone.text)
+        first = next(iter(plan.parts))
+        text = text_fidelity(cfg, plan.state["text"], plan.parts[first][ROOT].layers, plan.store_dtype, backbone.text)
         name, images = next(iter(plan.state["images"].items()))
         image = image_fidelity(cfg.image_model, images, plan.state["image_stages"], backbone.image, cfg.error_sample)
         if text is None and image is None:
@@ -211,15 +212,8 @@ class VisionLanguageKind(StoreKind):
         return {**(text or {}), **({"image": {**image, "split": name}} if image else {})}
 
     @staticmethod
-    def _text_view(plan: KindPlan) -> KindPlan:
-        """The plan as the encoder kind sees it: its tokenised splits as the state."""
-        return dataclasses.replace(plan, state=plan.state["text"])
-
-    @staticmethod
     def _check_image_weights(plan: KindPlan, backbone: VisionLanguageBackbone) -> None:
         if backbone.image.revision != plan.state["image_revision"]:
             raise BackboneError(expected(f"the image model's weights hashed at planning ({plan.state['image_revision']})",
                                          backbone.image.revision, "Its files changed during the extraction."))
 
-
-register_kind(VisionLanguageKind())

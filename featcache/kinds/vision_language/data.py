@@ -1,11 +1,11 @@
 """Vision-language datasets: text rows (a question, an answer) that each name an image.
 
 `question_images` reads the image column of every split of a text dataset (the same files and rows the
-text kinds read: featcache/sources.py), resolves each cell to a file (a path, absolute or relative to the
+text kinds read: featcache/text/sources.py), resolves each cell to a file (a path, absolute or relative to the
 data file) or to the image's bytes (a datasets Image feature), and dedupes: per split, the distinct images
 in order of first use (by resolved path, or by content for bytes) and each row's `image_index` into them.
 The distinct images of a split are an `ImageSplit`, so the image kind's code decodes, scans and
-preprocesses them (featcache/images.py). Stage 2's `--online` lists the images again with the same
+preprocesses them (featcache/images/). Stage 2's `--online` lists the images again with the same
 function, from the store's recorded `extract_config`, and compares `fingerprint` with the manifest's
 `dataset.image_fingerprint`.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DatasetError, expected
-from .images import IMAGE_COLUMNS, ImageSplit, scan
-from .sources import Quoting, load_dataset_path
+from ...errors import DatasetError, expected
+from ...images.datasets import IMAGE_COLUMNS, ImageSplit, scan
+from ...text.sources import Quoting, load_dataset_path
 
 ANSWER_COLUMNS = ("answer", "answers")  # tried before the text kinds' label names (label, score, ...)
 

@@ -1,7 +1,7 @@
 """The encoder-decoder kind (T5, the paper's GLUE setting): encoder states per example, plus the
 backbone decoder's states teacher-forced on target texts.
 
-Per split S the encoder part is laid out as the text-encoder kind's (featcache/kinds/encoder.py), and
+Per split S the encoder part is laid out as the shared text part (featcache/text/part.py), and
 the decoder part sits in S/dec:
     S/dec/hidden      (n_dec_tokens, n_dec_layers, d)  decoder states, teacher-forced on a target text
     S/dec/offsets     (n_rows + 1,) int64              row r = (example r // C, candidate r % C)
@@ -10,7 +10,7 @@ the decoder part sits in S/dec:
 C is 1 on the train split (the gold label's text) and the number of labels elsewhere (every candidate,
 so that evaluation scores candidates from the cache). The frozen LM head (vocab, d) and the block-0
 relative-position biases of encoder and decoder are kept under `backbone_weights/`, so stage 2 needs
-no backbone at all. States are block outputs before the stack's final layer norm (featcache/seq2seq.py).
+no backbone at all. States are block outputs before the stack's final layer norm (backbone.py).
 """
 
 from __future__ import annotations
@@ -20,12 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..backbone import load_tokenizer
-from ..config import ExtractConfig
-from ..errors import DatasetError, StoreError, expected
-from ..fidelity import measure, sample_indices, storage_error
-from ..plan import check_layers, pad_batch
-from ..seq2seq import (
+from ...config import ExtractConfig
+from ...errors import DatasetError, StoreError, expected
+from ...fidelity import measure, sample_indices, storage_error
+from ...plan import ROOT, KindPlan, PartPlan, RowsFn, check_layers
+from ...text.backbone import load_tokenizer
+from ...text.part import text_plan
+from ...text.splits import pad_batch
+from ..registry import ExtractKind
+from .backbone import (
     TRAIN_SPLIT,
     Seq2SeqBackbone,
     candidate_ids,
@@ -36,14 +39,13 @@ from ..seq2seq import (
     shift_right,
     store_dtype_for_t5,
 )
-from .encoder import text_plan
-from .registry import ROOT, KindPlan, PartPlan, RowsFn, StoreKind, register_kind
 
 DECODER = "dec"
 
 
-class Seq2SeqKind(StoreKind):
+class Seq2SeqExtractKind(ExtractKind):
     name = "seq2seq"
+    precedence = 20  # an encoder-decoder config: above the encoder and image kinds
 
     def matches(self, cfg: ExtractConfig, config: Any) -> bool:
         return bool(getattr(config, "is_encoder_decoder", False))
@@ -154,5 +156,3 @@ class Seq2SeqKind(StoreKind):
         for facts in manifest["splits"].values():
             facts["decoder_shards"] = facts["parts"][DECODER]["shards"]
 
-
-register_kind(Seq2SeqKind())

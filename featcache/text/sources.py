@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import DatasetError, expected
+from ..errors import DatasetError, expected
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The frozen T5 backbone (encoder-decoder, the paper's GLUE setting): loading it, its encoder and
 teacher-forced decoder states, and the label texts its decoder is run on. What a T5 store holds is
-featcache/kinds/seq2seq.py's.
+kind.py's.
 
 States are taken before the stack's final layer norm: transformers' last `hidden_states` entry is
 `final_layer_norm(last block output)`, so the blocks are hooked instead. Layer 0 is the embedding
@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbone import TORCH_DTYPES, Backbone, resolve_device, weights_hash
-from .errors import BackboneError, DatasetError, StoreError, expected
+from ...errors import BackboneError, DatasetError, StoreError, expected
+from ...loading import TORCH_DTYPES, resolve_device, weights_hash
+from ...text.backbone import Backbone
 
 log = logging.getLogger(__name__)
 

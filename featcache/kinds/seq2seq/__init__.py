@@ -1,0 +1,7 @@
+"""The encoder-decoder kind of store (T5, the paper's GLUE setting): the frozen T5 and its label texts
+(backbone.py), what a store holds (kind.py). Stage 2: sidetrain/kinds/seq2seq/."""
+
+from ..registry import register_kind
+from .kind import Seq2SeqExtractKind
+
+register_kind(Seq2SeqExtractKind(), train="sidetrain.kinds.seq2seq:TRAIN_KIND")
