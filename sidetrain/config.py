@@ -10,6 +10,23 @@ from featcache.errors import TrainConfigError, expected
 from . import metrics as M
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate factor of each optimiser step: linear warm-up, then linear decay to 0 at the last step
+    (`lst train` and a stacked search's members run this one rule)."""
+
+    total: int  # optimiser steps of the run
+    warmup: int  # of which warm-up
+
+    def factor(self, step: int) -> float:
+        """The peak learning rate's multiplier at `step` (0 from the last step on: nothing updates there)."""
+        if step >= self.total:
+            return 0.0
+        if step < self.warmup:
+            return (step + 1) / max(1, self.warmup)
+        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
+
+
 @dataclass
 class TrainConfig:
     """Options of `lst train`; the resolved copy is written to RUN/config.json."""
@@ -93,3 +110,10 @@ class TrainConfig:
             raise TrainConfigError(expected("--memory-budget of at least 0 GiB", self.memory_budget))
         if self.max_steps < 0:
             raise TrainConfigError(expected("--max-steps of at least 0 (0: no limit)", self.max_steps))
+
+    def schedule(self, steps_per_epoch: int) -> Schedule:
+        """The run's steps (--epochs, capped by --max-steps) and warm-up (--warmup-steps; -1: the paper's 500,
+        at most 10% of the steps)."""
+        total = steps_per_epoch * self.epochs
+        total = min(self.max_steps, total) if self.max_steps else total
+        return Schedule(total, self.warmup_steps if self.warmup_steps >= 0 else min(500, total // 10))

@@ -116,24 +116,47 @@ def token_bytes(split: SplitReader) -> int:
     return sum(int(a.nbytes) for a in arrays if a is not None)
 
 
-def data_figures(sources: dict[str, Any], store: StoreReader) -> dict[str, Any]:
+def data_figures(sources: dict[str, BatchSource], store: StoreReader) -> dict[str, Any]:
     """The data entries of metrics.json's `memory` (run_files.py) for a run's batch sources, by split:
     states copied into RAM / onto the GPU, store bytes read through memory maps, the token arrays, policies."""
-    return {"data_held_bytes": sum(getattr(s, "held_bytes", 0) for s in sources.values()),
-            "data_device_bytes": sum(getattr(s, "device_bytes", 0) for s in sources.values()),
-            "data_mapped_bytes": sum(getattr(s, "mapped_bytes", 0) for s in sources.values()),
+    return {"data_held_bytes": sum(s.held_bytes for s in sources.values()),
+            "data_device_bytes": sum(s.device_bytes for s in sources.values()),
+            "data_mapped_bytes": sum(s.mapped_bytes for s in sources.values()),
             "data_tokens_bytes": sum(token_bytes(store.split(n)) for n in sources),
-            "data_policy": {n: getattr(s, "policy", type(s).__name__) for n, s in sources.items()}}
+            "data_policy": {n: s.policy for n, s in sources.items()}}
 
 
-class CachedBatches:
+class BatchSource:
+    """A split's batches for the loop: called on example indices, it returns a batch with `.to(device)`.
+
+    Everything the loop and the memory figures read from a source is declared here; the kinds' sources
+    (cached or online, their own batch types) subclass it and set what differs."""
+
+    policy: str = "stream"  # where the states live (POLICIES), or "online": the backbone recomputes them
+    held_bytes: int = 0  # anonymous host memory held for the states (copied into RAM)
+    device_bytes: int = 0  # GPU memory held for the states
+    mapped_bytes: int = 0  # store bytes read through memory maps (page cache, reclaimable)
+
+    @property
+    def on_device(self) -> bool:
+        """Batches are already on the GPU: nothing for a reader thread to hide."""
+        return self.policy == "device"
+
+    @property
+    def preloaded(self) -> bool:
+        """The states are held in memory (RAM or the GPU), so a batch is a gather."""
+        return self.policy in ("ram", "device")
+
+    def __call__(self, indices: np.ndarray) -> Any:
+        raise NotImplementedError
+
+
+class CachedBatches(BatchSource):
     """Backbone states read from the store on the host, kept as `host_policy` says (ram, mmap or stream).
 
     `held_bytes`: anonymous memory the source holds for the states (0 unless copied into RAM);
     `mapped_bytes`: the store bytes it reads through memory maps (page cache, reclaimable).
     """
-
-    on_device = False
 
     def __init__(self, split: SplitReader, layers: list[int] | None, preload: bool | None = None,
                  check_nan: bool = True, memory_budget: float | None = None) -> None:
@@ -143,12 +166,6 @@ class CachedBatches:
         self.check_nan = check_nan
         self.held_bytes = split.nbytes() if self.policy == "ram" else 0
         self.mapped_bytes = split.nbytes() if self.policy != "ram" and mappable(split) else 0
-        self.device_bytes = 0
-
-    @property
-    def preloaded(self) -> bool:
-        """The states were copied into RAM (a kind that wraps this source may hold its other parts there too)."""
-        return self.policy == "ram"
 
     def __call__(self, indices: np.ndarray) -> Batch:
         b = self.split.batch(indices, self.layers)
@@ -160,14 +177,11 @@ class CachedBatches:
 STORE_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
-class DeviceBatches:
+class DeviceBatches(BatchSource):
     """A split held on the training device (a GPU) in its storage dtype: each batch is gathered and decoded
     there, with no host gather and no host-to-device copy per step. The same batches as CachedBatches."""
 
-    preloaded = True
-    on_device = True  # nothing for a reader thread to hide
-    policy = "device"
-    held_bytes = mapped_bytes = 0  # host memory: none kept after the copy
+    policy = "device"  # host memory: none kept after the copy
     COPY_TOKENS = 1 << 16  # tokens copied to the device at a time (bounds the host memory this needs)
 
     def __init__(self, split: SplitReader, layers: list[int] | None, device: torch.device) -> None:
@@ -218,11 +232,10 @@ def fits_on_device(split: SplitReader, device: torch.device, memory_budget: floa
     return split.nbytes() <= budget_bytes(memory_budget, device)
 
 
-class OnlineBatches:
+class OnlineBatches(BatchSource):
     """Classic LST: the backbone recomputes the states from the stored input ids on every batch."""
 
     policy = "online"
-    held_bytes = mapped_bytes = device_bytes = 0
 
     def __init__(self, split: SplitReader, backbone: Backbone, layers: list[int]) -> None:
         self.split = split

@@ -47,7 +47,7 @@ def read_examples(run: str, paths: list[str], texts: list[str], images: list[str
     `predict_lines` takes. A kind that needs an image per example (vision-language) builds them itself."""
     config = read_run_config(run)
     kind = kind_for(config["store_manifest"])
-    if getattr(kind, "needs_images", False):
+    if kind.needs_images:
         return kind.examples(config, list(paths), list(texts), list(images))
     if images:
         raise LstError(expected("--image only for a run on a vision-language store",

@@ -20,6 +20,7 @@ from featcache.reader import SplitReader, StoreReader
 
 from . import metrics as M
 from .data import CachedBatches, DeviceBatches, fits_on_device, iterate, length_bucketed_batches
+from .networks.ladders import stored_blocks
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -102,15 +103,18 @@ def autocast(cfg: TrainConfig, device: torch.device):
 
 
 def resolved_config(cfg: TrainConfig, manifest: dict[str, Any], metric: str, eval_split: str | None,
-                    manifest_keys: tuple[str, ...] = RUN_MANIFEST_KEYS, **extra: Any) -> dict[str, Any]:
+                    manifest_keys: tuple[str, ...] = RUN_MANIFEST_KEYS, *, layers: list[int] | None = None,
+                    **extra: Any) -> dict[str, Any]:
     """RUN/config.json: the options as run (kept layers filled in), the manifest fields the run depends
-    on, and whatever a kind adds (`extra`)."""
+    on, and whatever a kind adds (`extra`). `layers`: the kept layers the side network was built with
+    (SideConfig.kept_layers); a caller without one (the probe) records --layers, or every stored block."""
     recorded = {k: manifest[k] for k in manifest_keys}
     if "kind" in manifest:  # `lst predict` finds the run's plug-in by it (older stores: by their shape)
         recorded["kind"] = manifest["kind"]
     resolved = asdict(cfg)
     resolved.update(metric=metric, eval_split=eval_split,
-                    layers=cfg.layers if cfg.layers is not None else [x for x in manifest["layers"] if x > 0],
+                    layers=list(layers) if layers is not None
+                    else cfg.layers if cfg.layers is not None else stored_blocks(manifest["layers"]),
                     store_manifest=recorded)
     resolved.update(extra)
     return resolved

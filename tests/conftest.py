@@ -120,3 +120,18 @@ def banking_small(tmp_path_factory) -> Path:
         frame = pd.read_csv(src / f"{split}.tsv", sep="\t").head(n)
         write_tsv(path / f"{split}.tsv", list(frame.itertuples(index=False, name=None)))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    """A randomly initialised T5 (d=32; no T5 weights ship offline) with the bundled MiniLM tokenizer (pad 0 = decoder
+    start, [SEP] 102 = EOS): the seq2seq kind's tests and the shared ones that need a T5 store."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    path = tmp_path_factory.mktemp("tiny_t5")
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=30522, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, pad_token_id=0, eos_token_id=102, decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
+    return path

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_user_error, invoke, synthetic_rows, torch_threads, write_tsv
-from test_t5 import tiny_t5  # noqa: F401 - a fixture: the tiny random T5 with the MiniLM tokenizer
 
 from featcache import ExtractConfig, extract, open_store
 from featcache.errors import LstError, StoreError, SweepError
-from sidetrain import TrainConfig, train
 from featcache.kinds import ExtractKind, register_kind, registered_kinds
 from featcache.kinds.encoder.kind import EncoderExtractKind
+from sidetrain import TrainConfig, train
 from sidetrain.kinds import SearchFacts, TrainKind, kind_for, kind_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +28,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def cola_t5_store(tiny_t5, tmp_path_factory) -> Path:  # noqa: F811 - the imported fixture
+def cola_t5_store(tiny_t5, tmp_path_factory) -> Path:
     """A T5 store of a binary task whose dataset folder is named CoLA (GLUE's metric: Matthews)."""
     data = tmp_path_factory.mktemp("glue") / "CoLA"
     for name, n, seed in (("train", 24, 1), ("dev", 8, 2)):
@@ -67,7 +66,8 @@ class ToyExtract(ExtractKind):
 
 
 class ToyTrain(TrainKind):
-    calls: list = []
+    def __init__(self) -> None:
+        self.calls: list[str | None] = []
 
     def recipe(self, cfg, store, device, eval_name):
         self.calls.append(eval_name)

@@ -76,7 +76,7 @@ def test_precision_drift_is_measured(tiny_bert, tiny_dataset, tmp_path, precisio
 def test_int8_on_cuda_without_bitsandbytes_is_a_clear_error(monkeypatch):
     import importlib.util
 
-    from featcache import backbone
+    from featcache.text import backbone
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))

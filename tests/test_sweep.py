@@ -25,7 +25,7 @@ from sidetrain.search.sweep import SweepConfig, run_sweep
 
 runner = CliRunner()
 CPU = ("--device", "cpu", "--threads", 1, "--stack", 1)  # one thread: a busy shared CPU makes torch's thread pool spin;
-# --stack 1: these tests are about one trial at a time (stacked sweeps: tests/test_stacked.py)
+# --stack 1: these tests are about one trial at a time (stacked sweeps: tests/kinds/encoder/test_encoder_stacked.py)
 FAST = "lr: {low: 1.0e-3, high: 1.0e-2, log: true}\nreduction_factor: [4, 8]\nbatch_size: 32\nepochs: 2\n"
 
 

@@ -1,7 +1,7 @@
 """The LST side network over an encoder-only backbone's stored states (docs/design.md section 1): the encoder
 kind's network, and the text stream of the vision-language kind's (which adds side tokens in front: `prefix`).
 
-    s = W_emb e + b_emb                                   # embedding ladder, d -> d/r  (sidetrain/ladders.py)
+    s = W_emb e + b_emb                                   # embedding ladder, d -> d/r  (sidetrain/networks/ladders.py)
     for j, i in enumerate(K):                             # kept backbone layers
         mu = sigmoid(alpha_j / T)
         s = mu * s + (1 - mu) * (W_j h_i + b_j)           # ladder j, d -> d/r
@@ -17,26 +17,29 @@ re-written here; hooks feed the ladders in.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .family import block_list, build_side_model, side_config
-from .ladders import Ladders, kept_blocks, mix
+from .ladders import Ladders, mix
+
+if TYPE_CHECKING:
+    from .side_config import SideConfig
 
 
 class LadderSideNetwork(nn.Module):
-    def __init__(self, backbone_config, num_outputs: int, stored_layers: list[int], kept_layers: list[int],
-                 reduction_factor: int = 8, dropout: float = 0.1, attention_dropout: float = 0.0,
-                 pooling: str = "mean", num_heads: int | None = None) -> None:
+    """`side`: the run's options, kept layers resolved (SideConfig.resolve); the backbone config: the rest."""
+
+    def __init__(self, backbone_config, side: SideConfig) -> None:
         super().__init__()
-        kept_layers = kept_blocks(stored_layers, kept_layers)
-        self.config = side_config(backbone_config, reduction_factor, len(kept_layers), attention_dropout,
-                                  dropout, num_heads)
+        kept_layers = list(side.kept_layers)
+        self.config = side_config(backbone_config, side)
         d, ds = int(backbone_config.hidden_size), self.config.hidden_size
         self.kept_layers = kept_layers
-        self.pooling = pooling
-        self.ladders = Ladders(d, ds, stored_layers, kept_layers)
+        self.pooling = side.pooling
+        self.ladders = Ladders(d, ds, side.stored_layers, kept_layers)
         # The side blocks run inside the family's own model forward, so whatever its blocks need besides
         # (hidden, mask) (relative positions in MPNet/DeBERTa, its mask format) is computed the family's way.
         # Hooks put the ladders in: the embeddings' output becomes the embedding ladder's, and block j's
@@ -50,8 +53,8 @@ class LadderSideNetwork(nn.Module):
         self._run: dict[str, torch.Tensor] = {}
         self.norm = nn.LayerNorm(ds, eps=getattr(backbone_config, "layer_norm_eps", 1e-12))
         self.up = nn.Linear(ds, d)
-        self.head_dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(d, num_outputs)
+        self.head_dropout = nn.Dropout(side.dropout)
+        self.head = nn.Linear(d, side.num_outputs)
 
     @property
     def ladder_weight(self) -> nn.Parameter:

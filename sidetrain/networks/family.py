@@ -6,10 +6,14 @@ transformers family (encoder, vision_language; image scales vision configs with 
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from featcache.errors import TrainConfigError, expected
+
+if TYPE_CHECKING:
+    from .side_config import SideConfig
 
 # Config fields that families use for the same quantity (BERT-style first, then DistilBERT-style, ...):
 FF_WIDTH_FIELDS = ("intermediate_size", "hidden_dim", "ffn_dim", "d_ff", "encoder_ffn_dim")
@@ -25,9 +29,9 @@ def reduction_rule(backbone_config, num_heads: int | None = None) -> tuple[list[
     return [r for r in range(2, 65) if d % r == 0 and (d // r) % heads == 0], f"divide width {d} into {heads} heads"
 
 
-def side_config(backbone_config, reduction_factor: int, num_blocks: int, attention_dropout: float,
-                dropout: float, num_heads: int | None = None):
-    """The backbone config with width, feed-forward width (and head size) divided by r."""
+def side_config(backbone_config, side: SideConfig):
+    """The backbone config with width, feed-forward width (and head size) divided by r; a block per kept layer."""
+    reduction_factor, num_heads = side.reduction_factor, side.num_heads
     d = int(backbone_config.hidden_size)
     heads = int(num_heads or backbone_config.num_attention_heads)
     flag = "--side-heads" if num_heads else "the backbone's head count"
@@ -52,12 +56,13 @@ def side_config(backbone_config, reduction_factor: int, num_blocks: int, attenti
     cfg = copy.deepcopy(backbone_config)
     cfg.hidden_size = width  # families with other field names map these through config.attribute_map
     cfg.num_attention_heads = heads
-    cfg.num_hidden_layers = num_blocks
+    cfg.num_hidden_layers = len(side.kept_layers)
     setattr(cfg, ff_field, max(1, int(getattr(backbone_config, ff_field)) // reduction_factor))
     for field in HEAD_SIZE_FIELDS:  # families that store the head size explicitly
         if isinstance(getattr(cfg, field, None), int):
             setattr(cfg, field, width // heads)
-    for fields, value in ((HIDDEN_DROPOUT_FIELDS, dropout), (ATTENTION_DROPOUT_FIELDS, attention_dropout)):
+    dropouts = ((HIDDEN_DROPOUT_FIELDS, side.dropout), (ATTENTION_DROPOUT_FIELDS, side.attention_dropout))
+    for fields, value in dropouts:
         for field in fields:
             if hasattr(cfg, field):
                 setattr(cfg, field, value)

@@ -19,12 +19,17 @@ from featcache.errors import TrainConfigError, expected
 GATE_TEMPERATURE = 0.1  # mu = sigmoid(alpha / T): a gate moves 1/T times faster than its parameter
 
 
+def stored_blocks(stored: list[int]) -> list[int]:
+    """The stored block layers (hidden_states indices > 0), which ladders may read (0: the embedding ladder's)."""
+    return [x for x in stored if x > 0]
+
+
 def kept_blocks(stored: list[int], kept: list[int] | None, flag: str = "--layers") -> list[int]:
     """The kept block layers (default: every stored block), checked against the stored layers."""
     if 0 not in stored:
         raise TrainConfigError(expected("layer 0 (the embedding output) in the store for the embedding ladder",
                                         f"stored layers {stored}"))
-    blocks = [x for x in stored if x > 0]
+    blocks = stored_blocks(stored)
     kept = blocks if kept is None else list(kept)
     bad = [k for k in kept if k not in blocks]
     if bad or not kept:

@@ -154,19 +154,6 @@ class _Rows:
         self.flat.grad = None
 
 
-def _schedule(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
-    """train()'s total steps and warm-up for one member."""
-    total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    return total, cfg.warmup_steps if cfg.warmup_steps >= 0 else min(500, total // 10)
-
-
-def _factor(s: int, total: int, warmup: int) -> float:
-    """train()'s LambdaLR at step s (0 past the member's last step: it no longer updates)."""
-    if s >= total:
-        return 0.0
-    return (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
-
-
 def _check(cfgs: list[TrainConfig]) -> None:
     if not cfgs:
         raise TrainConfigError(expected("at least one config to train", "none"))
@@ -209,7 +196,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
     for c in cfgs:  # as train(): the seed fixes the initial weights (and --init pruned starts from the backbone)
         torch.manual_seed(c.seed)
         models.append(kind.stack_member(c, store, device))
-    net = getattr(kind, "fuse_stack", lambda members: None)(models) if engine in ("auto", "fused") else None
+    net = kind.fuse_stack(models) if engine in ("auto", "fused") else None
     if net is None and engine == "fused":
         raise TrainConfigError(expected("a side network the store kind fuses", type(models[0]).__name__,
                                         "Use engine='vmap'."))
@@ -235,7 +222,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
     amp = autocast(cfg0, device)
     torch.manual_seed(batch_seed)  # the dropout masks of the stack
     steps_per_epoch = -(-len(train_split) // cfg0.batch_size)
-    schedules = [_schedule(c, steps_per_epoch) for c in cfgs]
+    schedules = [c.schedule(steps_per_epoch) for c in cfgs]
     sources = {n: CachedBatches(store.split(n), None, cfg0.preload) for n in store.split_names
                if store.split(n).labels is not None}
     with PeakMemory(device) as mem:  # the stack's peak, shared by its members (one process trains them all)
@@ -255,7 +242,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
             batches = length_bucketed_batches(train_split.lengths, cfg0.batch_size, batch_seed, epoch)
             stream = batch_stream(sources[cfg0.train_split], batches, device, False)  # one read per batch, for all
             for b in stream:
-                stepping = [j for j, k in enumerate(rows.members) if step < schedules[k][0]]
+                stepping = [j for j, k in enumerate(rows.members) if step < schedules[k].total]
                 if not stepping:
                     break
                 with amp:
@@ -267,7 +254,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
                     n_m = logits.shape[0]
                     per = F.cross_entropy(logits.flatten(0, 1), b.labels.repeat(n_m), reduction="none").view(n_m, -1).mean(1)
                 per.sum().backward()  # members share no parameter: each row gets its own gradient
-                rows.step([_factor(step, *schedules[k]) for k in rows.members])
+                rows.step([schedules[k].factor(step) for k in rows.members])
                 values = per.detach().cpu().tolist()
                 for j in stepping:
                     losses[rows.members[j]].append(values[j])
@@ -281,7 +268,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
             for j, k in enumerate(ran):
                 train_seconds[k] += seconds
                 wait_seconds[k] += waited
-                record = {"epoch": epoch + 1, "step": min(step, schedules[k][0]), "seconds": seconds,
+                record = {"epoch": epoch + 1, "step": min(step, schedules[k].total), "seconds": seconds,
                           "data_wait_fraction": waited / max(seconds, 1e-9), "train_loss": float(np.mean(losses[k][-len(batches):]))}
                 if preds is not None:
                     scores = M.compute(task, preds[j], store.split(eval_name).labels, num_labels)
@@ -298,7 +285,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
                 if stopped[k] is not None:
                     out[k] = {"metric": metric, "stopped": stopped[k], "history": history[k]}
                     done.append(k)
-                elif epoch + 1 >= cfgs[k].epochs or step >= schedules[k][0]:
+                elif epoch + 1 >= cfgs[k].epochs or step >= schedules[k].total:
                     if best_row[k] is None:
                         best_row[k] = rows.flat[j].detach().clone()
                     done.append(k)

@@ -39,7 +39,7 @@ class ImageExtractKind(ExtractKind):
     def plan(self, cfg: ExtractConfig, config: Any, backbone: ImageBackbone | None) -> KindPlan:
         if cfg.task == "regression":
             raise DatasetError(expected("--task classification (or auto) for an image store", "regression"))
-        if getattr(cfg, "image_model", None) is not None:  # claimed by name before --image-model was seen
+        if cfg.image_model is not None:  # claimed by name before --image-model was seen
             raise BackboneError(expected("a text backbone as MODEL with --image-model (a vision-language store)",
                                          f"the image model '{cfg.model}'"))
         model = image_model_plan(cfg.model, cfg.layers, config, backbone)

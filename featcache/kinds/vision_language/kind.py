@@ -126,7 +126,7 @@ class VisionLanguageExtractKind(ExtractKind):
     precedence = 30  # --image-model decides, whatever the dataset (an image column) or text backbone look like
 
     def matches(self, cfg: ExtractConfig, config: Any) -> bool:
-        return getattr(cfg, "image_model", None) is not None
+        return cfg.image_model is not None
 
     def plan(self, cfg: ExtractConfig, config: Any, backbone: VisionLanguageBackbone | None) -> KindPlan:
         n_blocks = check_text_backbone(cfg, config)

@@ -17,6 +17,7 @@ from ...data import (
     OnlineBatches,
 )
 from ...networks.encoder_stack import LadderSideNetwork
+from ...networks.side_config import SideConfig
 from ...recipe import (
     Recipe,
     backbone_config,
@@ -33,10 +34,8 @@ if TYPE_CHECKING:
 
 
 def build_model(cfg: TrainConfig, manifest: dict[str, Any]) -> LadderSideNetwork:
-    stored = manifest["layers"]
-    kept = cfg.layers if cfg.layers is not None else [x for x in stored if x > 0]
-    return LadderSideNetwork(backbone_config(manifest), manifest["task"]["num_labels"], stored, kept,
-                             cfg.reduction_factor, cfg.dropout, cfg.attention_dropout, cfg.pooling, cfg.side_heads)
+    side = SideConfig.resolve(cfg, int(manifest["task"]["num_labels"]), manifest["layers"])
+    return LadderSideNetwork(backbone_config(manifest), side)
 
 
 def init_model(cfg: TrainConfig, store: StoreReader, device: torch.device) -> LadderSideNetwork:
@@ -70,5 +69,6 @@ def encoder_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, e
     def predict(name: str, amp) -> np.ndarray:
         return predict_split(model, batches[name], store.split(name), cfg.batch_size, task, device, amp)
 
-    return Recipe(model, batches, task, metric, num_labels, resolved_config(cfg, manifest, metric, eval_name),
+    resolved = resolved_config(cfg, manifest, metric, eval_name, layers=model.kept_layers)
+    return Recipe(model, batches, task, metric, num_labels, resolved,
                   lambda forward, b: loss(task, forward(b.hidden, b.mask), b.labels), predict)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ...networks.ladders import stored_blocks
 from ...recipe import Recipe, backbone_config
 from ..base import SearchFacts, TrainKind
 from .model import cnn_heads, reduction_rule
@@ -27,17 +28,19 @@ class ImageTrainKind(TrainKind):
         return image_recipe(cfg, store, device, eval_name)
 
     def search_facts(self, manifest: dict[str, Any]) -> SearchFacts:
+        from ...config import TrainConfig  # its --reduction-factor default: a field, read at run time
+
         if is_cnn(manifest):
             image = manifest["image"]
             d = max(image["widths"])
-            heads = cnn_heads(d // 8)
+            heads = cnn_heads(d // TrainConfig.reduction_factor)  # ConvSide's default heads at the default r
             factors, rule = reduction_rule(d, heads)
-            return SearchFacts(d, heads, tuple(factors), rule, tuple(k for k in image["stages"] if k > 0),
+            return SearchFacts(d, heads, tuple(factors), rule, tuple(stored_blocks(image["stages"])),
                                stackable=False)
         config = backbone_config(manifest)
         factors, rule = reduction_rule(int(config.hidden_size), int(config.num_attention_heads))
         return SearchFacts(int(config.hidden_size), int(config.num_attention_heads), tuple(factors), rule,
-                           tuple(x for x in manifest["layers"] if x > 0), stackable=False)
+                           tuple(stored_blocks(manifest["layers"])), stackable=False)
 
     def predict_lines(self, run: Path, config: dict[str, Any], texts: list[str], generate: bool,
                       device: str) -> list[str]:

@@ -23,6 +23,7 @@ width d/r (the CNN has no transformer family of its own) run over the grid cells
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -35,7 +36,10 @@ from ...networks.family import (
     HEAD_SIZE_FIELDS,
     HIDDEN_DROPOUT_FIELDS,
 )
-from ...networks.ladders import GATE_TEMPERATURE, Ladders, kept_blocks, mix
+from ...networks.ladders import GATE_TEMPERATURE, Ladders, mix
+
+if TYPE_CHECKING:
+    from ...networks.side_config import SideConfig
 
 CNN_HEAD_DIM = 32  # default side heads on a CNN: width / 32 (a ViT-like head size)
 
@@ -58,9 +62,10 @@ def _check_width(d: int, r: int, heads: int, flag: str) -> int:
     return d // r
 
 
-def vision_side_config(config, reduction_factor: int, num_blocks: int, dropout: float, attention_dropout: float,
-                       num_heads: int | None = None):
-    """The backbone's vision config with width, feed-forward width and head size divided by r."""
+def vision_side_config(config, side: SideConfig):
+    """The backbone's vision config with width, feed-forward width and head size divided by r, one block per
+    kept layer."""
+    reduction_factor, num_heads, num_blocks = side.reduction_factor, side.num_heads, len(side.kept_layers)
     d = int(config.hidden_size)
     heads = int(num_heads or config.num_attention_heads)
     width = _check_width(d, reduction_factor, heads, "--side-heads" if num_heads else "the backbone's heads")
@@ -72,7 +77,8 @@ def vision_side_config(config, reduction_factor: int, num_blocks: int, dropout: 
     for f in HEAD_SIZE_FIELDS:
         if isinstance(getattr(cfg, f, None), int):
             setattr(cfg, f, width // heads)
-    for fields, value in ((HIDDEN_DROPOUT_FIELDS, dropout), (ATTENTION_DROPOUT_FIELDS, attention_dropout)):
+    dropouts = ((HIDDEN_DROPOUT_FIELDS, side.dropout), (ATTENTION_DROPOUT_FIELDS, side.attention_dropout))
+    for fields, value in dropouts:
         for f in fields:
             if hasattr(cfg, f):
                 setattr(cfg, f, value)
@@ -119,18 +125,15 @@ class Head(nn.Module):
 class VisionTransformerSide(nn.Module):
     """Ladders from the stored layers of a vision transformer into its family's blocks at width d/r."""
 
-    def __init__(self, backbone_config, num_outputs: int, stored: list[int], kept: list[int] | None,
-                 reduction_factor: int = 8, dropout: float = 0.1, attention_dropout: float = 0.0,
-                 pooling: str = "mean", num_heads: int | None = None) -> None:
+    def __init__(self, backbone_config, side: SideConfig) -> None:
         super().__init__()
-        self.kept_layers = kept_blocks(stored, kept)
-        self.config = vision_side_config(backbone_config, reduction_factor, len(self.kept_layers), dropout,
-                                         attention_dropout, num_heads)
+        self.kept_layers = list(side.kept_layers)
+        self.config = vision_side_config(backbone_config, side)
         d, ds = int(backbone_config.hidden_size), int(self.config.hidden_size)
-        self.ladders = Ladders(d, ds, stored, self.kept_layers)
+        self.ladders = Ladders(d, ds, side.stored_layers, self.kept_layers)
         self.blocks = family_blocks(self.config, len(self.kept_layers))
         eps = float(getattr(backbone_config, "layer_norm_eps", 1e-12))
-        self.head = Head(ds, d, num_outputs, dropout, pooling, eps)
+        self.head = Head(ds, d, side.num_outputs, side.dropout, side.pooling, eps)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (B, T, n_stored, d) -> (B, num_outputs); every token of an image is real."""
@@ -141,18 +144,18 @@ class VisionTransformerSide(nn.Module):
 
 
 class ConvSide(nn.Module):
-    """Per-stage ladders from a CNN's pooled stage maps into ViT blocks over the grid cells."""
+    """Per-stage ladders from a CNN's pooled stage maps into ViT blocks over the grid cells. `widths`, `starts`:
+    each stored stage's channels and where they start in a token; `side.stored_layers`: the stored stages."""
 
-    def __init__(self, widths: list[int], starts: list[int], stages: list[int], tokens: int, num_outputs: int,
-                 kept: list[int] | None, reduction_factor: int = 8, dropout: float = 0.1,
-                 attention_dropout: float = 0.0, pooling: str = "mean", num_heads: int | None = None) -> None:
+    def __init__(self, widths: list[int], starts: list[int], tokens: int, side: SideConfig) -> None:
         super().__init__()
         from transformers import ViTConfig
 
-        self.kept_layers = kept_blocks(stages, kept, flag="--layers (CNN stages)")
+        stages, r, dropout = list(side.stored_layers), side.reduction_factor, side.dropout
+        self.kept_layers = list(side.kept_layers)
         d = max(widths)
-        heads = num_heads or cnn_heads(d // max(1, reduction_factor))
-        ds = _check_width(d, reduction_factor, heads, "--side-heads" if num_heads else "the default heads")
+        heads = side.num_heads or cnn_heads(d // max(1, r))
+        ds = _check_width(d, r, heads, "--side-heads" if side.num_heads else "the default heads")
         self.spans = {k: (starts[i], starts[i] + widths[i]) for i, k in enumerate(stages)}
         self.embed = nn.Linear(widths[stages.index(0)], ds)
         self.position = nn.Parameter(torch.zeros(1, tokens, ds))
@@ -161,9 +164,9 @@ class ConvSide(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(len(self.kept_layers)))
         self.config = ViTConfig(hidden_size=ds, num_hidden_layers=len(self.kept_layers), num_attention_heads=heads,
                                 intermediate_size=4 * ds, hidden_dropout_prob=dropout,
-                                attention_probs_dropout_prob=attention_dropout, image_size=8, patch_size=8)
+                                attention_probs_dropout_prob=side.attention_dropout, image_size=8, patch_size=8)
         self.blocks = family_blocks(self.config, len(self.kept_layers))
-        self.head = Head(ds, d, num_outputs, dropout, pooling, 1e-6)
+        self.head = Head(ds, d, side.num_outputs, dropout, side.pooling, 1e-6)
 
     def _stage(self, x: torch.Tensor, k: int) -> torch.Tensor:
         a, z = self.spans[k]

@@ -18,6 +18,8 @@ from featcache.images.prefetch import PixelPrefetcher, decode_threads
 from featcache.reader import Batch, SplitReader, StoreReader
 from featcache.store import check_match
 
+from ...data import BatchSource
+from ...networks.side_config import SideConfig
 from ...recipe import (
     Recipe,
     backbone_config,
@@ -42,14 +44,14 @@ def is_cnn(manifest: dict[str, Any]) -> bool:
 
 
 def build_model(cfg: TrainConfig, manifest: dict[str, Any]) -> torch.nn.Module:
-    n_out, image = int(manifest["task"]["num_labels"]), manifest["image"]
-    if is_cnn(manifest):
-        return ConvSide(image["widths"], image["channel_starts"], image["stages"], int(image["tokens"]), n_out,
-                        cfg.layers, cfg.reduction_factor, cfg.dropout, cfg.attention_dropout, cfg.pooling,
-                        cfg.side_heads)
-    return VisionTransformerSide(backbone_config(manifest), n_out, manifest["layers"], cfg.layers,
-                                 cfg.reduction_factor, cfg.dropout, cfg.attention_dropout, cfg.pooling,
-                                 cfg.side_heads)
+    """A CNN's side network over its stored stages (--layers names stages), or a vision transformer's."""
+    cnn = is_cnn(manifest)
+    side = SideConfig.resolve(cfg, int(manifest["task"]["num_labels"]), stored_layers(manifest),
+                              "--layers (CNN stages)" if cnn else "--layers")
+    if cnn:
+        image = manifest["image"]
+        return ConvSide(image["widths"], image["channel_starts"], int(image["tokens"]), side)
+    return VisionTransformerSide(backbone_config(manifest), side)
 
 
 def stored_layers(manifest: dict[str, Any]) -> list[int]:
@@ -76,8 +78,10 @@ def store_images(manifest: dict[str, Any]) -> dict[str, ImageSplit]:
     return found
 
 
-class OnlineImageBatches:
+class OnlineImageBatches(BatchSource):
     """Classic LST on images: the backbone recomputes every state from the image files on each batch."""
+
+    policy = "online"
 
     def __init__(self, split: SplitReader, images: ImageSplit, backbone: ImageBackbone, layers: list[int]) -> None:
         self.split, self.backbone, self.layers = split, backbone, layers
@@ -109,7 +113,6 @@ def image_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, eva
     def predict(name: str, amp) -> np.ndarray:
         return predict_split(model, batches[name], store.split(name), cfg.batch_size, task, device, amp)
 
-    resolved = resolved_config(cfg, manifest, metric, eval_name, IMAGE_RUN_KEYS)
-    resolved["layers"] = list(model.kept_layers)
+    resolved = resolved_config(cfg, manifest, metric, eval_name, IMAGE_RUN_KEYS, layers=model.kept_layers)
     return Recipe(model, batches, task, metric, num_labels, resolved,
                   lambda forward, b: loss(task, forward(b.hidden, b.mask), b.labels), predict)

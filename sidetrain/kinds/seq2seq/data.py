@@ -13,7 +13,7 @@ import torch
 from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone, shift_right
 from featcache.reader import SplitReader, StoreReader
 
-from ...data import host_policy, mappable
+from ...data import BatchSource, host_policy, mappable
 
 DECODER_PART = "dec"  # the split's part that holds the decoder rows
 
@@ -72,11 +72,9 @@ def open_decoder(store: StoreReader, name: str) -> DecoderSplit:
     return DecoderSplit(store.split(name))
 
 
-class CachedSeq2Seq:
+class CachedSeq2Seq(BatchSource):
     """Encoder and decoder states from the store, kept as `sidetrain.data.host_policy` says for the split and
     its decoder rows together (ram: copied into RAM; mmap: read memory-mapped; stream: read per batch)."""
-
-    on_device = False
 
     def __init__(self, split: SplitReader, dec: DecoderSplit, preload: bool | None = None,
                  memory_budget: float | None = None) -> None:
@@ -87,11 +85,6 @@ class CachedSeq2Seq:
         self.dec = dec.load() if keep else dec
         self.held_bytes = nbytes if keep else 0
         self.mapped_bytes = nbytes if not keep and mappable(split) else 0
-        self.device_bytes = 0
-
-    @property
-    def preloaded(self) -> bool:
-        return self.policy == "ram"
 
     def __call__(self, idx: np.ndarray) -> Seq2SeqBatch:
         enc = self.split.batch(idx)
@@ -102,11 +95,10 @@ class CachedSeq2Seq:
                             enc.labels)
 
 
-class OnlineSeq2Seq:
+class OnlineSeq2Seq(BatchSource):
     """Classic LST: the live backbone recomputes encoder and teacher-forced decoder states per batch."""
 
     policy = "online"
-    held_bytes = mapped_bytes = device_bytes = 0
 
     def __init__(self, split: SplitReader, dec: DecoderSplit, backbone: Seq2SeqBackbone,
                  manifest: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone
 
+from ...networks.ladders import stored_blocks
 from ...recipe import Recipe, backbone_config
 from ..base import SearchFacts, TrainKind
 from .model import T5LadderSideNetwork, reduction_rule
@@ -35,7 +36,8 @@ class Seq2SeqTrainKind(TrainKind):
         config = backbone_config(manifest)
         factors, rule = reduction_rule(config)
         s = manifest["seq2seq"]
-        blocks = [x for x in s["encoder_layers"] if x > 0 and x in s["decoder_layers"]]  # one --layers for both
+        # one --layers for both stacks: the stored blocks of both
+        blocks = [x for x in stored_blocks(s["encoder_layers"]) if x in s["decoder_layers"]]
         return SearchFacts(int(config.d_model), int(config.num_heads), tuple(factors), rule, tuple(blocks),
                            stackable=False)
 

@@ -17,12 +17,13 @@ recomputes each chunk's logits in backward instead of keeping them (activation c
 Side blocks are transformers' T5Block built from the backbone config with d_model, d_ff and d_kv
 divided by r and the head count kept, so block 0's relative-position bias (buckets x heads) has the
 backbone's shape and starts as a copy of it. The LM head and both biases come from the store. The
-ladders (and their gates) are the encoder-only network's (sidetrain/ladders.py), one set per stack.
+ladders (and their gates) are the encoder-only network's (sidetrain/networks/ladders.py), one set per stack.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,10 @@ from torch import nn
 
 from featcache.errors import TrainConfigError, expected
 
-from ...networks.ladders import Ladders, kept_blocks, mix
+from ...networks.ladders import Ladders, mix
+
+if TYPE_CHECKING:
+    from ...networks.side_config import SideConfig
 
 
 def reduction_rule(backbone_config) -> tuple[list[int], str]:
@@ -63,21 +67,29 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class T5LadderSideNetwork(nn.Module):
-    def __init__(self, backbone_config, lm_head: torch.Tensor, scale_output: bool, enc_stored: list[int],
-                 dec_stored: list[int], enc_kept: list[int] | None = None, dec_kept: list[int] | None = None,
-                 reduction_factor: int = 8, dropout: float = 0.1,
-                 relative_bias: dict[str, torch.Tensor] | None = None) -> None:
+    """`lm_head` (vocab, d) and `scale_output` (d^-0.5 before it): the backbone's; `relative_bias`: the
+    backbone's relative-position tables block 0 of each stack starts from ("encoder", "decoder"; empty: T5 init).
+    `encoder`, `decoder`: each stack's options (stored and kept layers); r and dropout are the encoder's, and
+    the decoder's must equal them (one side width)."""
+
+    def __init__(self, backbone_config, lm_head: torch.Tensor, scale_output: bool,
+                 relative_bias: dict[str, torch.Tensor], encoder: SideConfig, decoder: SideConfig) -> None:
         super().__init__()
         from transformers.models.t5.modeling_t5 import T5Block, T5LayerNorm
 
-        enc_kept, dec_kept = kept_blocks(enc_stored, enc_kept), kept_blocks(dec_stored, dec_kept)
+        if (decoder.reduction_factor, decoder.dropout) != (encoder.reduction_factor, encoder.dropout):
+            raise ValueError("The T5 side encoder and decoder share one reduction factor and dropout; got "
+                             f"{(encoder.reduction_factor, encoder.dropout)} and "
+                             f"{(decoder.reduction_factor, decoder.dropout)}.")
+        reduction_factor, dropout = encoder.reduction_factor, encoder.dropout
+        enc_kept, dec_kept = list(encoder.kept_layers), list(decoder.kept_layers)
         self.enc_kept, self.dec_kept = enc_kept, dec_kept
         self.config = side_t5_config(backbone_config, reduction_factor, len(enc_kept), len(dec_kept), dropout)
         enc_cfg, dec_cfg = copy.deepcopy(self.config), copy.deepcopy(self.config)
         enc_cfg.is_decoder, dec_cfg.is_decoder = False, True
         d, ds = int(backbone_config.d_model), self.config.d_model
-        self.enc_ladders = Ladders(d, ds, enc_stored, enc_kept)
-        self.dec_ladders = Ladders(d, ds, dec_stored, dec_kept)
+        self.enc_ladders = Ladders(d, ds, encoder.stored_layers, enc_kept)
+        self.dec_ladders = Ladders(d, ds, decoder.stored_layers, dec_kept)
         self.enc_blocks = nn.ModuleList(T5Block(enc_cfg, has_relative_attention_bias=i == 0, layer_idx=i)
                                         for i in range(len(enc_kept)))
         self.dec_blocks = nn.ModuleList(T5Block(dec_cfg, has_relative_attention_bias=i == 0, layer_idx=i)
@@ -88,7 +100,7 @@ class T5LadderSideNetwork(nn.Module):
         self.up = nn.Linear(ds, d)
         self.out_scale = d ** -0.5 if scale_output else 1.0
         self.register_buffer("lm_head", lm_head.float(), persistent=False)  # (vocab, d): frozen, kept in the store
-        self._init_blocks(relative_bias or {})
+        self._init_blocks(relative_bias)
 
     def _init_blocks(self, relative_bias: dict[str, torch.Tensor]) -> None:
         """T5's own init for the blocks (std from the side width), then the backbone's relative biases."""

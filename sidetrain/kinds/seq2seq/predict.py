@@ -17,9 +17,9 @@ from featcache.errors import StoreError, expected
 from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone, load_seq2seq_backbone, shift_right
 from featcache.text.splits import pad_batch
 
-from ...recipe import backbone_config
-from ...run_files import read_run_config
+from ...run_files import read_run_config, run_options
 from .model import T5LadderSideNetwork, sequence_scores
+from .recipe import build_seq2seq_model
 
 
 def load_run(run_dir: str | Path, device: str = "cpu",
@@ -34,12 +34,9 @@ def load_run(run_dir: str | Path, device: str = "cpu",
     if backbone.revision != manifest["backbone"]["revision"]:
         raise StoreError(f"Backbone mismatch: the run was trained on weights {manifest['backbone']['revision']!r}, "
                          f"but {backbone.name} has {backbone.revision!r}.")
-    s = manifest["seq2seq"]
-    # The live backbone has the LM head already: no store is needed to predict.
+    # The live backbone has the LM head already: no store is needed to predict (relative biases: the run's).
     lm_head = backbone.model.get_output_embeddings().weight.detach().float().cpu()
-    model = T5LadderSideNetwork(backbone_config(manifest), lm_head, s["scale_decoder_outputs"], s["encoder_layers"],
-                                s["decoder_layers"], config["layers"], config["decoder_layers"],
-                                config["reduction_factor"], config["dropout"])
+    model = build_seq2seq_model(run_options(config), manifest, {"lm_head": lm_head}, config["decoder_layers"])
     model.load_state_dict(load_file(str(run / "model.safetensors")))
     return model.to(backbone.device).eval(), backbone, manifest
 

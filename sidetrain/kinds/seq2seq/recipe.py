@@ -18,6 +18,7 @@ from featcache.reader import SplitReader, StoreReader
 from featcache.store import check_match
 
 from ...data import length_bucketed_batches
+from ...networks.side_config import SideConfig
 from ...recipe import (
     RUN_MANIFEST_KEYS,
     Recipe,
@@ -47,14 +48,19 @@ def store_weights(store: StoreReader) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(weights[k]) for k in FROZEN}
 
 
-def build_seq2seq_model(cfg: TrainConfig, manifest: dict[str, Any],
-                        weights: dict[str, torch.Tensor]) -> T5LadderSideNetwork:
+def build_seq2seq_model(cfg: TrainConfig, manifest: dict[str, Any], weights: dict[str, torch.Tensor],
+                        decoder_layers: list[int] | None = None) -> T5LadderSideNetwork:
+    """The T5 side network `cfg` trains, or a run's (`lst predict`). Layer dropping: --layers keeps the same
+    block indices in both stacks; `decoder_layers`: the decoder's kept layers as a run recorded them.
+    `weights`: the frozen LM head and, where block 0 starts from them, the backbone's relative biases
+    (`store_weights`; a trained run's come with its own weights)."""
     s = manifest["seq2seq"]
-    kept = cfg.layers  # layer dropping: the same kept block indices for encoder and decoder
-    return T5LadderSideNetwork(backbone_config(manifest), weights["lm_head"], s["scale_decoder_outputs"],
-                               s["encoder_layers"], s["decoder_layers"], kept, kept, cfg.reduction_factor,
-                               cfg.dropout, {"encoder": weights["encoder_relative_bias"],
-                                             "decoder": weights["decoder_relative_bias"]})
+    encoder = SideConfig.resolve(cfg, int(manifest["task"]["num_labels"]), s["encoder_layers"])
+    decoder = encoder.restacked(s["decoder_layers"], cfg.layers if decoder_layers is None else decoder_layers)
+    biases = {part: weights[f"{part}_relative_bias"] for part in ("encoder", "decoder")
+              if f"{part}_relative_bias" in weights}
+    return T5LadderSideNetwork(backbone_config(manifest), weights["lm_head"], s["scale_decoder_outputs"], biases,
+                               encoder, decoder)
 
 
 @torch.no_grad()

@@ -6,7 +6,6 @@ the per-question `image_index` column), from the store or from both backbones li
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from featcache.images.prefetch import PixelPrefetcher, decode_threads
 from featcache.reader import PartReader, SplitReader
 from featcache.text.backbone import Backbone
 
-from ...data import OnlineBatches
+from ...data import BatchSource, OnlineBatches, mappable
 
 IMAGES_PART = "images"
 IMAGE_INDEX = "image_index"
@@ -72,16 +71,21 @@ def channel_stats(split: SplitReader, layer: int = -1, rows_at_once: int = 256) 
     return mean.float(), std.clamp(min=1e-3 * float(std.max()) + 1e-6).float()
 
 
-class CachedVisionLanguage:
+class CachedVisionLanguage(BatchSource):
     """Text states from `text` (a cached source of the split: RAM, memory-mapped or on the GPU) and image
-    tokens from the images part (in RAM when the text is)."""
+    tokens from the images part (in RAM when the text states are held in memory; read where they are
+    otherwise). The figures are the text source's plus the image part's."""
 
-    def __init__(self, split: SplitReader, text: Any) -> None:
+    def __init__(self, split: SplitReader, text: BatchSource) -> None:
         self.text = text
         self.part, self.index = image_part(split)
-        self.preloaded = getattr(text, "preloaded", False)
-        if self.preloaded:
+        self.policy = text.policy
+        images = self.part.nbytes()
+        if text.preloaded:
             self.part.load()
+        self.held_bytes = text.held_bytes + (images if text.preloaded else 0)
+        self.device_bytes = text.device_bytes
+        self.mapped_bytes = text.mapped_bytes + (images if not text.preloaded and mappable(split) else 0)
 
     def __call__(self, idx: np.ndarray) -> VisionLanguageBatch:
         b = self.text(idx)
@@ -89,9 +93,11 @@ class CachedVisionLanguage:
         return VisionLanguageBatch(b.hidden, b.mask, image, b.labels)
 
 
-class OnlineVisionLanguage:
+class OnlineVisionLanguage(BatchSource):
     """Classic LST: the text backbone on the stored input ids and the image backbone on the image files, per
     batch (each distinct image of a batch once)."""
+
+    policy = "online"
 
     def __init__(self, split: SplitReader, backbone: Backbone, layers: list[int], images: ImageSplit,
                  image_backbone: ImageBackbone, image_layers: list[int]) -> None:

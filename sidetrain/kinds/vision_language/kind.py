@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...networks.family import reduction_rule
+from ...networks.ladders import stored_blocks
 from ...recipe import Recipe, backbone_config
 from ..base import SearchFacts, TrainKind
 from .predict import pair_up, predict_questions, question_rows
@@ -32,7 +33,7 @@ class VisionLanguageTrainKind(TrainKind):
         config = backbone_config(manifest)
         factors, rule = reduction_rule(config)
         return SearchFacts(int(config.hidden_size), int(config.num_attention_heads), tuple(factors), rule,
-                           tuple(x for x in manifest["layers"] if x > 0), stackable=False)
+                           tuple(stored_blocks(manifest["layers"])), stackable=False)
 
     def predict_lines(self, run: Path, config: dict[str, Any], texts: list[str], generate: bool,
                       device: str) -> list[str]:

@@ -14,10 +14,15 @@ Everything but the visual embedding is the encoder kind's LadderSideNetwork (its
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ...networks.encoder_stack import LadderSideNetwork
+
+if TYPE_CHECKING:
+    from ...networks.side_config import SideConfig
 
 
 class VisualEmbedding(nn.Module):
@@ -41,15 +46,12 @@ class VisualEmbedding(nn.Module):
 
 
 class VisionLanguageSide(nn.Module):
-    """The text LadderSideNetwork with the image tokens as its side prefix."""
+    """The text LadderSideNetwork with the image tokens as its side prefix. `image_width`, `image_tokens`: the
+    channels and the count of the cached image tokens; `side`: the text stream's options."""
 
-    def __init__(self, backbone_config, num_outputs: int, stored_layers: list[int], kept_layers: list[int] | None,
-                 image_width: int, image_tokens: int, reduction_factor: int = 4, dropout: float = 0.1,
-                 attention_dropout: float = 0.0, pooling: str = "mean", num_heads: int | None = None) -> None:
+    def __init__(self, backbone_config, image_width: int, image_tokens: int, side: SideConfig) -> None:
         super().__init__()
-        kept = kept_layers if kept_layers is not None else [x for x in stored_layers if x > 0]
-        self.text = LadderSideNetwork(backbone_config, num_outputs, stored_layers, kept, reduction_factor, dropout,
-                                      attention_dropout, pooling, num_heads)
+        self.text = LadderSideNetwork(backbone_config, side)
         self.kept_layers = self.text.kept_layers
         eps = float(getattr(backbone_config, "layer_norm_eps", 1e-12))
         self.visual = VisualEmbedding(image_width, self.text.config.hidden_size, image_tokens, eps)

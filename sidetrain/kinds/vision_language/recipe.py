@@ -20,6 +20,7 @@ from featcache.store import check_match
 from featcache.text.backbone import load_backbone
 
 from ...data import iterate, length_bucketed_batches
+from ...networks.side_config import SideConfig
 from ...recipe import (
     RUN_MANIFEST_KEYS,
     Recipe,
@@ -60,9 +61,9 @@ def image_layers(manifest: dict[str, Any]) -> list[int]:
 
 def build_model(cfg: TrainConfig, manifest: dict[str, Any]) -> VisionLanguageSide:
     check_text_backbone(manifest)
-    return VisionLanguageSide(backbone_config(manifest), int(manifest["task"]["num_labels"]), manifest["layers"],
-                              cfg.layers, image_width(manifest), int(manifest["image"]["tokens"]),
-                              cfg.reduction_factor, cfg.dropout, cfg.attention_dropout, cfg.pooling, cfg.side_heads)
+    side = SideConfig.resolve(cfg, int(manifest["task"]["num_labels"]), manifest["layers"])
+    return VisionLanguageSide(backbone_config(manifest), image_width(manifest), int(manifest["image"]["tokens"]),
+                              side)
 
 
 def load_image_model(manifest: dict[str, Any], device: str) -> ImageBackbone:
@@ -126,7 +127,7 @@ def vision_language_recipe(cfg: TrainConfig, store: StoreReader, device: torch.d
     def predict(name: str, amp) -> np.ndarray:
         return predict_split(model, batches[name], store.split(name).lengths, cfg.batch_size, device, amp)
 
-    resolved = resolved_config(cfg, manifest, metric, eval_name, tuple(k for k in VL_RUN_KEYS if k in manifest))
-    resolved["layers"] = list(model.kept_layers)
+    resolved = resolved_config(cfg, manifest, metric, eval_name, tuple(k for k in VL_RUN_KEYS if k in manifest),
+                               layers=model.kept_layers)
     return Recipe(model, batches, task, metric, num_labels, resolved,
                   lambda forward, b: loss(task, forward(b.hidden, b.mask, b.image), b.labels), predict)

@@ -25,6 +25,7 @@ from sidetrain import TrainConfig, train
 from sidetrain.kinds.vision_language.model import VisionLanguageSide
 from sidetrain.kinds.vision_language.probe import floors
 from sidetrain.networks.ladders import GATE_TEMPERATURE
+from sidetrain.networks.side_config import SideConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,8 +33,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_side(**kw) -> VisionLanguageSide:
     torch.manual_seed(0)
     config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    return VisionLanguageSide(config, 5, [0, 1, 2], None, image_width=24, image_tokens=6, reduction_factor=4,
-                              dropout=0.0, **kw).eval()
+    side = SideConfig(**{"num_outputs": 5, "stored_layers": [0, 1, 2], "kept_layers": [1, 2], "reduction_factor": 4,
+                         "dropout": 0.0, "attention_dropout": 0.0, "pooling": "mean", "num_heads": None, **kw})
+    return VisionLanguageSide(config, image_width=24, image_tokens=6, side=side).eval()
 
 
 def test_visual_positions_get_no_ladder_input():

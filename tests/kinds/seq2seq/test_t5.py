@@ -16,7 +16,6 @@ import zarr
 from conftest import synthetic_rows, torch_threads, write_tsv
 
 from featcache import ExtractConfig, extract, open_store
-from featcache.bundled import minilm_path
 from featcache.errors import BackboneError, DatasetError, StoreError
 from featcache.kinds.seq2seq.backbone import label_texts
 from featcache.text.splits import pad_batch
@@ -27,19 +26,6 @@ from sidetrain import TrainConfig, train
 def one_thread():
     with torch_threads(1):  # tiny matmuls: one thread is ~10x faster than several on a shared, busy CPU
         yield
-
-
-@pytest.fixture(scope="session")
-def tiny_t5(tmp_path_factory):
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
-
-    path = tmp_path_factory.mktemp("tiny_t5")
-    torch.manual_seed(0)
-    config = T5Config(vocab_size=30522, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2,
-                      num_heads=4, pad_token_id=0, eos_token_id=102, decoder_start_token_id=0)
-    T5ForConditionalGeneration(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from featcache import ExtractConfig, extract, open_store
 from featcache.errors import BackboneError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 pytestmark = pytest.mark.usefixtures("one_thread")
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}

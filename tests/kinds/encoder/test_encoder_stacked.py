@@ -186,7 +186,7 @@ def test_killed_stacked_sweep_loses_no_trial(tiny_store, tmp_path):
         return [t for t in study.get_trials() if not states or t.state.name in states]
 
     log = (tmp_path / "sweep.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=Path(__file__).resolve().parents[3])
     killed, deadline = [], time.time() + 300
     try:
         while not killed and time.time() < deadline and proc.poll() is None:
@@ -227,6 +227,7 @@ def test_fused_forward_equals_the_members_and_other_families_fall_back(family, o
 
     from sidetrain.kinds.encoder.stacked_model import FusedStack
     from sidetrain.networks.encoder_stack import LadderSideNetwork
+    from sidetrain.networks.side_config import SideConfig
 
     config = AutoConfig.for_model(family, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                   intermediate_size=128, dim=64, n_layers=3, n_heads=4, hidden_dim=128,
@@ -234,7 +235,9 @@ def test_fused_forward_equals_the_members_and_other_families_fall_back(family, o
     members = []
     for seed in range(3):
         torch.manual_seed(seed)
-        members.append(LadderSideNetwork(config, 5, [0, 1, 2, 3], [1, 3], 4, 0.0, 0.0))
+        members.append(LadderSideNetwork(config, SideConfig(
+            num_outputs=5, stored_layers=[0, 1, 2, 3], kept_layers=[1, 3], reduction_factor=4, dropout=0.0,
+            attention_dropout=0.0, pooling="mean", num_heads=None)))
     net = FusedStack.fuse(members)
     if family == "distilbert":
         assert net is None

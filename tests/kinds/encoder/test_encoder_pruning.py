@@ -18,6 +18,7 @@ from sidetrain import TrainConfig, fisher, train
 from sidetrain.kinds.encoder import prune as P
 from sidetrain.kinds.encoder.recipe import build_model
 from sidetrain.networks.encoder_stack import LadderSideNetwork, block_list
+from sidetrain.networks.side_config import SideConfig
 
 N = 32  # examples scored in these tests (1024 in real runs)
 
@@ -217,7 +218,9 @@ def test_block_layouts_of_other_families(family):
     full = dict(blocks[1].named_parameters())
     for r in (1, 2):
         try:
-            side = LadderSideNetwork(config, 3, [0, 1, 2], [1, 2], r)
+            side = LadderSideNetwork(config, SideConfig(num_outputs=3, stored_layers=[0, 1, 2], kept_layers=[1, 2],
+                                                        reduction_factor=r, dropout=0.1, attention_dropout=0.0,
+                                                        pooling="mean", num_heads=None))
         except (AttributeError, ValueError, TrainConfigError) as err:  # no side network for this family (yet)
             pytest.skip(f"{family}: {err}")
         P.pruned_init(side, backbone, scores)

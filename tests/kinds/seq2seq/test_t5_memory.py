@@ -72,7 +72,7 @@ print((scoring - before) // 1024, (after - before) // 1024)  # MiB above the inp
 def test_scoring_and_loss_peak_memory_is_bounded_by_the_chunk():
     """In a fresh process (ru_maxrss is a high-water mark): scoring and a loss + backward over 20k target
     tokens stay within a few chunks of logits (CHUNK_TOKENS x vocab fp32 = 119 MiB), not 2 x 2.3 GiB."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[3])
     out = subprocess.run([sys.executable, "-c", PEAK], check=False, capture_output=True, text=True, timeout=300,
                          cwd=root, env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]

@@ -9,6 +9,7 @@ from transformers import AutoConfig
 
 from featcache.errors import TrainConfigError
 from sidetrain.networks.encoder_stack import LadderSideNetwork
+from sidetrain.networks.side_config import SideConfig
 
 BERT_STYLE = {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 64}
 FAMILIES = {
@@ -22,11 +23,17 @@ FAMILIES = {
 }
 
 
+def side_options(stored: list[int], kept: list[int], dropout: float) -> SideConfig:
+    """3 outputs at r = 2, mean pooling, the backbone's heads."""
+    return SideConfig(num_outputs=3, stored_layers=stored, kept_layers=kept, reduction_factor=2, dropout=dropout,
+                      attention_dropout=0.0, pooling="mean", num_heads=None)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_side_network_for_family(family, one_thread):
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(family, **FAMILIES[family])
-    net = LadderSideNetwork(cfg, 3, [0, 1, 2], [1, 2], reduction_factor=2, dropout=0.0).eval()
+    net = LadderSideNetwork(cfg, side_options([0, 1, 2], [1, 2], dropout=0.0)).eval()
     assert type(net.blocks[0]).__module__ == type(net.side).__module__  # the family's own block class
     shapes = {tuple(p.shape) for p in net.blocks.parameters() if p.ndim == 2}
     assert shapes == {(16, 16), (32, 16), (16, 32)}  # d/r = 16 and d_ff/r = 32, nothing at full width
@@ -54,15 +61,15 @@ def test_ladders_read_a_slice_or_a_gather_alike(one_thread):
     torch.manual_seed(0)
     cfg = AutoConfig.for_model("bert", **BERT_STYLE, num_labels=3)
     hidden, mask = torch.randn(2, 5, 4, 32), torch.ones(2, 5, dtype=torch.bool)
-    side_by_side = LadderSideNetwork(cfg, 3, [0, 1, 2, 3], [2, 3], reduction_factor=2, dropout=0.0).eval()
+    side_by_side = LadderSideNetwork(cfg, side_options([0, 1, 2, 3], [2, 3], dropout=0.0)).eval()
     assert side_by_side._ladder_slice == slice(2, 4)
     out = side_by_side(hidden, mask)
     side_by_side._ladder_slice = None  # the gather path
     torch.testing.assert_close(side_by_side(hidden, mask), out)
-    assert LadderSideNetwork(cfg, 3, [0, 1, 2, 3], [1, 3], reduction_factor=2)._ladder_slice is None
+    assert LadderSideNetwork(cfg, side_options([0, 1, 2, 3], [1, 3], dropout=0.1))._ladder_slice is None
 
 
 def test_unsupported_family_is_named():
     cfg = AutoConfig.for_model("albert", **BERT_STYLE, embedding_size=16)  # one block shared by all layers
     with pytest.raises(TrainConfigError, match="AlbertModel"):
-        LadderSideNetwork(cfg, 3, [0, 1, 2], [1, 2], reduction_factor=2)
+        LadderSideNetwork(cfg, side_options([0, 1, 2], [1, 2], dropout=0.1))

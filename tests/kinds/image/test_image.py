@@ -23,7 +23,7 @@ from PIL import Image
 from featcache import ExtractConfig, extract, open_store
 from featcache.errors import BackboneError, DatasetError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPES = ("circle", "rectangle", "triangle")
 
