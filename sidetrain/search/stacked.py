@@ -214,9 +214,9 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
         if unequal:
             raise TrainConfigError(expected(f"equal {', '.join(unequal)} across members stacked under vmap", unequal))
         net = _VmapStack(models)
-    for c in cfgs:
-        write_config(Path(c.out), resolved_config(c, manifest, metric, eval_name, stacked_with=k_n,
-                                                  stacked_batches=BATCH_ORDER))
+    for c, m in zip(cfgs, models):
+        write_config(Path(c.out), resolved_config(c, manifest, metric, eval_name, layers=m.kept_layers,
+                                                  stacked_with=k_n, stacked_batches=BATCH_ORDER))
     rows = _Rows(torch.stack([net.row(m) for m in models]).to(device), list(range(k_n)), cfgs, device)
     _track(net, rows)
     amp = autocast(cfg0, device)
