@@ -58,7 +58,18 @@ def side_config(backbone_config, side: SideConfig):
     cfg.num_attention_heads = heads
     cfg.num_hidden_layers = len(side.kept_layers)
     setattr(cfg, ff_field, max(1, int(getattr(backbone_config, ff_field)) // reduction_factor))
-    for field in HEAD_SIZE_FIELDS:  # families that store the head size explicitly
+    set_heads_and_dropout(cfg, width, heads, side)
+    if hasattr(cfg, "embedding_size"):  # factorised embeddings (ELECTRA): the side model's are never used
+        cfg.embedding_size = width
+    cfg.vocab_size = 2  # the side model's own embeddings are never used: keep them tiny
+    cfg.pad_token_id = 0
+    return cfg
+
+
+def set_heads_and_dropout(cfg, width: int, heads: int, side: SideConfig) -> None:
+    """In a scaled copy of a family's config: the head size (families that store it) and the side's dropout
+    rates, under whichever field names the family uses."""
+    for field in HEAD_SIZE_FIELDS:
         if isinstance(getattr(cfg, field, None), int):
             setattr(cfg, field, width // heads)
     dropouts = ((HIDDEN_DROPOUT_FIELDS, side.dropout), (ATTENTION_DROPOUT_FIELDS, side.attention_dropout))
@@ -66,11 +77,6 @@ def side_config(backbone_config, side: SideConfig):
         for field in fields:
             if hasattr(cfg, field):
                 setattr(cfg, field, value)
-    if hasattr(cfg, "embedding_size"):  # factorised embeddings (ELECTRA): the side model's are never used
-        cfg.embedding_size = width
-    cfg.vocab_size = 2  # the side model's own embeddings are never used: keep them tiny
-    cfg.pad_token_id = 0
-    return cfg
 
 
 def build_side_model(config) -> nn.Module:

@@ -16,7 +16,7 @@ gradient norm and a compaction are a few kernels over one tensor. The forward pa
 
 This reproduces transformers' BERT-family block (BERT, RoBERTa, XLM-R; exact GELU or whatever the
 config's `hidden_act` names, the config's LayerNorm eps, padding keys masked) and the side network of
-model.py around it, so a member computes what `LadderSideNetwork` computes with its weights (tested
+sidetrain/networks/encoder_stack.py around it, so a member computes what `LadderSideNetwork` computes with its weights (tested
 against separate `lst train` runs). Other families return None from `fuse` (the caller falls back to
 torch.func.vmap). Dropout rates are per member (a (M,) tensor): each member draws its own masks.
 """
@@ -134,7 +134,7 @@ class FusedStack:
         return torch.cat([params[n].detach().reshape(-1) for g in self.groups for n in g.names])
 
     def state(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The member state dict (trainable entries, model.py's names) held in a row."""
+        """The member state dict (trainable entries, encoder_stack.py's names) held in a row."""
         out = {}
         for g, chunk in zip(self.groups, torch.split(row.detach(), self.sizes)):
             for n, s, piece in zip(g.names, g.shapes, torch.split(chunk, [int(torch.Size(x).numel()) for x in g.shapes])):

@@ -30,12 +30,7 @@ from torch import nn
 
 from featcache.errors import TrainConfigError, expected
 
-from ...networks.family import (
-    ATTENTION_DROPOUT_FIELDS,
-    FF_WIDTH_FIELDS,
-    HEAD_SIZE_FIELDS,
-    HIDDEN_DROPOUT_FIELDS,
-)
+from ...networks.family import FF_WIDTH_FIELDS, set_heads_and_dropout
 from ...networks.ladders import GATE_TEMPERATURE, Ladders, mix
 
 if TYPE_CHECKING:
@@ -74,14 +69,7 @@ def vision_side_config(config, side: SideConfig):
     for f in FF_WIDTH_FIELDS:  # families with mlp_ratio (DINOv2) scale with the width by themselves
         if isinstance(getattr(cfg, f, None), int):
             setattr(cfg, f, max(1, int(getattr(config, f)) // reduction_factor))
-    for f in HEAD_SIZE_FIELDS:
-        if isinstance(getattr(cfg, f, None), int):
-            setattr(cfg, f, width // heads)
-    dropouts = ((HIDDEN_DROPOUT_FIELDS, side.dropout), (ATTENTION_DROPOUT_FIELDS, side.attention_dropout))
-    for fields, value in dropouts:
-        for f in fields:
-            if hasattr(cfg, f):
-                setattr(cfg, f, value)
+    set_heads_and_dropout(cfg, width, heads, side)
     return cfg
 
 
