@@ -9,6 +9,8 @@ from featcache.errors import TrainConfigError, expected
 
 from . import metrics as M
 
+TOPS = ("side", "last", "layers")  # --top: what the classifier reads (TrainConfig.top)
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -50,6 +52,12 @@ class TrainConfig:
     pooling: str = opt("mean", "mean or cls: how the side output is pooled for the head.")
     side_heads: int | None = opt(None, "Attention heads of the side blocks (default: the backbone's, as in "
                                        "the paper).")
+    top: str = opt("side", "What the classifier reads. side: the pooled side output, up-projected to the backbone "
+                           "width (LST). last: a learned gate between that and the backbone's own pooled last stored "
+                           "layer, (1 - g) * side + g * backbone, g = sigmoid(z) starting at 0.88, so a run starts "
+                           "near the linear probe and learns how much the side network adds (QST). layers: the same "
+                           "gate over a learned softmax mix of every stored layer's pooled state (UniPT).")
+    label_smoothing: float = opt(0.0, "Cross-entropy label smoothing (classification).")
     head: str = opt("lst", "lst (the side network) or probe (logistic regression on the mean-pooled last "
                            "stored layer: the floor to beat).")
     amp: str = opt("auto", "auto (bf16 autocast on CUDA, off on CPU), bf16 or off.")
@@ -97,6 +105,10 @@ class TrainConfig:
             raise TrainConfigError(expected("--side-heads of at least 1", self.side_heads))
         if self.init not in ("random", "pruned"):
             raise TrainConfigError(expected("--init random or pruned", self.init))
+        if self.top not in TOPS:
+            raise TrainConfigError(expected(f"--top one of {', '.join(TOPS)}", self.top))
+        if not 0 <= self.label_smoothing < 1:
+            raise TrainConfigError(expected("--label-smoothing in [0, 1)", self.label_smoothing))
         if self.head not in ("lst", "probe"):
             raise TrainConfigError(expected("--head lst or probe", self.head))
         if self.amp not in ("auto", "bf16", "off"):

@@ -120,11 +120,12 @@ def resolved_config(cfg: TrainConfig, manifest: dict[str, Any], metric: str, eva
     return resolved
 
 
-def loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss(task: str, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """MSE for regression, cross-entropy (with --label-smoothing) for classification."""
     logits = logits.float()
     if task == "regression":
         return F.mse_loss(logits.squeeze(-1), labels.float())
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
 @torch.no_grad()

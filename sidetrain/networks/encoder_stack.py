@@ -6,7 +6,8 @@ kind's network, and the text stream of the vision-language kind's (which adds si
         mu = sigmoid(alpha_j / T)
         s = mu * s + (1 - mu) * (W_j h_i + b_j)           # ladder j, d -> d/r
         s = SideBlock_j(s, mask)                          # a backbone-kind block at width d/r
-    out = Head(LayerNorm(s))
+    out = Head(dropout(tanh(W_up pool(LayerNorm(s)))))    # d/r -> d -> outputs
+    out = (1 - g) out + g W LayerNorm(pool(h))            # --top last|layers only (sidetrain/networks/top.py)
 
 The side blocks are a transformers model of the backbone's family, built from a copy of its config
 scaled by 1/r (BERT, RoBERTa, ELECTRA, MPNet, DistilBERT, DeBERTa, ...), so the block type, its mask
@@ -24,6 +25,7 @@ from torch import nn
 
 from .family import block_list, build_side_model, side_config
 from .ladders import Ladders, mix
+from .top import backbone_top
 
 if TYPE_CHECKING:
     from .side_config import SideConfig
@@ -55,6 +57,9 @@ class LadderSideNetwork(nn.Module):
         self.up = nn.Linear(ds, d)
         self.head_dropout = nn.Dropout(side.dropout)
         self.head = nn.Linear(d, side.num_outputs)
+        # --top last|layers: the backbone's own pooled states beside the side output (networks/top.py)
+        self.top = backbone_top(d, len(side.stored_layers), side.num_outputs, side.top, side.dropout,
+                                getattr(backbone_config, "layer_norm_eps", 1e-12))
 
     @property
     def ladder_weight(self) -> nn.Parameter:
@@ -92,6 +97,7 @@ class LadderSideNetwork(nn.Module):
         have no backbone states, so their ladder input is zero (the gate only scales them, as in VL-T5's
         LST), they are always attended to, and mean pooling covers them."""
         s, ladders, gates = self.ladders(hidden)  # (B, T, ds), (B, T, K, ds), (K,)
+        text_mask = mask  # the backbone term pools the text's own tokens, never the prefix
         if prefix is not None:
             s, ladders, mask = with_prefix(prefix, s, ladders, mask)
         self._run = {"s": s, "ladders": ladders, "gates": gates}
@@ -105,7 +111,8 @@ class LadderSideNetwork(nn.Module):
         else:
             m = mask.unsqueeze(-1).to(s.dtype)
             pooled = (s * m).sum(1) / m.sum(1).clamp(min=1)  # (B, ds)
-        return self.head(self.head_dropout(torch.tanh(self.up(pooled))))
+        logits = self.head(self.head_dropout(torch.tanh(self.up(pooled))))
+        return logits if self.top is None else self.top(logits, hidden, text_mask)
 
 
 def with_prefix(prefix: torch.Tensor, s: torch.Tensor, ladders: torch.Tensor,

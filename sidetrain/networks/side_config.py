@@ -29,6 +29,7 @@ class SideConfig:
     attention_dropout: float  # side attention dropout
     pooling: str  # mean or cls: how the side output is pooled for the head
     num_heads: int | None  # side attention heads; None: the backbone's (or the kind's default)
+    top: str  # what the classifier reads: side, last or layers (TrainConfig.top)
 
     def __post_init__(self) -> None:
         kept_blocks(self.stored_layers, self.kept_layers)  # one built by hand is checked as resolve checks
@@ -40,7 +41,7 @@ class SideConfig:
         return cls(num_outputs=num_outputs, stored_layers=list(stored),
                    kept_layers=kept_blocks(stored, cfg.layers, flag), reduction_factor=cfg.reduction_factor,
                    dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, pooling=cfg.pooling,
-                   num_heads=cfg.side_heads)
+                   num_heads=cfg.side_heads, top=cfg.top)
 
     def restacked(self, stored: list[int], kept: list[int] | None, flag: str = "--layers") -> SideConfig:
         """The same options over another stack's stored layers (a T5 side decoder), `kept` resolved by the

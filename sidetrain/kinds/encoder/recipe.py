@@ -71,4 +71,4 @@ def encoder_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, e
 
     resolved = resolved_config(cfg, manifest, metric, eval_name, layers=model.kept_layers)
     return Recipe(model, batches, task, metric, num_labels, resolved,
-                  lambda forward, b: loss(task, forward(b.hidden, b.mask), b.labels), predict)
+                  lambda forward, b: loss(task, forward(b.hidden, b.mask), b.labels, cfg.label_smoothing), predict)

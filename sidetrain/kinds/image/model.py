@@ -32,6 +32,7 @@ from featcache.errors import TrainConfigError, expected
 
 from ...networks.family import FF_WIDTH_FIELDS, set_heads_and_dropout
 from ...networks.ladders import GATE_TEMPERATURE, Ladders, mix
+from ...networks.top import backbone_top
 
 if TYPE_CHECKING:
     from ...networks.side_config import SideConfig
@@ -122,13 +123,15 @@ class VisionTransformerSide(nn.Module):
         self.blocks = family_blocks(self.config, len(self.kept_layers))
         eps = float(getattr(backbone_config, "layer_norm_eps", 1e-12))
         self.head = Head(ds, d, side.num_outputs, side.dropout, side.pooling, eps)
+        self.top = backbone_top(d, len(side.stored_layers), side.num_outputs, side.top, side.dropout, eps)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (B, T, n_stored, d) -> (B, num_outputs); every token of an image is real."""
         s, ladders, gates = self.ladders(hidden)
         for j, block in enumerate(self.blocks):
             s = run_block(block, mix(s, ladders, gates, j))
-        return self.head(s)
+        logits = self.head(s)
+        return logits if self.top is None else self.top(logits, hidden, None)
 
 
 class ConvSide(nn.Module):
@@ -155,6 +158,8 @@ class ConvSide(nn.Module):
                                 attention_probs_dropout_prob=side.attention_dropout, image_size=8, patch_size=8)
         self.blocks = family_blocks(self.config, len(self.kept_layers))
         self.head = Head(ds, d, side.num_outputs, dropout, side.pooling, 1e-6)
+        # the backbone term reads the stored token whole (every stored stage, pooled over the cells: the probe's)
+        self.top = backbone_top(starts[-1] + widths[-1], 1, side.num_outputs, side.top, dropout, 1e-6)
 
     def _stage(self, x: torch.Tensor, k: int) -> torch.Tensor:
         a, z = self.spans[k]
@@ -168,4 +173,5 @@ class ConvSide(nn.Module):
         for j, (k, ladder, block) in enumerate(zip(self.kept_layers, self.stage_ladders, self.blocks)):
             s = gates[j] * s + (1 - gates[j]) * ladder(self._stage(x, k))
             s = run_block(block, s)
-        return self.head(s)
+        logits = self.head(s)
+        return logits if self.top is None else self.top(logits, hidden, None)

@@ -91,6 +91,12 @@ def check_options(cfg: TrainConfig) -> None:
     if cfg.side_heads is not None:
         raise TrainConfigError(expected("the backbone's head count for T5 side blocks (it carries the relative "
                                         "position bias)", f"--side-heads {cfg.side_heads}", "Drop --side-heads."))
+    if cfg.top != "side":
+        raise TrainConfigError(expected("--top side for T5 (its side decoder feeds the frozen LM head; there is no "
+                                        "classifier for the backbone's states to join)", f"--top {cfg.top}"))
+    if cfg.label_smoothing:
+        raise TrainConfigError(expected("--label-smoothing 0 for T5 (its loss is the target text's cross-entropy)",
+                                        cfg.label_smoothing))
 
 
 def seq2seq_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None,

@@ -130,4 +130,4 @@ def vision_language_recipe(cfg: TrainConfig, store: StoreReader, device: torch.d
     resolved = resolved_config(cfg, manifest, metric, eval_name, tuple(k for k in VL_RUN_KEYS if k in manifest),
                                layers=model.kept_layers)
     return Recipe(model, batches, task, metric, num_labels, resolved,
-                  lambda forward, b: loss(task, forward(b.hidden, b.mask, b.image), b.labels), predict)
+                  lambda forward, b: loss(task, forward(b.hidden, b.mask, b.image), b.labels, cfg.label_smoothing), predict)

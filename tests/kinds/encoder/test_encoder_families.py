@@ -26,7 +26,7 @@ FAMILIES = {
 def side_options(stored: list[int], kept: list[int], dropout: float) -> SideConfig:
     """3 outputs at r = 2, mean pooling, the backbone's heads."""
     return SideConfig(num_outputs=3, stored_layers=stored, kept_layers=kept, reduction_factor=2, dropout=dropout,
-                      attention_dropout=0.0, pooling="mean", num_heads=None)
+                      attention_dropout=0.0, pooling="mean", num_heads=None, top="side")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -220,7 +220,7 @@ def test_block_layouts_of_other_families(family):
         try:
             side = LadderSideNetwork(config, SideConfig(num_outputs=3, stored_layers=[0, 1, 2], kept_layers=[1, 2],
                                                         reduction_factor=r, dropout=0.1, attention_dropout=0.0,
-                                                        pooling="mean", num_heads=None))
+                                                        pooling="mean", num_heads=None, top="side"))
         except (AttributeError, ValueError, TrainConfigError) as err:  # no side network for this family (yet)
             pytest.skip(f"{family}: {err}")
         P.pruned_init(side, backbone, scores)

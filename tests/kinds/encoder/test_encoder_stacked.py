@@ -237,7 +237,7 @@ def test_fused_forward_equals_the_members_and_other_families_fall_back(family, o
         torch.manual_seed(seed)
         members.append(LadderSideNetwork(config, SideConfig(
             num_outputs=5, stored_layers=[0, 1, 2, 3], kept_layers=[1, 3], reduction_factor=4, dropout=0.0,
-            attention_dropout=0.0, pooling="mean", num_heads=None)))
+            attention_dropout=0.0, pooling="mean", num_heads=None, top="side")))
     net = FusedStack.fuse(members)
     if family == "distilbert":
         assert net is None

@@ -16,7 +16,7 @@ import zarr
 from conftest import synthetic_rows, torch_threads, write_tsv
 
 from featcache import ExtractConfig, extract, open_store
-from featcache.errors import BackboneError, DatasetError, StoreError
+from featcache.errors import BackboneError, DatasetError, StoreError, TrainConfigError
 from featcache.kinds.seq2seq.backbone import label_texts
 from featcache.text.splits import pad_batch
 from sidetrain import TrainConfig, train
@@ -297,3 +297,9 @@ def test_crashed_run_resumes_to_the_uninterrupted_result(t5_store, tmp_path):
     # bf16 autocast (the GPU default) runs the T5 side network too
     amp = train(TrainConfig(out=str(tmp_path / "bf16"), amp="bf16", max_steps=2, **kw))
     assert np.isfinite(amp["history"][-1]["train_loss"])
+
+
+@pytest.mark.parametrize("flags", [{"top": "last"}, {"label_smoothing": 0.1}])
+def test_classifier_only_options_are_refused_for_t5(t5_store, tmp_path, flags):
+    with pytest.raises(TrainConfigError, match="--top|--label-smoothing"):
+        train(TrainConfig(store=str(t5_store), out=str(tmp_path / "run"), epochs=1, device="cpu", **flags))

@@ -34,7 +34,7 @@ def tiny_side(**kw) -> VisionLanguageSide:
     torch.manual_seed(0)
     config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     side = SideConfig(**{"num_outputs": 5, "stored_layers": [0, 1, 2], "kept_layers": [1, 2], "reduction_factor": 4,
-                         "dropout": 0.0, "attention_dropout": 0.0, "pooling": "mean", "num_heads": None, **kw})
+                         "dropout": 0.0, "attention_dropout": 0.0, "pooling": "mean", "num_heads": None, "top": "side", **kw})
     return VisionLanguageSide(config, image_width=24, image_tokens=6, side=side).eval()
 
 
