@@ -7,7 +7,8 @@ Each lever is a set of `lst train` flags (added to lst's defaults); each runs on
 process at a time, and a finished run (its metrics.json) is read back instead of run again. The probe
 (`--head probe`, deterministic) runs once per store. Selection is on dev, as `lst train` does it; test is
 reported where the store has one. The stores are those `benchmarks/bench_peers.py --keep-store --work W`
-writes (same subsets, so the LoRA rows of results/peers.json compare with these: they are shown beside them).
+writes; the LoRA rows of results/peers.json are shown beside them, with a line saying whether they compare (lst's
+seed-0 run here reproduces peers.json's LST row exactly only on the same rows and code).
 Results: benchmarks/results/<name>.json and .md (mean and standard deviation over the seeds).
 """
 
@@ -53,6 +54,9 @@ def peer_scores(task: str) -> dict[str, dict[str, float]]:
     tasks = json.loads(path.read_text())["tasks"] if path.exists() else {}
     methods = tasks.get(task, {}).get("methods", {})
     out = {}
+    if "lst_cached" in methods and methods["lst_cached"].get("splits"):  # says whether the rows compare
+        out["LST defaults in results/peers.json"] = {s: v[tasks[task]["metric"]]
+                                                     for s, v in methods["lst_cached"]["splits"].items()}
     for key, label in PEER_ROWS.items():
         if key in methods and methods[key].get("splits"):
             metric = tasks[task]["metric"]
@@ -80,6 +84,11 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {lever} (`{results['levers'][lever] or 'defaults'}`) | " + " | ".join(cells) +
                          f" | {row['seconds']:.0f} |")
         lines.append("| probe | " + " | ".join(f"{t['probe'].get(s, float('nan')):.4f}" for s in splits) + " | |")
+        ours, theirs = t["levers"].get("lst", {}).get("runs", [{}])[0], t["peers"].get("LST defaults in results/peers.json")
+        if theirs is not None:  # lst's seed 0 reproduces the peers' LST row exactly when data and code are the same
+            same = all(abs(ours.get(s, -1) - v) < 1e-9 for s, v in theirs.items())
+            lines.append(f"| _peer rows {'comparable' if same else 'NOT comparable'}: lst seed 0 here "
+                         f"{ours} vs peers.json's LST row {theirs}_ | " + " | ".join("" for _ in splits) + " | |")
         for name, peer in t["peers"].items():
             lines.append(f"| {name} (results/peers.json, 1 seed) | " +
                          " | ".join(f"{peer[s]:.4f}" if s in peer else "—" for s in splits) + " | |")
