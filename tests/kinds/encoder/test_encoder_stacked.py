@@ -125,6 +125,17 @@ def test_vmap_fallback_matches_the_fused_network(tiny_store, tmp_path, one_threa
                        dataclasses.replace(cfgs[1], out=str(tmp_path / "y"))], engine="vmap")
 
 
+def test_gated_top_members_stack_through_vmap_as_their_own_runs(tiny_store, tmp_path, one_thread):
+    """--top last adds parameters the fused stack does not compute: such members train under vmap (auto), and
+    each still trains as its own `lst train` run."""
+    base = dict(store=str(tiny_store), **{**KW, "epochs": 1, "top": "last"})
+    cfgs = [TrainConfig(out=str(tmp_path / f"s{i}"), seed=i, lr=lr, **base) for i, lr in enumerate((3e-3, 1e-2))]
+    train_stacked(cfgs)
+    for i, c in enumerate(cfgs):
+        separate(c, tmp_path / f"a{i}")  # its own run, on the stack's batch order
+        assert losses(Path(c.out)) == pytest.approx(losses(tmp_path / f"a{i}"), rel=1e-4)
+
+
 def test_members_of_different_shapes_are_refused(tiny_store, tmp_path):
     cfgs = [TrainConfig(store=str(tiny_store), out=str(tmp_path / "a"), **KW),
             TrainConfig(store=str(tiny_store), out=str(tmp_path / "b"), **{**KW, "reduction_factor": 8,
