@@ -10,6 +10,7 @@ from featcache.errors import TrainConfigError, expected
 from . import metrics as M
 
 TOPS = ("side", "last", "layers")  # --top: what the classifier reads (TrainConfig.top)
+POOLINGS = ("mean", "cls", "pair")  # --pooling: how the side output is pooled for the head
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class TrainConfig:
     dropout: float = opt(0.1, "Side network hidden and head dropout.")
     attention_dropout: float = opt(0.0, "Side attention dropout; off by default: its random (B, heads, T, T) "
                                         "masks dominate a CPU step.")
-    pooling: str = opt("mean", "mean or cls: how the side output is pooled for the head.")
+    pooling: str = opt("mean", "How the side output is pooled for the head: mean over the tokens, cls (the first "
+                               "token), or pair (sentence pairs: each text's mean, their difference and product).")
     side_heads: int | None = opt(None, "Attention heads of the side blocks (default: the backbone's, as in "
                                        "the paper).")
     top: str = opt("side", "What the classifier reads. side: the pooled side output, up-projected to the backbone "
@@ -97,8 +99,8 @@ class TrainConfig:
                 raise TrainConfigError(expected(f"{flag} of at least {low}", value))
         if self.lr <= 0:
             raise TrainConfigError(expected("--lr above 0", self.lr))
-        if self.pooling not in ("mean", "cls"):
-            raise TrainConfigError(expected("--pooling mean or cls", self.pooling))
+        if self.pooling not in POOLINGS:
+            raise TrainConfigError(expected(f"--pooling one of {', '.join(POOLINGS)}", self.pooling))
         if self.metric is not None and self.metric not in M.METRICS:
             raise TrainConfigError(expected(f"--metric one of {sorted(M.METRICS)}", self.metric))
         if self.side_heads is not None and self.side_heads < 1:

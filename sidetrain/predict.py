@@ -1,6 +1,7 @@
 """`lst predict RUN`: one label (or, for kinds that generate, one generated text) per raw text, from a
-finished run. The run's recorded store manifest names its kind; the kind's plug-in rebuilds the side
-network, runs the backbone live (inference needs it; training never does) and labels the texts.
+finished run or a saved model folder. The run's recorded store manifest names its kind; the kind's plug-in
+rebuilds it as a `LadderModel` (sidetrain/pretrained.py, the same object the Python API gives), which runs
+the backbone live (inference needs it; training never does) beside the side network and labels the texts.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 from featcache.errors import LstError, expected
 
 from .kinds.registry import kind_for, kind_names
-from .run_files import read_run_config
+from .pretrained import LadderModel, read_model_config
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -26,26 +27,26 @@ def read_inputs(run: str, paths: list[str]) -> list[str]:
     whose inputs are files themselves (images) take the paths as they are."""
     if not paths:
         return []
-    if kind_for(read_run_config(run)["store_manifest"]).inputs_are_files:
+    if kind_for(read_model_config(run)["store_manifest"]).inputs_are_files:
         return list(paths)
     return [t for p in paths for t in read_texts(p)]
 
 
 def predict_lines(run: str, texts: list[str], generate: bool = False, device: str = "auto") -> list[str]:
     """One label (or generated text with `generate`) per text; a tab splits the two texts of a pair."""
-    config = read_run_config(run)  # a finished LST run, or a one-line LstError
+    config = read_model_config(run)  # a finished LST run, or a one-line LstError
     kind = kind_for(config["store_manifest"])
     if generate and not kind.generates:
         makers = [n for n in kind_names() if kind_for({"kind": n}).generates]
         raise LstError(f"Expected a run trained on a store of a kind that generates text ({', '.join(makers)}) "
                        f"for --generate. Got '{run}' (its store's kind is {kind.name}). Drop --generate.")
-    return kind.predict_lines(Path(run), config, texts, generate, device)
+    return LadderModel.from_pretrained(run, device=device).predict_lines(texts, generate)
 
 
 def read_examples(run: str, paths: list[str], texts: list[str], images: list[str]) -> list[str]:
     """Everything `lst predict RUN INPUTS... [--text T]... [--image PATH]...` asks about, as the lines
     `predict_lines` takes. A kind that needs an image per example (vision-language) builds them itself."""
-    config = read_run_config(run)
+    config = read_model_config(run)
     kind = kind_for(config["store_manifest"])
     if kind.needs_images:
         return kind.examples(config, list(paths), list(texts), list(images))

@@ -130,14 +130,15 @@ def loss(task: str, logits: torch.Tensor, labels: torch.Tensor, label_smoothing:
 
 @torch.no_grad()
 def predict_split(model: torch.nn.Module, source, split: SplitReader, batch_size: int, task: str,
-                  device: torch.device, amp=None) -> np.ndarray:
-    """Predictions for every example of a split, in the split's order."""
+                  device: torch.device, amp=None, inputs=None) -> np.ndarray:
+    """Predictions for every example of a split, in the split's order (`inputs`: what the model reads from a
+    batch; default its states and mask)."""
     model.eval()
     batches = length_bucketed_batches(split.lengths, batch_size * 2, seed=0, epoch=0, shuffle=False)
     out = np.zeros(len(split), dtype=np.float32 if task == "regression" else np.int64)
     for idx, b in zip(batches, iterate(source, batches, device)):
         with amp or contextlib.nullcontext():
-            logits = model(b.hidden, b.mask).float()
+            logits = (model(*inputs(b)) if inputs else model(b.hidden, b.mask)).float()
         out[idx] = (logits.squeeze(-1) if task == "regression" else logits.argmax(-1)).cpu().numpy()
     return out
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from featcache.reader import StoreReader
 
     from ..config import TrainConfig
+    from ..pretrained import LadderModel
     from ..recipe import Recipe
 
 
@@ -54,11 +55,19 @@ class TrainKind:
     def search_facts(self, manifest: dict[str, Any]) -> SearchFacts:
         raise NotImplementedError
 
+    def load_model(self, folder: Path, config: dict[str, Any], device: torch.device) -> LadderModel:
+        """The run (or saved model) in `folder` as one module: its frozen backbone(s), live, and its side network
+        (sidetrain/pretrained.py; `config`: its config.json, backbone names resolved). `LadderModel.from_pretrained`
+        and `lst predict` both come here."""
+        raise NotImplementedError
+
     def predict_lines(self, run: Path, config: dict[str, Any], texts: list[str], generate: bool,
                       device: str) -> list[str]:
         """`lst predict`: one label (or generated text) per raw text, from a finished run of this kind
         (`config`: its RUN/config.json). The backbone runs live."""
-        raise NotImplementedError
+        from featcache.loading import resolve_device
+
+        return self.load_model(Path(run), config, resolve_device(device)).eval().predict_lines(texts, generate)
 
     def stack_member(self, cfg: TrainConfig, store: StoreReader, device: torch.device) -> nn.Module:
         """Stackable kinds: the side network `cfg` trains, initialised as `lst train` would (seeded by

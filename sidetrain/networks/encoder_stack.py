@@ -25,7 +25,7 @@ from torch import nn
 
 from .family import block_list, build_side_model, side_config
 from .ladders import Ladders, mix
-from .top import backbone_top
+from .top import backbone_top, masked_mean, pair_features
 
 if TYPE_CHECKING:
     from .side_config import SideConfig
@@ -54,12 +54,13 @@ class LadderSideNetwork(nn.Module):
             block.register_forward_pre_hook(functools.partial(self._mix_ladder, j), with_kwargs=True)
         self._run: dict[str, torch.Tensor] = {}
         self.norm = nn.LayerNorm(ds, eps=getattr(backbone_config, "layer_norm_eps", 1e-12))
-        self.up = nn.Linear(ds, d)
+        # --pooling pair: both segments' means, their difference and product (4 ds features)
+        self.up = nn.Linear(4 * ds if side.pooling == "pair" else ds, d)
         self.head_dropout = nn.Dropout(side.dropout)
         self.head = nn.Linear(d, side.num_outputs)
         # --top last|layers: the backbone's own pooled states beside the side output (networks/top.py)
         self.top = backbone_top(d, len(side.stored_layers), side.num_outputs, side.top, side.dropout,
-                                getattr(backbone_config, "layer_norm_eps", 1e-12))
+                                getattr(backbone_config, "layer_norm_eps", 1e-12), side.pooling == "pair")
 
     @property
     def ladder_weight(self) -> nn.Parameter:
@@ -90,7 +91,8 @@ class LadderSideNetwork(nn.Module):
         kwargs["hidden_states"] = mix(kwargs["hidden_states"], ladders, gates, j)
         return args, kwargs
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (B, T, n_stored, d) backbone states; mask (B, T) bool -> (B, num_outputs).
 
         `prefix` (B, P, ds): extra side tokens before the text (the VL kind's projected image tokens). They
@@ -108,11 +110,12 @@ class LadderSideNetwork(nn.Module):
         s = self.norm(s)
         if self.pooling == "cls":
             pooled = s[:, 0 if prefix is None else prefix.shape[1]]  # the text's first token
+        elif self.pooling == "pair":
+            pooled = pair_features(s, mask, segments)
         else:
-            m = mask.unsqueeze(-1).to(s.dtype)
-            pooled = (s * m).sum(1) / m.sum(1).clamp(min=1)  # (B, ds)
+            pooled = masked_mean(s, mask)  # (B, ds)
         logits = self.head(self.head_dropout(torch.tanh(self.up(pooled))))
-        return logits if self.top is None else self.top(logits, hidden, text_mask)
+        return logits if self.top is None else self.top(logits, hidden, text_mask, segments)
 
 
 def with_prefix(prefix: torch.Tensor, s: torch.Tensor, ladders: torch.Tensor,

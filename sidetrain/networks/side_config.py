@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from featcache.errors import TrainConfigError, expected
+
 from .ladders import kept_blocks
 
 if TYPE_CHECKING:
@@ -35,9 +37,15 @@ class SideConfig:
         kept_blocks(self.stored_layers, self.kept_layers)  # one built by hand is checked as resolve checks
 
     @classmethod
-    def resolve(cls, cfg: TrainConfig, num_outputs: int, stored: list[int], flag: str = "--layers") -> SideConfig:
+    def resolve(cls, cfg: TrainConfig, num_outputs: int, stored: list[int], flag: str = "--layers",
+                not_pairs: str | None = "a store of a kind without sentence pairs") -> SideConfig:
         """The run's options for a side network over `stored` layers: --layers resolved (default: every stored
-        block) and checked (`flag` names the option in errors)."""
+        block) and checked (`flag` names the option in errors). `not_pairs`: what the store is instead of one of
+        sentence pairs, which --pooling pair needs (None: it is one)."""
+        if cfg.pooling == "pair" and not_pairs is not None:
+            raise TrainConfigError(expected("--pooling pair only for a store of sentence pairs whose tokenizer "
+                                            "marks the two texts (token types)", not_pairs,
+                                            "Use --pooling mean."))
         return cls(num_outputs=num_outputs, stored_layers=list(stored),
                    kept_layers=kept_blocks(stored, cfg.layers, flag), reduction_factor=cfg.reduction_factor,
                    dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, pooling=cfg.pooling,

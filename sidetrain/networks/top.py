@@ -21,33 +21,64 @@ GATE_START = 2.0  # the gate's logit z at start: the backbone term has sigmoid(2
 class BackboneTop(nn.Module):
     """The backbone term of --top last|layers: pooled stored states -> logits, and the gate that mixes them."""
 
-    def __init__(self, width: int, n_stored: int, num_outputs: int, top: str, dropout: float, eps: float) -> None:
+    def __init__(self, width: int, n_stored: int, num_outputs: int, top: str, dropout: float, eps: float,
+                 pair: bool = False) -> None:
         super().__init__()
         self.top = top
+        self.pair = pair  # --pooling pair: each segment pooled, with their difference and product
         self.norm = nn.LayerNorm(width, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(width, num_outputs)
+        self.out = nn.Linear(4 * width if pair else width, num_outputs)
         self.gate = nn.Parameter(torch.tensor(GATE_START))
         if top == "layers":
             self.mix = nn.Parameter(torch.zeros(n_stored))  # softmax weights over the stored layers, equal at start
 
-    def pooled(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """hidden (B, T, n_stored, d), mask (B, T) or None (every token real) -> (B, d)."""
+    def states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, n_stored, d) -> (B, T, d): the last stored layer, or the learned mix of them all."""
         if self.top == "layers":
-            states = torch.einsum("btld,l->btd", hidden, torch.softmax(self.mix, 0).to(hidden.dtype))
-        else:
-            states = hidden[:, :, -1]
-        if mask is None:
-            return states.mean(1)
-        m = mask.unsqueeze(-1).to(states.dtype)
-        return (states * m).sum(1) / m.sum(1).clamp(min=1)
+            return torch.einsum("btld,l->btd", hidden, torch.softmax(self.mix, 0).to(hidden.dtype))
+        return hidden[:, :, -1]
 
-    def forward(self, side_logits: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def features(self, hidden: torch.Tensor, mask: torch.Tensor | None,
+                 segments: torch.Tensor | None) -> torch.Tensor:
+        """hidden (B, T, n_stored, d), mask (B, T) or None (every token real) -> (B, d), or (B, 4d) for pairs."""
+        states = self.states(hidden)
+        if mask is None:
+            mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        if self.pair:
+            a, b = (self.norm(x) for x in segment_means(states, mask, segments))
+            return torch.cat([a, b, (a - b).abs(), a * b], -1)
+        return self.norm(masked_mean(states, mask))
+
+    def forward(self, side_logits: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor | None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         g = torch.sigmoid(self.gate)
-        return (1 - g) * side_logits + g * self.out(self.dropout(self.norm(self.pooled(hidden, mask))))
+        return (1 - g) * side_logits + g * self.out(self.dropout(self.features(hidden, mask, segments)))
 
 
 def backbone_top(width: int, n_stored: int, num_outputs: int, top: str, dropout: float,
-                 eps: float) -> BackboneTop | None:
+                 eps: float, pair: bool = False) -> BackboneTop | None:
     """The module for --top (None for side: LST's head alone, built exactly as before)."""
-    return None if top == "side" else BackboneTop(width, n_stored, num_outputs, top, dropout, eps)
+    return None if top == "side" else BackboneTop(width, n_stored, num_outputs, top, dropout, eps, pair)
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, w) states, (B, T) bool -> (B, w): the mean over the masked tokens."""
+    m = mask.unsqueeze(-1).to(states.dtype)
+    return (states * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def segment_means(states: torch.Tensor, mask: torch.Tensor,
+                  segments: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The means over a sentence pair's first text (token type 0) and second (token type 1)."""
+    if segments is None:
+        raise ValueError("--pooling pair needs the batch's token types")
+    segments = segments.to(mask.device)
+    return masked_mean(states, mask & (segments == 0)), masked_mean(states, mask & (segments != 0))
+
+
+def pair_features(states: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    """--pooling pair: [a, b, |a - b|, a * b] with a, b each text's mean (the features of a sentence-pair head
+    over sentence embeddings, as in Sentence-BERT's classification objective)."""
+    a, b = segment_means(states, mask, segments)
+    return torch.cat([a, b, (a - b).abs(), a * b], dim=-1)

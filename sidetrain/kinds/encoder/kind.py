@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from featcache.errors import TrainConfigError, expected
+
 from ...networks.family import reduction_rule
 from ...networks.ladders import stored_blocks
 from ...recipe import Recipe, backbone_config
 from ..base import SearchFacts, TrainKind
-from .predict import Predictor
 from .recipe import encoder_recipe, init_model
 from .stacked_model import FusedStack
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
     from ...config import TrainConfig
     from ...networks.encoder_stack import LadderSideNetwork
+    from .pretrained import EncoderLadderModel
 
 
 class EncoderTrainKind(TrainKind):
@@ -35,12 +37,15 @@ class EncoderTrainKind(TrainKind):
         return SearchFacts(int(config.hidden_size), int(config.num_attention_heads), tuple(factors), rule,
                            tuple(stored_blocks(manifest["layers"])), stackable=True)
 
-    def predict_lines(self, run: Path, config: dict[str, Any], texts: list[str], generate: bool,
-                      device: str) -> list[str]:
-        predictor = Predictor(run, device)
-        return predictor.label_names(predictor.predict(texts))
+    def load_model(self, folder: Path, config: dict[str, Any], device: torch.device) -> EncoderLadderModel:
+        from .pretrained import EncoderLadderModel
+
+        return EncoderLadderModel(folder, config, device)
 
     def stack_member(self, cfg: TrainConfig, store: StoreReader, device: torch.device) -> LadderSideNetwork:
+        if cfg.pooling == "pair":  # a stacked step feeds members (hidden, mask) alone, not the token types
+            raise TrainConfigError(expected("--stack 1 with --pooling pair (stacked trials read no token types)",
+                                            f"--pooling {cfg.pooling}"))
         return init_model(cfg, store, device)
 
     def fuse_stack(self, members: list[nn.Module]) -> FusedStack | None:

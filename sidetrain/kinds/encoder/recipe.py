@@ -33,14 +33,25 @@ if TYPE_CHECKING:
     from ...config import TrainConfig
 
 
-def build_model(cfg: TrainConfig, manifest: dict[str, Any]) -> LadderSideNetwork:
-    side = SideConfig.resolve(cfg, int(manifest["task"]["num_labels"]), manifest["layers"])
+def build_model(cfg: TrainConfig, manifest: dict[str, Any], not_pairs: str | None = None) -> LadderSideNetwork:
+    """The side network of a run (`not_pairs`: see SideConfig.resolve; a recorded run was checked when it trained)."""
+    side = SideConfig.resolve(cfg, int(manifest["task"]["num_labels"]), manifest["layers"], not_pairs=not_pairs)
     return LadderSideNetwork(backbone_config(manifest), side)
+
+
+def not_pairs(store: StoreReader, split: str) -> str | None:
+    """What the store is when it is not one of sentence pairs with marked segments (None when it is)."""
+    if not (store.manifest.get("dataset") or {}).get("columns", {}).get("pair"):
+        return "a store of single texts (extracted without a pair column)"
+    if not store.split(split).token_type_ids.any():
+        return "a pair store whose tokenizer gives no token types (all 0)"
+    return None
 
 
 def init_model(cfg: TrainConfig, store: StoreReader, device: torch.device) -> LadderSideNetwork:
     """The side network on `device`, its blocks Fisher-pruned from the backbone's with --init pruned."""
-    model = build_model(cfg, store.manifest).to(device)
+    pairs_check = not_pairs(store, cfg.train_split) if cfg.pooling == "pair" else None
+    model = build_model(cfg, store.manifest, pairs_check).to(device)
     if cfg.init == "pruned":  # side blocks = backbone blocks pruned to 1/r by Fisher information (cached)
         from .prune import init_from_backbone
 
@@ -59,6 +70,11 @@ def sources(cfg: TrainConfig, store: StoreReader, device: torch.device) -> dict[
     return {n: OnlineBatches(store.split(n), backbone, manifest["layers"]) for n in names}
 
 
+def model_inputs(b) -> tuple:
+    """What the side network reads from a batch: the states and mask, and the token types (--pooling pair)."""
+    return b.hidden, b.mask, None, b.token_type_ids
+
+
 def encoder_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:
     manifest = store.manifest
     task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
@@ -67,8 +83,9 @@ def encoder_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, e
     batches = sources(cfg, store, device)
 
     def predict(name: str, amp) -> np.ndarray:
-        return predict_split(model, batches[name], store.split(name), cfg.batch_size, task, device, amp)
+        return predict_split(model, batches[name], store.split(name), cfg.batch_size, task, device, amp,
+                             inputs=model_inputs)
 
     resolved = resolved_config(cfg, manifest, metric, eval_name, layers=model.kept_layers)
     return Recipe(model, batches, task, metric, num_labels, resolved,
-                  lambda forward, b: loss(task, forward(b.hidden, b.mask), b.labels, cfg.label_smoothing), predict)
+                  lambda forward, b: loss(task, forward(*model_inputs(b)), b.labels, cfg.label_smoothing), predict)

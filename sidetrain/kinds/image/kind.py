@@ -9,7 +9,6 @@ from ...networks.ladders import stored_blocks
 from ...recipe import Recipe, backbone_config
 from ..base import SearchFacts, TrainKind
 from .model import cnn_heads, reduction_rule
-from .predict import predict_images
 from .recipe import image_recipe, is_cnn
 
 if TYPE_CHECKING:
@@ -18,6 +17,7 @@ if TYPE_CHECKING:
     from featcache.reader import StoreReader
 
     from ...config import TrainConfig
+    from .pretrained import ImageLadderModel
 
 
 class ImageTrainKind(TrainKind):
@@ -42,7 +42,7 @@ class ImageTrainKind(TrainKind):
         return SearchFacts(int(config.hidden_size), int(config.num_attention_heads), tuple(factors), rule,
                            tuple(stored_blocks(manifest["layers"])), stackable=False)
 
-    def predict_lines(self, run: Path, config: dict[str, Any], texts: list[str], generate: bool,
-                      device: str) -> list[str]:
-        """`texts` are image paths."""
-        return predict_images(run, config, texts, device)
+    def load_model(self, folder: Path, config: dict[str, Any], device: torch.device) -> ImageLadderModel:
+        from .pretrained import ImageLadderModel
+
+        return ImageLadderModel(folder, config, device)

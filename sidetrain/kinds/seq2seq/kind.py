@@ -11,7 +11,6 @@ from ...networks.ladders import stored_blocks
 from ...recipe import Recipe, backbone_config
 from ..base import SearchFacts, TrainKind
 from .model import T5LadderSideNetwork, reduction_rule
-from .predict import predict_lines
 from .prune import fisher_scores, pruned_init
 from .recipe import seq2seq_recipe
 
@@ -21,6 +20,7 @@ if TYPE_CHECKING:
     from featcache.reader import StoreReader
 
     from ...config import TrainConfig
+    from .pretrained import Seq2SeqLadderModel
 
 
 class Seq2SeqTrainKind(TrainKind):
@@ -41,6 +41,7 @@ class Seq2SeqTrainKind(TrainKind):
         return SearchFacts(int(config.d_model), int(config.num_heads), tuple(factors), rule, tuple(blocks),
                            stackable=False)
 
-    def predict_lines(self, run: Path, config: dict[str, Any], texts: list[str], generate: bool,
-                      device: str) -> list[str]:
-        return predict_lines(run, texts, generate, device)
+    def load_model(self, folder: Path, config: dict[str, Any], device: torch.device) -> Seq2SeqLadderModel:
+        from .pretrained import Seq2SeqLadderModel
+
+        return Seq2SeqLadderModel(folder, config, device)

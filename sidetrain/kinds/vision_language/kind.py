@@ -10,7 +10,7 @@ from ...networks.family import reduction_rule
 from ...networks.ladders import stored_blocks
 from ...recipe import Recipe, backbone_config
 from ..base import SearchFacts, TrainKind
-from .predict import pair_up, predict_questions, question_rows
+from .predict import pair_up, question_rows
 from .recipe import check_text_backbone, vision_language_recipe
 
 if TYPE_CHECKING:
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from featcache.reader import StoreReader
 
     from ...config import TrainConfig
+    from .pretrained import VisionLanguageLadderModel
 
 
 class VisionLanguageTrainKind(TrainKind):
@@ -35,11 +36,11 @@ class VisionLanguageTrainKind(TrainKind):
         return SearchFacts(int(config.hidden_size), int(config.num_attention_heads), tuple(factors), rule,
                            tuple(stored_blocks(manifest["layers"])), stackable=False)
 
-    def predict_lines(self, run: Path, config: dict[str, Any], texts: list[str], generate: bool,
-                      device: str) -> list[str]:
-        """`texts`: 'image path<TAB>question' lines (what sidetrain.predict builds from --text/--image)."""
-        pairs = [t.split("\t", 1) for t in texts]
-        return predict_questions(run, config, [q for _, q in pairs], [p for p, _ in pairs], device)
+    def load_model(self, folder: Path, config: dict[str, Any], device: torch.device) -> VisionLanguageLadderModel:
+        """Its `predict_lines` takes 'image path<TAB>question' lines (what sidetrain.predict builds)."""
+        from .pretrained import VisionLanguageLadderModel
+
+        return VisionLanguageLadderModel(folder, config, device)
 
     def examples(self, config: dict[str, Any], paths: list[str], texts: list[str], images: list[str]) -> list[str]:
         """The inputs of `lst predict` as 'image path<TAB>question' lines: rows files, then --text/--image."""

@@ -6,20 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from safetensors.torch import load_file
-
 from featcache.errors import LstError, expected
-from featcache.images.datasets import ImageSplit
-from featcache.images.prefetch import PixelPrefetcher
 from featcache.loading import resolve_device
 
-from ...data import length_bucketed_batches
-from ...recipe import autocast
-from ...run_files import run_options
-from ...text_inputs import text_states, tokenize
-from .recipe import build_model, image_layers, load_image_model, load_text_model
+from .pretrained import VisionLanguageLadderModel
 
 
 def question_rows(paths: list[str], manifest: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -60,29 +50,9 @@ def pair_up(texts: list[str], images: list[str]) -> list[str]:
     return [f"{images[0] if len(images) == 1 else p}\t{t}" for t, p in zip(texts, images * len(texts))]
 
 
-@torch.no_grad()
 def predict_questions(run: Path, config: dict[str, Any], questions: list[str], images: list[str],
                       device: str = "auto", batch_size: int = 32) -> list[str]:
-    cfg = run_options(config)
-    manifest = config["store_manifest"]
-    dev = resolve_device(device)
-    text, image = load_text_model(manifest, str(dev), manifest.get("precision", "fp32")), \
-        load_image_model(manifest, str(dev))
-    model = build_model(cfg, manifest)
-    model.load_state_dict(load_file(str(Path(run) / "model.safetensors")))
-    model.to(dev).eval()
-    ids, types = tokenize(text.tokenizer, questions, manifest["max_length"])
-    pixels = PixelPrefetcher(ImageSplit("input", [Path(p) for p in images], None, "the command line", images), image)
-    lengths = np.array([len(x) for x in ids])
-    out = np.zeros(len(questions), dtype=np.int64)
-    try:
-        for idx in length_bucketed_batches(lengths, batch_size, 0, 0, shuffle=False):
-            hidden, mask = text_states(text, ids, types, idx, manifest["layers"])
-            states = image.hidden_states(pixels.get(idx.tolist()), image_layers(manifest))
-            with autocast(cfg, dev):
-                logits = model(hidden.to(dev), mask.to(dev), states.to(dev)).float()
-            out[idx] = logits.argmax(-1).cpu().numpy()
-    finally:
-        pixels.close()
-    label_names = manifest["task"]["label_names"]
-    return [label_names[i] for i in out]
+    """An answer per question, from both backbones live and the run's side network, in one
+    `VisionLanguageLadderModel` (pretrained.py: the one implementation, shared with the Python API)."""
+    model = VisionLanguageLadderModel(Path(run), config, resolve_device(device)).eval()
+    return model.predict(list(zip(images, questions)), batch_size)

@@ -1,0 +1,210 @@
+"""A trained T5 run as one model (`Seq2SeqLadderModel`): the frozen T5, live, and the side encoder-decoder;
+`lst predict` on T5 runs goes through the functions here (predict.py).
+
+Classification scores every candidate label text, as evaluation from the cache does. Free-text generation
+cannot run from a cache (the backbone decoder must see the generated tokens): it decodes greedily, re-running
+the backbone decoder on the whole prefix at each step (simple, and exact).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers.modeling_outputs import Seq2SeqLMOutput
+
+from featcache.errors import LstError, StoreError, expected
+from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone, load_seq2seq_backbone, shift_right
+from featcache.text.splits import pad_batch
+
+from ...pretrained import LadderModel, text_lines
+from ...recipe import autocast
+from ...run_files import run_options
+from .model import T5LadderSideNetwork, sequence_scores
+from .recipe import build_seq2seq_model
+
+
+def load_side(folder: str | Path, config: dict[str, Any], backbone: Seq2SeqBackbone) -> T5LadderSideNetwork:
+    """The run's side network on the backbone's device, after checking the backbone is the weights it trained on."""
+    manifest = config["store_manifest"]
+    if "seq2seq" not in manifest:
+        raise StoreError(expected("a run trained on an encoder-decoder (T5) store", f"'{folder}' (encoder-only)"))
+    if backbone.revision != manifest["backbone"]["revision"]:
+        raise StoreError(f"Backbone mismatch: the run was trained on weights {manifest['backbone']['revision']!r}, "
+                         f"but {backbone.name} has {backbone.revision!r}.")
+    # The live backbone has the LM head already: no store is needed to predict (relative biases: the run's).
+    lm_head = backbone.model.get_output_embeddings().weight.detach().float().cpu()
+    model = build_seq2seq_model(run_options(config), manifest, {"lm_head": lm_head}, config["decoder_layers"])
+    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
+    return model.to(backbone.device).eval()
+
+
+def side_states(model, backbone, s, targets: list[list[int]], row: torch.Tensor, side_enc, enc_out, mask):
+    """Backbone decoder teacher-forced on `targets` (rows of examples `row`), then the side decoder:
+    the states its LM head reads (N, U, d), and the target mask."""
+    dec_ids, dec_mask = shift_right(targets, s["decoder_start_token_id"], s["pad_token_id"])
+    dec_hidden, _ = backbone.decode(dec_ids, dec_mask, enc_out[row], mask[row].long(), s["decoder_layers"])
+    dec_mask = dec_mask.bool().to(backbone.device)
+    dec_hidden = (dec_hidden * dec_mask[..., None, None]).to(side_enc.dtype)
+    return model.decode(dec_hidden, dec_mask, side_enc[row], mask[row]), dec_mask
+
+
+def side_logits(model, backbone, s, targets: list[list[int]], row: torch.Tensor, side_enc, enc_out, mask):
+    """`side_states` through the LM head: full-vocabulary logits (N, U, vocab), for a few rows only."""
+    states, dec_mask = side_states(model, backbone, s, targets, row, side_enc, enc_out, mask)
+    return model.logits(states), dec_mask
+
+
+def candidate_scores(model, backbone, s, side_enc, enc_out, mask) -> torch.Tensor:
+    """(n, candidates) log-probability of every candidate label text, for each example."""
+    cands = s["candidate_ids"]
+    n, c = side_enc.shape[0], len(cands)
+    row = torch.arange(n, device=backbone.device).repeat_interleave(c)
+    targets = [cands[k] for _ in range(n) for k in range(c)]
+    states, dec_mask = side_states(model, backbone, s, targets, row, side_enc, enc_out, mask)
+    target_t, _ = pad_batch(targets, 0)
+    return sequence_scores(states, model.lm_head, target_t.to(states.device), dec_mask).view(n, c).float().cpu()
+
+
+def classify(model, backbone, s, names: list[str], side_enc, enc_out, mask) -> list[dict[str, Any]]:
+    scores = candidate_scores(model, backbone, s, side_enc, enc_out, mask)
+    best = scores.argmax(-1).tolist()
+    return [{"label": names[k], "label_text": s["label_texts"][k], "scores": scores[i].tolist()}
+            for i, k in enumerate(best)]
+
+
+def greedy(model, backbone, s, side_enc, enc_out, mask, max_new_tokens: int) -> list[list[int]]:
+    """Greedy decoding: each example's generated ids, without the start token and the final EOS."""
+    n = side_enc.shape[0]
+    row = torch.arange(n, device=backbone.device)
+    made: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    for _ in range(max_new_tokens):
+        # the prefix plus a placeholder: shift_right turns it into [start] + prefix, whose last logits we read
+        states, _ = side_states(model, backbone, s, [m + [s["pad_token_id"]] for m in made], row, side_enc,
+                                enc_out, mask)
+        # the vocabulary logits of each row's next position only: (n, vocab), not (n, U, vocab)
+        logits = model.logits(states[row, torch.tensor([len(m) for m in made], device=states.device)])
+        for i in range(n):
+            if not done[i]:
+                token = int(logits[i].argmax())
+                done[i] = token == s["eos_token_id"]
+                if not done[i]:
+                    made[i].append(token)
+        if all(done):
+            break
+    return made
+
+
+class Seq2SeqLadderModel(LadderModel):
+    """T5 with a side network: `model(input_ids, attention_mask, labels | decoder_input_ids)` -> Seq2SeqLMOutput
+    (logits over the vocabulary, teacher-forced); `generate(input_ids, ...)` greedy; `predict(texts)` -> the best
+    candidate label (or, with generate=True, the generated text)."""
+
+    pipeline_task = "text2text-generation"
+    pipeline_tasks = ("text2text-generation", "text-classification")
+
+    def __init__(self, folder: Path, config: dict[str, Any], device: torch.device,
+                 backbone: Seq2SeqBackbone | None = None) -> None:
+        super().__init__(folder, config)
+        self.t5 = backbone or load_seq2seq_backbone(self.manifest["backbone"]["name"], "fp32", str(device))
+        self.backbone = self.t5.model  # a submodule: `.to()` moves it with the side network
+        self.tokenizer = self.t5.tokenizer
+        self.side = load_side(folder, config, self.t5)
+        self.s = self.manifest["seq2seq"]
+
+    def frozen_parts(self) -> list[Any]:
+        return [self.t5]
+
+    def can_generate(self) -> bool:
+        return True
+
+    def preprocess(self, texts: list) -> dict[str, torch.Tensor]:
+        ids = self.tokenize(texts)
+        input_ids, mask = pad_batch(ids, self.s["pad_token_id"])
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def tokenize(self, texts: list) -> list[list[int]]:
+        split = [line.split("\t", 1) for line in text_lines(texts)]
+        firsts = [p[0] for p in split]
+        pairs = [p[1] if len(p) > 1 else "" for p in split] if any(len(p) > 1 for p in split) else None
+        return self.tokenizer(firsts, pairs, truncation=True, max_length=self.manifest["max_length"])["input_ids"]
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """Backbone and side encoders: side encoding (B, T, ds), backbone encoder output, bool mask."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        enc_hidden, enc_out = self.t5.encode(input_ids, mask, self.s["encoder_layers"])
+        mask = mask.bool().to(self.t5.device)
+        with autocast(self.options, self.device):
+            return self.side.encode(self.side_inputs(enc_hidden), mask.to(self.device)), enc_out, mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **_: Any) -> Seq2SeqLMOutput:
+        """Teacher-forced: `labels` (B, U), -100 at padding, as transformers' T5 takes them (the decoder input is
+        the labels shifted right), or `decoder_input_ids` themselves."""
+        if decoder_input_ids is None and labels is None:
+            raise LstError(expected("labels or decoder_input_ids for a T5 forward", "neither",
+                                    "Use generate() or predict() to produce text."))
+        side_enc, enc_out, mask = self.encode(input_ids, attention_mask)
+        if decoder_input_ids is None:
+            real = labels != -100
+            targets = [row[keep].tolist() for row, keep in zip(labels.cpu(), real.cpu())]
+            dec_ids, dec_mask = shift_right(targets, self.s["decoder_start_token_id"], self.s["pad_token_id"])
+        else:
+            dec_ids = decoder_input_ids
+            dec_mask = torch.ones_like(dec_ids) if decoder_attention_mask is None else decoder_attention_mask
+        dec_hidden, _ = self.t5.decode(dec_ids, dec_mask, enc_out, mask.long(), self.s["decoder_layers"])
+        dec_mask = dec_mask.bool().to(self.t5.device)
+        with autocast(self.options, self.device):
+            states = self.side.decode(self.side_inputs(dec_hidden * dec_mask[..., None, None]),
+                                      dec_mask.to(self.device), side_enc, mask.to(self.device))
+            logits = self.side.logits(states).float()  # (B, U, vocab)
+        out_loss = None
+        if labels is not None:  # the teacher-forced cross-entropy training minimises, mean over real tokens
+            out_loss = F.cross_entropy(logits.flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
+        return Seq2SeqLMOutput(loss=out_loss, logits=logits)
+
+    @torch.no_grad()
+    def logits(self, texts: list, batch_size: int = 32) -> np.ndarray:
+        """(N, candidates) log-probability of each candidate label text."""
+        ids = self.tokenize(texts)
+        parts = []
+        for a in range(0, len(ids), batch_size):
+            side_enc, enc_out, mask = self.encode(*pad_batch(ids[a:a + batch_size], self.s["pad_token_id"]))
+            parts.append(candidate_scores(self.side, self.t5, self.s, side_enc, enc_out, mask).numpy())
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.s["candidate_ids"])), dtype=np.float32)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 16, **_: Any) -> torch.Tensor:
+        """Greedy decoding, as transformers' generate returns it: (B, 1 + n) ids starting with the decoder start
+        token, ending with EOS where one was produced, padded with the pad id."""
+        side_enc, enc_out, mask = self.encode(input_ids, attention_mask)
+        made = greedy(self.side, self.t5, self.s, side_enc, enc_out, mask, max_new_tokens)
+        eos = [[self.s["eos_token_id"]] if len(m) < max_new_tokens else [] for m in made]
+        rows = [[self.s["decoder_start_token_id"], *m, *e] for m, e in zip(made, eos)]
+        return pad_batch(rows, self.s["pad_token_id"])[0]
+
+    @torch.no_grad()
+    def generate_texts(self, texts: list, max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
+        ids = self.tokenize(texts)
+        out: list[str] = []
+        for a in range(0, len(ids), batch_size):
+            side_enc, enc_out, mask = self.encode(*pad_batch(ids[a:a + batch_size], self.s["pad_token_id"]))
+            made = greedy(self.side, self.t5, self.s, side_enc, enc_out, mask, max_new_tokens)
+            out += [self.tokenizer.decode(m, skip_special_tokens=True) for m in made]
+        return out
+
+    def predict(self, texts: list, batch_size: int = 32, generate: bool = False, max_new_tokens: int = 16) -> list[str]:
+        """The best candidate label of each text, or with `generate` its greedily generated text."""
+        if generate:
+            return self.generate_texts(list(texts), max_new_tokens, batch_size)
+        return super().predict(texts, batch_size)
+
+    def predict_lines(self, lines: list[str], generate: bool = False) -> list[str]:
+        return self.predict(lines, generate=generate)
