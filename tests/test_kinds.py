@@ -58,7 +58,7 @@ def t5_config(model, data, out, **kw) -> ExtractConfig:
 def test_kinds_are_registered_detected_and_recorded(tiny_store, tiny_bert, small_t5):
     from transformers import AutoConfig
 
-    assert registered_kinds()[:4] == ["vision_language", "seq2seq", "image", "encoder"]  # detection precedence
+    assert registered_kinds()[:5] == ["vision_language", "seq2seq", "image", "decoder", "encoder"]  # precedence
     cfg = ExtractConfig(model="m", dataset="d", out="o")
     assert kind_for_request(cfg, AutoConfig.from_pretrained(tiny_bert)).name == "encoder"
     assert kind_for_request(cfg, AutoConfig.from_pretrained(small_t5)).name == "seq2seq"

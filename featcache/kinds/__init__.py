@@ -2,6 +2,7 @@
 reader, registered once with both of its halves (registry.py):
 
     encoder           text encoders (BERT-family): per-layer states of each example's tokens
+    decoder           decoder-only causal LMs (Llama, Qwen2, Mistral, GPT-2): per-layer states of each token
     seq2seq           T5: encoder states + decoder states teacher-forced on label texts
     image             vision backbones: per-layer patch tokens, or a CNN's pooled stage maps
     vision_language   a text part per row + an image part, one row per distinct image
@@ -12,7 +13,7 @@ Adding a kind: a folder here whose __init__ calls `register_kind`, imported belo
 folder under sidetrain/kinds/. Detection follows each kind's `precedence`, not this import order.
 """
 
-from . import encoder, image, seq2seq, vision_language  # noqa: F401 - importing a kind registers it
+from . import decoder, encoder, image, seq2seq, vision_language  # noqa: F401 - importing a kind registers it
 from .registry import (
     ExtractKind,
     KindEntry,
