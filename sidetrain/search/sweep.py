@@ -35,7 +35,7 @@ from ..train import train
 from . import space as S
 from .claims import budget_left, claim_lock, claim_pool, heartbeat, recover_stale
 from .config import SweepConfig
-from .study import check_identity, identity, open_storage, open_study, redact
+from .study import check_identity, identity, open_storage, open_study, redact, study_lock
 
 log = logging.getLogger(__name__)
 MAX_FAILURES_IN_A_ROW = 3
@@ -197,7 +197,7 @@ def work(ctx: _Context, study, worker: int = 0, bar=None) -> int:
     out, done, failures = Path(ctx.cfg.out), 0, 0
     with _quiet_epochs():
         while True:
-            with claim_lock(out):
+            with claim_lock(out), study_lock(ctx.cfg):  # this folder's workers, then every machine's
                 recover_stale(study, ctx.cfg)
                 # K at a time, but no more than this worker's share of what is left (other workers get theirs)
                 share = -(-budget_left(study, ctx.cfg) // ctx.cfg.workers)
