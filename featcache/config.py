@@ -32,7 +32,8 @@ class ExtractConfig:
     text_column: str | None = opt(None, "Text column. Default: text, sentence, sentence1, ...")
     text_pair_column: str | None = opt(None, "Second text of a pair (default: inferred).")
     label_column: str | None = opt(None, "Label column. Default: label, score, ...")
-    task: str = opt("auto", "auto, classification or regression.")
+    task: str = opt("auto", "auto, classification, regression, or generate (decoder-only backbones: the label "
+                            "column holds each row's target text, trained through the frozen LM head).")
     max_length: int = opt(128, "Tokens per example; longer texts are truncated and counted.")
     layers: list[int] | None = opt(  # noqa: RUF009 (opt() is a field)
         None, "hidden_states indices to store: 'all', '0,3,6', '0-4' (0 = embedding output).")
@@ -59,8 +60,9 @@ class ExtractConfig:
                                         "(efficientnet-lite0, bundled; efficientnet-lite1..4; or a transformers "
                                         "vision model folder). Each distinct image of --image-column is stored "
                                         "once, each row's text (question) as MODEL's text store.")
-    label_text: str | None = opt(None, "Encoder-decoder (T5): JSON file mapping each label to its target text "
-                                       "(default: T5's GLUE words, else the label names).")
+    label_text: str | None = opt(None, "Encoder-decoder (T5) and decoder-only stores: JSON file mapping each label "
+                                       "to its target text (T5's default: its GLUE words, else the label names; a "
+                                       "decoder store scores labels through its LM head only with it).")
 
     def __post_init__(self) -> None:
         if self.store_dtype not in S.STORE_DTYPES:
@@ -69,8 +71,8 @@ class ExtractConfig:
             raise DatasetError(expected("--max-length of at least 2", self.max_length))
         if self.batch_size < 1:
             raise DatasetError(expected("--batch-size of at least 1", self.batch_size))
-        if self.task not in ("auto", "classification", "regression"):
-            raise DatasetError(expected("--task auto, classification or regression", self.task))
+        if self.task not in ("auto", "classification", "regression", "generate"):
+            raise DatasetError(expected("--task auto, classification, regression or generate", self.task))
         if self.shard_tokens < 0 or self.chunk_tokens < 1:
             raise StoreError(expected("--shard-tokens >= 0 and --chunk-tokens >= 1",
                                       (self.shard_tokens, self.chunk_tokens)))

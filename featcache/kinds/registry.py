@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import BackboneError, StoreError, expected
+from ..errors import BackboneError, DatasetError, StoreError, expected
 from ..manifest import kind_of
 
 if TYPE_CHECKING:
@@ -34,8 +34,9 @@ class ExtractKind:
 
     name: str = ""
     # Detection order among the kinds whose `matches` is true: the highest wins. Unique per kind, so the
-    # choice never depends on import order (vision-language 30 > seq2seq 20 > image 10 > encoder 0).
+    # choice never depends on import order (vision-language 30 > seq2seq 20 > image 10 > decoder 5 > encoder 0).
     precedence: int = 0
+    free_text_targets: bool = False  # `--task generate` applies: the label column holds each row's target text
 
     def matches(self, cfg: ExtractConfig, config: Any) -> bool:
         """Whether this kind handles the request; `config` is the backbone's transformers config or None."""
@@ -126,7 +127,13 @@ def kind_for_request(cfg: ExtractConfig, config: Any) -> ExtractKind:
     """The kind that handles this extraction: of those that match, the one of highest precedence."""
     matching = [e.extract for e in _KINDS.values() if e.extract.matches(cfg, config)]
     if matching:
-        return max(matching, key=lambda k: k.precedence)
+        kind = max(matching, key=lambda k: k.precedence)
+        if cfg.task == "generate" and not kind.free_text_targets:
+            makers = sorted(e.extract.name for e in _KINDS.values() if e.extract.free_text_targets)
+            raise DatasetError(expected(f"--task generate only for a backbone whose kind trains free-text targets "
+                                        f"({', '.join(makers)})", f"'{cfg.model}' (a {kind.name} backbone)",
+                                        "Use --task classification (T5: --label-text maps labels to words)."))
+        return kind
     raise BackboneError(expected(f"a backbone one of the store kinds {registered_kinds()} can extract",
                                  f"'{cfg.model}' ({type(config).__name__ if config is not None else 'no config'})"))
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from featcache.errors import TrainConfigError, expected
+from featcache.kinds.decoder.backbone import cache_argument
 
 from ...networks.family import FF_WIDTH_FIELDS, block_list, set_heads_and_dropout
 from ...networks.ladders import Ladders, mix
@@ -107,8 +108,10 @@ def last_token(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().sum(1) - 1).clamp(min=0)
 
 
-class CausalSideNetwork(nn.Module):
-    """`side`: the run's options, kept layers resolved (SideConfig.resolve); the backbone config: the rest."""
+class CausalSideStack(nn.Module):
+    """Ladders and the family's blocks at 1/r width: backbone states (B, T, n_stored, d) -> side states (B, T, d/r)
+    after the family's final norm. The classification network (`CausalSideNetwork`) and the LM-head network
+    (lm_model.py) put their tops on it. `side`: the run's options, kept layers resolved (SideConfig.resolve)."""
 
     def __init__(self, backbone_config, side: SideConfig) -> None:
         super().__init__()
@@ -121,12 +124,6 @@ class CausalSideNetwork(nn.Module):
         for j, block in enumerate(self.blocks):  # bound methods: a deep copy calls its own hooks
             block.register_forward_pre_hook(functools.partial(self._mix_ladder, j), with_kwargs=True)
         self._run: dict[str, torch.Tensor] = {}
-        self.up = nn.Linear(ds, d)
-        self.head_dropout = nn.Dropout(side.dropout)
-        self.head = nn.Linear(d, side.num_outputs)
-        eps = next((float(v) for f in ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps")
-                    if isinstance(v := getattr(backbone_config, f, None), float)), 1e-5)
-        self.top = backbone_top(d, len(side.stored_layers), side.num_outputs, side.top, side.dropout, eps)
 
     def _mix_ladder(self, j: int, module, args, kwargs):
         """Block j's input s -> mu_j * s + (1 - mu_j) * ladder_j."""
@@ -136,14 +133,40 @@ class CausalSideNetwork(nn.Module):
         kwargs["hidden_states"] = mix(kwargs["hidden_states"], ladders, gates, j)
         return args, kwargs
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """hidden (B, T, n_stored, d) backbone states, right-padded; mask (B, T) bool -> (B, num_outputs)."""
+    def side_states(self, hidden: torch.Tensor, mask: torch.Tensor, cache=None) -> torch.Tensor:
+        """hidden (B, T, n_stored, d), mask (B, T) bool -> (B, T, ds). With `cache` (generation: one unpadded row),
+        `hidden` holds the new positions only, `mask` every position so far, and the family's own KV cache (a
+        transformers Cache, filled in place) holds the side blocks' keys and values of the earlier ones."""
         s, ladders, gates = self.ladders(hidden)  # (B, T, ds), (B, T, K, ds), (K,)
         self._run = {"ladders": ladders, "gates": gates}
         try:
-            out = self.side(inputs_embeds=s, attention_mask=mask.long(), use_cache=False).last_hidden_state
+            return self.side(inputs_embeds=s, attention_mask=mask.long(), use_cache=cache is not None,
+                             **cache_argument(self.side, cache)).last_hidden_state
         finally:
             self._run = {}
+
+    def new_cache(self):
+        """An empty KV cache of the side model's family (its sliding layers kept as the family keeps them)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+
+class CausalSideNetwork(CausalSideStack):
+    """Classification or regression from the last real token (the module docstring's `out`)."""
+
+    def __init__(self, backbone_config, side: SideConfig) -> None:
+        super().__init__(backbone_config, side)
+        d, ds = int(backbone_config.hidden_size), int(self.config.hidden_size)
+        self.up = nn.Linear(ds, d)
+        self.head_dropout = nn.Dropout(side.dropout)
+        self.head = nn.Linear(d, side.num_outputs)
+        self.top = backbone_top(d, len(side.stored_layers), side.num_outputs, side.top, side.dropout,
+                                norm_eps(backbone_config))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, n_stored, d) backbone states, right-padded; mask (B, T) bool -> (B, num_outputs)."""
+        out = self.side_states(hidden, mask)
         last = last_token(mask)  # (B,)
         rows = torch.arange(len(last), device=last.device)
         logits = self.head(self.head_dropout(torch.tanh(self.up(out[rows, last]))))
@@ -152,3 +175,9 @@ class CausalSideNetwork(nn.Module):
         at_last = torch.zeros_like(mask, dtype=torch.bool)
         at_last[rows, last] = True  # the backbone term reads the last real token's state alone
         return self.top(logits, hidden, at_last)
+
+
+def norm_eps(backbone_config) -> float:
+    """The backbone's norm epsilon (the --top term's LayerNorm uses it)."""
+    return next((float(v) for f in ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps")
+                 if isinstance(v := getattr(backbone_config, f, None), float)), 1e-5)

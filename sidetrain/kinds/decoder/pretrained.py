@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from featcache.errors import LstError, expected
 from featcache.kinds.decoder.backbone import CausalBackbone, load_causal_backbone
 from featcache.store import check_match
 
@@ -43,6 +44,16 @@ class DecoderLadderModel(LadderModel):
 
     def frozen_parts(self) -> list[Any]:
         return [self.text]
+
+    def predict_lines(self, lines: list[str], generate: bool = False) -> list[str]:
+        if generate:
+            self.generate()
+        return self.predict(lines)
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise LstError(expected("a decoder run that generates text (trained through the LM head: a store extracted "
+                                "with --task generate or --label-text) for --generate",
+                                "a run with a classification head", "Drop --generate; predict() gives its labels."))
 
     def tokenize(self, texts: list) -> list[list[int]]:
         return tokenize(self.tokenizer, text_lines(texts), self.manifest["max_length"])[0]

@@ -1,5 +1,6 @@
 """The decoder-only store's Recipe for the shared training loop: the causal side network (model.py), batches from
-the store (or the live causal backbone for --online), cross-entropy or MSE on the last real token's output."""
+the store (or the live causal backbone for --online), cross-entropy or MSE on the last real token's output. A
+target store trains through the frozen LM head instead (lm_recipe.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ...recipe import (
     resolved_config,
     select_metric,
 )
+from .lm_recipe import lm_recipe, targets_of
 from .model import CausalSideNetwork
 
 if TYPE_CHECKING:
@@ -63,6 +65,8 @@ def sources(cfg: TrainConfig, store: StoreReader, device: torch.device) -> dict[
 def decoder_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:
     check_options(cfg)
     manifest = store.manifest
+    if targets_of(manifest):  # a target store: through the frozen LM head
+        return lm_recipe(cfg, store, device, eval_name)
     task, num_labels = manifest["task"]["type"], manifest["task"]["num_labels"]
     metric = select_metric(cfg, manifest, task)
     model = build_model(cfg, manifest).to(device)
