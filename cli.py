@@ -195,8 +195,12 @@ def extract(opts: dict) -> None:
     fidelity = manifest.get("fidelity") or {}
     error = fidelity.get("storage_error", {}).get(manifest["store_dtype"])
     measured = f" (measured storage error {error['rel_error']:.2%})" if error else ""
+    compression = manifest.get("compression")
+    kept = "" if not compression else (f", {compression['components']} PCA components per layer (explained variance "
+                                       f"{min(v for p in compression['parts'].values() for v in p['explained_variance']):.1%}"
+                                       "+)")
     console.print(f"Wrote {cfg.out}: {rows} examples, layers {manifest['layers']}, "
-                  f"{manifest['store_dtype']}{measured}.")
+                  f"{manifest['store_dtype']}{measured}{kept}.")
 
 
 def _print_preflight(summary: dict) -> None:
@@ -209,6 +213,10 @@ def _print_preflight(summary: dict) -> None:
     Console().print(f"layers {summary['layers']}  bytes/token {summary['bytes_per_token']:,}  "
                     f"store ~{summary['bytes'] / 2**20:,.1f} MiB  shards {summary['shards']} of "
                     f"{summary['shard_tokens']:,} tokens")
+    if summary.get("components"):
+        Console().print(f"{summary['components']} PCA components per layer: "
+                        f"{summary['uncompressed_bytes'] / max(summary['bytes'], 1):.1f}x smaller than the full states "
+                        f"(~{summary['uncompressed_bytes'] / 2**20:,.1f} MiB)")
 
 
 @app.command()
@@ -402,9 +410,11 @@ def inspect(
     if report is not None:
         for bad in report["bad"]:
             console.print(f"[red]bad shard[/red] {bad['part']} #{bad['shard']}: {bad['problem']}", highlight=False)
+        for bad in report["bad_bases"]:
+            console.print(f"[red]bad basis[/red] compression/{bad['part']}: {bad['problem']}", highlight=False)
         unchecked = f"; no checksums in {', '.join(report['without_checksums'])}" if report["without_checksums"] else ""
         console.print(f"verify: {report['checked']} shards checked, {len(report['bad'])} bad{unchecked}.")
-        if report["bad"]:
+        if report["bad"] or report["bad_bases"]:
             raise typer.Exit(1)
 
 

@@ -60,6 +60,15 @@ class ExtractConfig:
                                         "(efficientnet-lite0, bundled; efficientnet-lite1..4; or a transformers "
                                         "vision model folder). Each distinct image of --image-column is stored "
                                         "once, each row's text (question) as MODEL's text store.")
+    components: int | None = opt(None, "Compress: keep each stored layer as K coefficients on a PCA basis of that layer "
+                                       "(fitted on a sample of the training split's tokens; stored with its mean and "
+                                       "explained variance). Readers and `lst train` rebuild h ~= c U^T + mu; "
+                                       "--store-dtype applies to the coefficients. Default: the full states. "
+                                       "docs/compress.md says how to pick K (d/4: 4x smaller at fp16).")
+    components_sample: int = opt(16384, "Compressed stores: training-split tokens the PCA basis is fitted on "
+                                        "(seeded rows; at least --components).")
+    components_seed: int = opt(0, "Compressed stores: seed of the rows the basis is fitted on (a refit after a "
+                                  "kill is identical).")
     label_text: str | None = opt(None, "Encoder-decoder (T5) and decoder-only stores: JSON file mapping each label "
                                        "to its target text (T5's default: its GLUE words, else the label names; a "
                                        "decoder store scores labels through its LM head only with it).")
@@ -73,6 +82,11 @@ class ExtractConfig:
             raise DatasetError(expected("--batch-size of at least 1", self.batch_size))
         if self.task not in ("auto", "classification", "regression", "generate"):
             raise DatasetError(expected("--task auto, classification, regression or generate", self.task))
+        if self.components is not None and self.components < 1:
+            raise StoreError(expected("--components of at least 1 (PCA coefficients per layer)", self.components))
+        if self.components is not None and self.components_sample < self.components:
+            raise StoreError(expected(f"--components-sample of at least --components ({self.components}) tokens",
+                                      self.components_sample, "A basis of K components needs at least K tokens."))
         if self.shard_tokens < 0 or self.chunk_tokens < 1:
             raise StoreError(expected("--shard-tokens >= 0 and --chunk-tokens >= 1",
                                       (self.shard_tokens, self.chunk_tokens)))

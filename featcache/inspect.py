@@ -20,7 +20,7 @@ import zarr
 from . import store as S
 from .destination import local_path, zarr_location
 from .errors import StoreError, expected
-from .manifest import kind_of, split_parts, store_parts
+from .manifest import compression_of, kind_of, split_parts, store_parts
 from .plan import ROOT
 from .verify import verify_group
 
@@ -176,8 +176,43 @@ def inspect_store(path: str | Path) -> dict[str, Any]:
                     "columns": dataset.get("columns")},
         "task": manifest.get("task"),
         "measured_error": measured_errors(manifest),
+        "compression": compression_summary(manifest, part_summary),
         "versions": manifest.get("versions"),
     }
+
+
+def compression_summary(manifest: dict[str, Any], parts: dict[str, Any]) -> dict[str, Any] | None:
+    """A compressed store's K, fit sample and per-layer explained variance, with each part's bytes against what
+    the full states would take in the same dtype; None for a store of full states."""
+    record = compression_of(manifest)
+    if record is None:
+        return None
+    out = {k: record.get(k) for k in ("method", "components", "sample_tokens", "seed", "fit_split")}
+    out["parts"] = {}
+    for p, facts in record["parts"].items():
+        layers = len(parts.get(p, {}).get("layers") or [])
+        full = S.bytes_per_token(manifest["store_dtype"], layers, int(facts["hidden_size"]))
+        stored = parts.get(p, {}).get("bytes_per_token")
+        out["parts"][p] = {**{k: facts.get(k) for k in ("components", "hidden_size", "fitted_tokens",
+                                                        "explained_variance")},
+                           "bytes_per_token": stored, "full_bytes_per_token": full,
+                           "ratio": full / stored if stored else None}
+    return out
+
+
+def _compression_rows(info: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if info is None:
+        return []
+    rows = []
+    for p, c in info["parts"].items():
+        name = f"{p} " if p else ""
+        what = (f"{info['method']}: K={c['components']} of d={c['hidden_size']}, fitted on {c['fitted_tokens']:,} "
+                f"{info['fit_split']} tokens (seed {info['seed']}); {c['bytes_per_token']:,} bytes/token vs "
+                f"{c['full_bytes_per_token']:,} full ({c['ratio']:.1f}x smaller)")
+        rows.append((f"{name}compression", what))
+        rows.append((f"{name}explained variance", _compact(c["explained_variance"]) + " per layer (on the fit sample; "
+                     "the rows below measure the storage dtype on the full states)"))
+    return rows
 
 
 def _size(n: float | None) -> str:
@@ -239,6 +274,7 @@ def render(info: dict[str, Any]):
             rows.append((f"{part} bytes per token", _per_token(p["bytes_per_token"], p["bytes_per_token_on_disk"])))
     for name, n in info["bytes_outside_splits"].items():
         rows.append((f"{name} on disk", _size(n)))
+    rows += _compression_rows(info.get("compression"))
     rows += _error_rows(info["measured_error"], info["store_dtype"]) or [("measured error", "not in the manifest")]
     for k, v in rows:
         facts.add_row(k, v)

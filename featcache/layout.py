@@ -37,7 +37,7 @@ class Layout:
 
 def plan_layout(cfg: ExtractConfig, plan: KindPlan) -> Layout:
     first = next(iter(plan.parts.values()))
-    bpt = {name: S.bytes_per_token(plan.store_dtype, len(p.layers), p.hidden_size) for name, p in first.items()}
+    bpt = {name: S.bytes_per_token(plan.store_dtype, len(p.layers), p.width) for name, p in first.items()}
     shard = {name: shard_tokens_for(cfg, b) for name, b in bpt.items()}
     layout = Layout(bpt, shard, {})
     layout.summary = preflight(plan, layout)
@@ -47,7 +47,7 @@ def plan_layout(cfg: ExtractConfig, plan: KindPlan) -> Layout:
 def preflight(plan: KindPlan, layout: Layout) -> dict[str, Any]:
     """What the extraction will write, known before the backbone loads."""
     splits: dict[str, dict[str, Any]] = {}
-    size = shards = 0
+    size = shards = full = 0
     for name, parts in plan.parts.items():
         root = parts[ROOT]
         facts = plan.split_facts[name]
@@ -57,6 +57,7 @@ def preflight(plan: KindPlan, layout: Layout) -> dict[str, Any]:
                                       "shards": layout.n_shards(p, part)} for p, part in parts.items()}}
         for p, part in parts.items():
             size += part.n_tokens * layout.bytes_per_token[p]
+            full += part.n_tokens * S.bytes_per_token(plan.store_dtype, len(part.layers), part.hidden_size)
             shards += layout.n_shards(p, part)
     rows = [f"{n}: {s['examples']:,} examples, {s['tokens']:,} tokens, {s['truncated']:,} truncated"
             + (f", {s['rejected_rows']:,} rejected rows" if s["rejected_rows"] else "")
@@ -65,16 +66,20 @@ def preflight(plan: KindPlan, layout: Layout) -> dict[str, Any]:
     layers = next(iter(plan.parts.values()))[ROOT].layers
     text = (f"{'; '.join(rows)}. {len(layers)} layers, {layout.bytes_per_token[ROOT]:,} bytes/token, "
             f"store ~{size / 2**20:,.1f} MiB in {shards} shards of {layout.shard_tokens[ROOT]:,} tokens")
+    components = next(iter(plan.parts.values()))[ROOT].components
+    if components:
+        text += f" ({components} PCA components per layer: {full / max(size, 1):.1f}x smaller than {full / 2**20:,.1f} MiB)"
     return {"splits": splits, "examples": sum(s["examples"] for s in splits.values()),
             "tokens": sum(s["tokens"] for s in splits.values()),
             "truncated": sum(s["truncated"] for s in splits.values()), "layers": layers,
             "bytes_per_token": layout.bytes_per_token[ROOT], "bytes": size, "shards": shards,
+            "components": components, "uncompressed_bytes": full,
             "shard_tokens": layout.shard_tokens[ROOT], "text": text}
 
 
 def create_part(group: zarr.Group, part: PartPlan, store_dtype: str, chunk_tokens: int, shard_tokens: int) -> None:
     """The arrays of one part, states empty (fill 0) and every shard marked not done."""
-    n_layers, d = len(part.layers), part.hidden_size
+    n_layers, d = len(part.layers), part.width  # d, or K coefficients in a compressed store
     chunk = chunk_tokens  # may exceed a tiny part: zarr needs shards to be whole chunks, not arrays
     group.create_array("hidden", shape=(part.n_tokens, n_layers, d), dtype=S.ZARR_DTYPES[store_dtype],
                        chunks=(chunk, n_layers, d), shards=(shard_tokens, n_layers, d),

@@ -49,3 +49,15 @@ def part_layers(manifest: dict[str, Any], part: str) -> list[int] | None:
     if part == ROOT:
         return manifest["layers"]
     return store_parts(manifest).get(part, {}).get("layers")
+
+
+def compression_of(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """A compressed store's record (K, sample, seed, per-part explained variance and basis checksums); None for
+    a store of full states, which every store written before `--components` existed is."""
+    return manifest.get("compression") or None
+
+
+def part_components(manifest: dict[str, Any], part: str) -> int | None:
+    """K coefficients stored per token and layer of a part, or None where it holds the full states."""
+    record = compression_of(manifest)
+    return None if record is None or part not in record["parts"] else int(record["parts"][part]["components"])

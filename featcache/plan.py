@@ -24,6 +24,12 @@ class PartPlan:
     layers: list[int]  # stored layer indices (0 = embedding output)
     hidden_size: int
     columns: dict[str, np.ndarray] = field(default_factory=dict)  # written whole beside the states
+    components: int | None = None  # --components K: the states are stored as K PCA coefficients (compress.py)
+
+    @property
+    def width(self) -> int:
+        """Values stored per token and layer: d, or K for a compressed store."""
+        return self.components or self.hidden_size
 
     @property
     def lengths(self) -> np.ndarray:

@@ -21,6 +21,10 @@ How hidden states are read (`reader=`):
 - "auto" (default): "shards" where possible, "cache" for remote stores with checksums (not memory://),
   else "zarr".
 `load()` reads a whole split into RAM; every path then gathers from memory.
+
+A compressed store (`lst extract --components K`, featcache/compress.py) keeps K coefficients per token and
+layer; `batch`, `example` and `hidden_rows` give back the states rebuilt on the stored basis (h ~= c U^T + mu,
+float32, padding zero), `stored_rows` the coefficients as stored, and `basis` the part's basis.
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ import torch
 import zarr
 
 from . import store as S
+from .compress import Basis, read_bases
 from .destination import local_path, zarr_location
 from .errors import StoreError, expected
-from .manifest import part_layers
+from .manifest import compression_of, part_layers
+from .plan import ROOT
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +269,11 @@ class PartReader:
     """
 
     def __init__(self, group: zarr.Group, name: str, store_dtype: str, layers: list[int],
-                 reader: str = "auto", check_done: bool = True) -> None:
+                 reader: str = "auto", check_done: bool = True, basis: Basis | None = None) -> None:
         self.name = name
         self.store_dtype = store_dtype
         self.layers: list[int] = list(layers)
+        self.basis = basis  # a compressed part's PCA basis: stored values are its coefficients
         self.group = group
         self.offsets = group["offsets"][:]
         self.lengths = np.diff(self.offsets)
@@ -362,6 +369,15 @@ class PartReader:
     def nbytes(self) -> int:
         return int(np.prod(self._hidden.shape)) * self._hidden.dtype.itemsize
 
+    @property
+    def stored_width(self) -> int:
+        """Values stored per token and layer: d, or K coefficients in a compressed store."""
+        return int(self._hidden.shape[-1])
+
+    def layer_basis(self, layers: list[int] | None) -> Basis | None:
+        """The basis of the requested layers (None for full states)."""
+        return None if self.basis is None else self.basis.select(self.layer_positions(layers))
+
     def stored_rows(self, lo: np.ndarray, hi: np.ndarray, layers: list[int] | None = None) -> np.ndarray:
         """The stored values (storage dtype, undecoded; no int8 scales) of token ranges lo[i]:hi[i], concatenated."""
         return self._raw_rows(lo, hi, layers, with_scales=False)[0]
@@ -376,7 +392,9 @@ class PartReader:
 
     def hidden_rows(self, lo: np.ndarray, hi: np.ndarray, layers: list[int] | None = None) -> torch.Tensor:
         """Decoded float32 hidden states of token ranges lo[i]:hi[i], concatenated: (n, n_layers, d)."""
-        return S.decode(*self._raw_rows(lo, hi, layers))  # int8: value = q * scale
+        values = S.decode(*self._raw_rows(lo, hi, layers))  # int8: value = q * scale
+        basis = self.layer_basis(layers)
+        return values if basis is None else basis.reconstruct(values)
 
     def _raw_rows(self, lo: np.ndarray, hi: np.ndarray, layers: list[int] | None,
                   with_scales: bool = True) -> tuple[np.ndarray, str, np.ndarray | None]:
@@ -391,8 +409,11 @@ class PartReader:
 class SplitReader(PartReader):
     """One split of a store: its examples (tokens, labels, hidden states) and any further parts."""
 
-    def __init__(self, group: zarr.Group, name: str, manifest: dict[str, Any], reader: str = "auto") -> None:
-        super().__init__(group, name, manifest["store_dtype"], manifest["layers"], reader)
+    def __init__(self, group: zarr.Group, name: str, manifest: dict[str, Any], reader: str = "auto",
+                 bases: dict[str, Basis] | None = None) -> None:
+        self._bases = bases or {}
+        super().__init__(group, name, manifest["store_dtype"], manifest["layers"], reader,
+                         basis=self._bases.get(ROOT))
         self.manifest = manifest
         self._reader = reader
         self.input_ids = group["input_ids"][:]
@@ -408,7 +429,7 @@ class SplitReader(PartReader):
                 raise StoreError(expected(f"a part '{name}' in split '{self.name}'",
                                           f"parts {sorted(self.manifest.get('parts', {'': {}}))}"))
             self._parts[name] = PartReader(self.group[name], f"{self.name}/{name}", self.store_dtype, layers,
-                                           self._reader)
+                                           self._reader, basis=self._bases.get(name))
         return self._parts[name]
 
     def example(self, i: int, layers: list[int] | None = None) -> dict[str, torch.Tensor]:
@@ -457,6 +478,9 @@ class SplitReader(PartReader):
         lengths = self.lengths[idx]
         # padded in the storage dtype, then decoded once: ~3x cheaper than padding decoded float32 rows
         out.hidden = S.decode(_pad(raw, lengths), dtype, None if scales is None else _pad(scales, lengths))
+        basis = self.layer_basis(layers)
+        if basis is not None:  # rebuilt on the basis; padding stays zero, as in a full store
+            out.hidden = basis.reconstruct(out.hidden) * out.mask[:, :, None, None]
         return out
 
     def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0,
@@ -500,6 +524,7 @@ class StoreReader:
         if not self.manifest.get("complete"):
             raise StoreError(f"The store at '{path}' is incomplete (extraction did not finish). "
                              "Re-run the same `lst extract` command to resume it.")
+        self.bases = read_bases(self.group, compression_of(self.manifest), self.path)  # {} for full states
         self._splits: dict[str, SplitReader] = {}
 
     @property
@@ -510,7 +535,7 @@ class StoreReader:
         if name not in self.manifest["splits"]:
             raise StoreError(expected(f"split '{name}' in the store", f"splits {self.split_names}"))
         if name not in self._splits:
-            self._splits[name] = SplitReader(self.group[name], name, self.manifest, self.reader)
+            self._splits[name] = SplitReader(self.group[name], name, self.manifest, self.reader, self.bases)
         return self._splits[name]
 
     def frozen_weights(self) -> dict[str, np.ndarray]:

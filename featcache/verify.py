@@ -11,7 +11,8 @@ from typing import Any
 
 import zarr
 
-from .manifest import part_layers
+from .compress import basis_problem, group_key
+from .manifest import compression_of, part_layers
 from .progress import progress_bar
 from .reader import CHECKSUMS, PartReader
 
@@ -28,7 +29,8 @@ def part_readers(group: zarr.Group, manifest: dict[str, Any]) -> list[PartReader
 
 
 def verify_group(group: zarr.Group, manifest: dict[str, Any], show: bool = True) -> dict[str, Any]:
-    """{'checked': shards verified, 'bad': [{'part', 'shard', 'problem'}], 'without_checksums': [parts]}.
+    """{'checked': shards verified, 'bad': [{'part', 'shard', 'problem'}], 'without_checksums': [parts],
+    'bad_bases': [{'part', 'problem'}] (a compressed store's PCA bases)}.
 
     Only shards marked done are checked (the others are still to be written, not damaged)."""
     readers = part_readers(group, manifest)
@@ -47,4 +49,7 @@ def verify_group(group: zarr.Group, manifest: dict[str, Any], show: bool = True)
                     if problem is not None:
                         bad.append({"part": r.name, "shard": k, "problem": problem})
                 bar.advance()
-    return {"checked": checked, "bad": bad, "without_checksums": without}
+    record = compression_of(manifest) or {"parts": {}}
+    bad_bases = [{"part": group_key(p), "problem": problem} for p, facts in record["parts"].items()
+                 if (problem := basis_problem(group, p, facts)) is not None]
+    return {"checked": checked, "bad": bad, "without_checksums": without, "bad_bases": bad_bases}

@@ -9,7 +9,8 @@ recomputes only those. Rows that straddle a shard boundary are computed by both 
 Crash safety, in the order things reach the store:
   1. manifest (complete=False, layout_complete=False)   a kill here: the layout is rebuilt on resume
   2. the layout: every part's columns, empty hidden/scales, shard_done = 0; frozen weights
-  3. manifest (layout_complete=True)
+  2b. --components: each part's PCA basis, fitted on a seeded sample (compress.py)   a kill: refitted, identically
+  3. manifest (layout_complete=True, and the bases' record and checksums)
   4. per shard: hidden (+ scales) written whole, then shard_done[k] = 1   a kill: shard k is redone
   5. manifest (complete=True), only once every shard_done is 1; readers refuse anything else.
 Local files and object-store puts are atomic (zarr writes a temp file and renames it), so a kill
@@ -31,6 +32,15 @@ import zarr
 
 from . import distributed
 from . import store as S
+from .compress import (
+    Basis,
+    apply_components,
+    basis_problem,
+    compression_request,
+    fit_and_store,
+    projecting,
+    read_bases,
+)
 from .config import ExtractConfig
 from .destination import SOMETHING_ELSE_HINT, describe, remove_store, zarr_location
 from .errors import BackboneError, LstError, StoreError, expected
@@ -83,7 +93,7 @@ def _reopen_damaged(cfg: ExtractConfig, group: zarr.Group, manifest: dict[str, A
     for bad in report["bad"]:
         log.warning("Recomputing shard %d of '%s': %s", bad["shard"], bad["part"], bad["problem"])
         group[bad["part"]]["shard_done"][bad["shard"]] = 0
-    if not report["bad"]:
+    if not report["bad"] and not report["bad_bases"]:  # a damaged basis is refitted by _setup
         log.info("The store at %s is complete and all %d shards verify; nothing to do.", cfg.out, report["checked"])
 
 
@@ -95,6 +105,7 @@ def extract(cfg: ExtractConfig, backbone: Any | None = None) -> dict[str, Any]:
     """
     kind, config = _kind_and_config(cfg, backbone)
     plan = kind.plan(cfg, config, backbone)
+    apply_components(plan, cfg.components, cfg.components_sample)  # every kind's parts, one code path
     layout = plan_layout(cfg, plan)
     if cfg.dry_run:  # the caller shows the summary; nothing is written, no weights are loaded
         return {"dry_run": True, "preflight": layout.summary}
@@ -129,7 +140,8 @@ def _request(cfg: ExtractConfig, kind: ExtractKind, plan: KindPlan, layout: Layo
     """What must match for a resume to continue an earlier run."""
     return {"kind": kind.name, "model": backbone.name, "revision": backbone.revision, **plan.request,
             "store_dtype": plan.store_dtype, "precision": cfg.precision, "shard_tokens": layout.shard_tokens,
-            "chunk_tokens": cfg.chunk_tokens}
+            "chunk_tokens": cfg.chunk_tokens,
+            **compression_request(cfg.components, cfg.components_sample, cfg.components_seed)}
 
 
 def _manifest(cfg: ExtractConfig, kind: ExtractKind, plan: KindPlan, layout: Layout, backbone: Any,
@@ -149,7 +161,8 @@ def _manifest(cfg: ExtractConfig, kind: ExtractKind, plan: KindPlan, layout: Lay
         store_dtype=plan.store_dtype, bytes_per_token=layout.bytes_per_token[ROOT],
         shard_tokens=layout.shard_tokens[ROOT],
         parts={p: {"layers": part.layers, "hidden_size": part.hidden_size,
-                   "bytes_per_token": layout.bytes_per_token[p], "shard_tokens": layout.shard_tokens[p]}
+                   "bytes_per_token": layout.bytes_per_token[p], "shard_tokens": layout.shard_tokens[p],
+                   **({"components": part.components} if part.components else {})}
                for p, part in first.items()},
         splits=splits,
         extract_config={**{k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "dry_run")},
@@ -179,9 +192,28 @@ def _setup(cfg: ExtractConfig, kind: ExtractKind, plan: KindPlan, layout: Layout
             _create_split(group, split, parts, plan.store_dtype, cfg.chunk_tokens, layout)
     else:
         log.info("Resuming the incomplete store at %s", cfg.out)
+    if cfg.components is not None:  # before any shard: every coefficient is taken on this basis
+        manifest["compression"] = _sound_bases(group, plan, stored.get("compression")) or fit_and_store(
+            group, plan, lambda split, part: kind.rows(plan, backbone, split, part), cfg.components,
+            cfg.components_sample, cfg.components_seed, cfg.batch_size)
     manifest["layout_complete"] = True
     group.attrs[S.MANIFEST_KEY] = manifest
     return manifest
+
+
+def _sound_bases(group: zarr.Group, plan: KindPlan, record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The recorded bases of a resumed store when every one verifies; else None, with every shard marked to be
+    recomputed (its coefficients were taken on the basis that is refitted now)."""
+    if not record:
+        return None
+    bad = {p: problem for p, f in record["parts"].items() if (problem := basis_problem(group, p, f))}
+    if not bad:
+        return record
+    log.warning("Refitting the damaged PCA bases %s and recomputing every shard", bad)
+    for split, parts in plan.parts.items():
+        for p in parts:
+            _part_group(group, split, p)["shard_done"][:] = 0
+    return None
 
 
 def _create_split(group: zarr.Group, split: str, parts: dict[str, PartPlan], store_dtype: str, chunk_tokens: int,
@@ -213,12 +245,14 @@ def _run(cfg: ExtractConfig, kind: ExtractKind, plan: KindPlan, layout: Layout, 
         if failure is not None:
             raise StoreError(failure)
         group = zarr.open_group(zarr_location(cfg.out), mode="r+")
+        # every rank reads the bases rank 0 fitted (checked against their recorded checksums)
+        bases = read_bases(group, group.attrs[S.MANIFEST_KEY].get("compression"), cfg.out)
         work = ctx.share([(split, p, k) for split, parts in plan.parts.items() for p, part in parts.items()
                           for k in range(layout.n_shards(p, part))])
         error: LstError | None = None
         try:
             _with_store_errors(cfg, lambda: _extract_shards(group, kind, plan, layout, backbone, cfg, work,
-                                                            show=ctx.is_main))
+                                                            show=ctx.is_main, bases=bases))
         except LstError as err:
             error = err
         if not ctx.all_ok(error is None):
@@ -261,8 +295,10 @@ def _with_store_errors(cfg: ExtractConfig, fn):
 
 
 def _extract_shards(group: zarr.Group, kind: ExtractKind, plan: KindPlan, layout: Layout, backbone: Any,
-                    cfg: ExtractConfig, work: list[tuple[str, str, int]], show: bool = True) -> None:
-    """Compute and write the shards in `work` that are not yet done; one shard in flight to the writer."""
+                    cfg: ExtractConfig, work: list[tuple[str, str, int]], show: bool = True,
+                    bases: dict[str, Basis] | None = None) -> None:
+    """Compute and write the shards in `work` that are not yet done; one shard in flight to the writer.
+    `bases`: a compressed store's basis per part; its rows are stored as their coefficients."""
     groups = {(s, p): _part_group(group, s, p) for s, p, _ in work}
     done = {key: g["shard_done"][:] for key, g in groups.items()}
     rows: dict[tuple[str, str], RowsFn] = {}
@@ -276,6 +312,8 @@ def _extract_shards(group: zarr.Group, kind: ExtractKind, plan: KindPlan, layout
                 continue
             if (split, p) not in rows:
                 rows[split, p] = kind.rows(plan, backbone, split, p)
+                if bases and p in bases:
+                    rows[split, p] = projecting(rows[split, p], bases[p])
             buffer = _compute_shard(plan.parts[split][p], start, stop, rows[split, p], plan.store_dtype,
                                     cfg.batch_size)
             if pending is not None:
@@ -294,7 +332,7 @@ def _compute_shard(part: PartPlan, start: int, stop: int, rows: RowsFn, store_dt
                    batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(values (n, L, d) in the storage dtype, int8 scales (n, L) or None) of tokens start:stop."""
     n_layers, offsets, lengths = len(part.layers), part.offsets, part.lengths
-    buffer = np.zeros((stop - start, n_layers, part.hidden_size), dtype=S.ZARR_DTYPES[store_dtype])
+    buffer = np.zeros((stop - start, n_layers, part.width), dtype=S.ZARR_DTYPES[store_dtype])
     scales = np.zeros((stop - start, n_layers), dtype=S.SCALE_DTYPE) if store_dtype == "int8" else None
     first = int(np.searchsorted(offsets, start, side="right")) - 1
     last = int(np.searchsorted(offsets, stop, side="left"))  # exclusive

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from featcache.errors import StoreError
-from featcache.reader import Batch, SplitReader, StoreReader
+from featcache.reader import Batch, PartReader, SplitReader, StoreReader
 from featcache.text.backbone import Backbone
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,11 @@ class DeviceBatches(BatchSource):
         self.split, self.device = split, device
         n, width = split.n_tokens, len(split.layer_positions(layers))
         dtype = STORE_TORCH_DTYPES[split.store_dtype]
+        # a compressed store's coefficients stay compressed on the device; each batch is rebuilt there
+        basis = split.layer_basis(layers)
+        self.basis = None if basis is None else basis.to(device)
         # one zero row past the end: the padding positions of every batch point at it
-        self.values = torch.zeros((n + 1, width, int(split.manifest["hidden_size"])), dtype=dtype, device=device)
+        self.values = torch.zeros((n + 1, width, split.stored_width), dtype=dtype, device=device)
         self.scales = torch.zeros((n + 1, width), device=device) if split.store_dtype == "int8" else None
         for a in range(0, n, self.COPY_TOKENS):
             lo, hi = np.array([a]), np.array([min(n, a + self.COPY_TOKENS)])
@@ -220,6 +223,9 @@ class DeviceBatches(BatchSource):
         hidden = self.values[rows].float()
         if self.scales is not None:
             hidden = hidden * self.scales[rows].unsqueeze(-1)
+        if self.basis is not None:  # as the host reader rebuilds it: on the basis, padding zero
+            mask = b.mask.to(self.device)
+            hidden = self.basis.reconstruct(hidden) * mask[:, :, None, None]
         return Batch(hidden, b.mask.to(self.device), b.input_ids, b.token_type_ids,
                      None if b.labels is None else b.labels.to(self.device))
 
@@ -230,6 +236,13 @@ def fits_on_device(split: SplitReader, device: torch.device, memory_budget: floa
     if device.type != "cuda":
         return False
     return split.nbytes() <= budget_bytes(memory_budget, device)
+
+
+def as_stored(part: PartReader, hidden: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:
+    """Live states (..., n_layers, d) as the store gives them back: a compressed store's projection onto its basis
+    (so cached == online holds with fp32 coefficients); unchanged for a store of full states."""
+    basis = part.layer_basis(layers)
+    return hidden if basis is None else basis.to(hidden.device).roundtrip(hidden)
 
 
 class OnlineBatches(BatchSource):
@@ -246,6 +259,7 @@ class OnlineBatches(BatchSource):
         ids_only = self.split.token_batch(indices)
         hidden = self.backbone.hidden_states(ids_only.input_ids, ids_only.mask.long(), ids_only.token_type_ids,
                                              self.layers).cpu()
+        hidden = as_stored(self.split, hidden, self.layers)
         hidden = hidden * ids_only.mask[..., None, None]  # padded positions as the store has them: zero
         return Batch(hidden, ids_only.mask, ids_only.input_ids, ids_only.token_type_ids, ids_only.labels)
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from featcache.errors import LstError, expected
 from featcache.loading import resolve_device
+from featcache.manifest import compression_of
 
 from .kinds.registry import kind_for, kind_names
 from .run_files import RUN_FILES, read_run_config, run_options
@@ -84,6 +85,11 @@ class LadderModel(nn.Module):
         `image_backbone`): a path to the same weights where the recorded one has moved (checked by hash)."""
         config = read_model_config(path)
         manifest = config["store_manifest"]
+        if compression_of(manifest):  # live states would have to be projected on the store's basis first
+            raise LstError(expected("a run trained on a full store (live inference on a run trained from a "
+                                    "compressed store is not built yet)", f"'{path}' (its store keeps "
+                                    f"{compression_of(manifest).get('components')} components per layer)",
+                                    "Evaluate it with lst train's splits, or train on a full store to predict."))
         for key, given in (("backbone", backbone), ("image_backbone", image_backbone)):
             if given is None:
                 continue

@@ -111,6 +111,8 @@ def resolved_config(cfg: TrainConfig, manifest: dict[str, Any], metric: str, eva
     recorded = {k: manifest[k] for k in manifest_keys}
     if "kind" in manifest:  # `lst predict` finds the run's plug-in by it (older stores: by their shape)
         recorded["kind"] = manifest["kind"]
+    if manifest.get("compression"):  # the side network learnt on states rebuilt on these bases (K, checksums)
+        recorded["compression"] = manifest["compression"]
     resolved = asdict(cfg)
     resolved.update(metric=metric, eval_split=eval_split,
                     layers=list(layers) if layers is not None

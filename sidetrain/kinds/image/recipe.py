@@ -18,7 +18,7 @@ from featcache.images.prefetch import PixelPrefetcher, decode_threads
 from featcache.reader import Batch, SplitReader, StoreReader
 from featcache.store import check_match
 
-from ...data import BatchSource
+from ...data import BatchSource, as_stored
 from ...networks.side_config import SideConfig
 from ...recipe import (
     Recipe,
@@ -90,6 +90,7 @@ class OnlineImageBatches(BatchSource):
     def __call__(self, indices: np.ndarray) -> Batch:
         b = self.split.token_batch(indices)
         b.hidden = self.backbone.hidden_states(self.pixels.get([int(i) for i in indices]), self.layers).cpu()
+        b.hidden = as_stored(self.split, b.hidden)  # a compressed store: projected onto its basis, as stored
         return b
 
 

@@ -13,7 +13,7 @@ import torch
 from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone, shift_right
 from featcache.reader import SplitReader, StoreReader
 
-from ...data import BatchSource, host_policy, mappable
+from ...data import BatchSource, as_stored, host_policy, mappable
 
 DECODER_PART = "dec"  # the split's part that holds the decoder rows
 
@@ -117,6 +117,7 @@ class OnlineSeq2Seq(BatchSource):
         dec_hidden, _ = self.backbone.decode(dec_ids, dec_in_mask, enc_out[row_example.to(enc_out.device)],
                                              ids.mask[row_example].long(), self.dec_layers)
         # padded positions as the store has them: zero
-        enc_hidden = enc_hidden.cpu() * ids.mask[..., None, None]
-        dec_hidden = dec_hidden.cpu() * dmask[..., None, None]
+        # a compressed store: the live states projected onto its bases, as the store holds them
+        enc_hidden = as_stored(self.split, enc_hidden.cpu(), self.enc_layers) * ids.mask[..., None, None]
+        dec_hidden = as_stored(self.dec.part, dec_hidden.cpu(), self.dec_layers) * dmask[..., None, None]
         return Seq2SeqBatch(enc_hidden, ids.mask, dec_hidden, dmask, targets, row_example, ids.labels)

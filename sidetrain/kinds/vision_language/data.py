@@ -17,7 +17,7 @@ from featcache.images.prefetch import PixelPrefetcher, decode_threads
 from featcache.reader import PartReader, SplitReader
 from featcache.text.backbone import Backbone
 
-from ...data import BatchSource, OnlineBatches, mappable
+from ...data import BatchSource, OnlineBatches, as_stored, mappable
 
 IMAGES_PART = "images"
 IMAGE_INDEX = "image_index"
@@ -102,7 +102,7 @@ class OnlineVisionLanguage(BatchSource):
     def __init__(self, split: SplitReader, backbone: Backbone, layers: list[int], images: ImageSplit,
                  image_backbone: ImageBackbone, image_layers: list[int]) -> None:
         self.text = OnlineBatches(split, backbone, layers)
-        self.index = image_part(split)[1]
+        self.part, self.index = image_part(split)
         self.image_backbone, self.image_layers = image_backbone, image_layers
         self.pixels = PixelPrefetcher(images, image_backbone, decode_threads(), ahead=0)
 
@@ -110,4 +110,5 @@ class OnlineVisionLanguage(BatchSource):
         b = self.text(idx)
         rows, where = np.unique(self.index[np.asarray(idx)], return_inverse=True)
         states = self.image_backbone.hidden_states(self.pixels.get(rows.tolist()), self.image_layers).cpu()
+        states = as_stored(self.part, states)  # a compressed store: projected onto the images part's basis
         return VisionLanguageBatch(b.hidden, b.mask, states[torch.from_numpy(where.reshape(-1))], b.labels)
