@@ -39,16 +39,21 @@ class BackboneTop(nn.Module):
             return torch.einsum("btld,l->btd", hidden, torch.softmax(self.mix, 0).to(hidden.dtype))
         return hidden[:, :, -1]
 
+    def pooled(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """hidden (B, T, n_stored, d), mask (B, T) or None (every token real) -> (B, d): the mean over real tokens."""
+        states = self.states(hidden)
+        return states.mean(1) if mask is None else masked_mean(states, mask)
+
     def features(self, hidden: torch.Tensor, mask: torch.Tensor | None,
                  segments: torch.Tensor | None) -> torch.Tensor:
-        """hidden (B, T, n_stored, d), mask (B, T) or None (every token real) -> (B, d), or (B, 4d) for pairs."""
+        """What the backbone term's linear map reads: the normalised pooled state (B, d), or for pairs each text's
+        normalised mean with their difference and product (B, 4d)."""
+        if not self.pair:
+            return self.norm(self.pooled(hidden, mask))
         states = self.states(hidden)
-        if mask is None:
-            mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
-        if self.pair:
-            a, b = (self.norm(x) for x in segment_means(states, mask, segments))
-            return torch.cat([a, b, (a - b).abs(), a * b], -1)
-        return self.norm(masked_mean(states, mask))
+        mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device) if mask is None else mask
+        a, b = (self.norm(x) for x in segment_means(states, mask, segments))
+        return torch.cat([a, b, (a - b).abs(), a * b], -1)
 
     def forward(self, side_logits: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor | None,
                 segments: torch.Tensor | None = None) -> torch.Tensor:
