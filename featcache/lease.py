@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .destination import filesystem, local_path, unreachable
@@ -235,30 +235,23 @@ def _exact_lease(out: str, cond: _Conditional, ttl_s: float) -> Iterator[dict[st
         raise
     except Exception as err:  # an unreachable endpoint, no permission: one line, as every --out error
         raise unreachable(out, err) from err
-    stop, held = threading.Event(), [token]
+    held = [token]
 
-    def renew() -> None:
-        while not stop.wait(ttl_s / 3):
-            try:
-                token = cond.put(claim(), held[0])
-            except Exception as err:  # noqa: BLE001 - a missed renewal only shortens the lease
-                log.debug("lease renewal on %s missed: %s", out, err)
-                continue
-            if token is None:
-                log.error("the lease on %s was taken over by another writer (this one missed its renewals for "
-                          "%.0f s); stop this extraction", out, ttl_s)
-                return
-            held[0] = token
+    def renew() -> bool:
+        try:
+            token = cond.put(claim(), held[0])
+        except Exception as err:  # noqa: BLE001 - a missed renewal only shortens the lease
+            log.debug("lease renewal on %s missed: %s", out, err)
+            return True
+        if token is None:
+            log.error("the lease on %s was taken over by another writer (this one missed its renewals for "
+                      "%.0f s); stop this extraction", out, ttl_s)
+            return False
+        held[0] = token
+        return True
 
-    beat = threading.Thread(target=renew, name="lst-lease", daemon=True)
-    beat.start()
-    try:
+    with heartbeat(renew, ttl_s / 3, lambda: cond.delete(held[0])):
         yield me
-    finally:
-        stop.set()
-        beat.join(timeout=5)
-        with contextlib.suppress(Exception):  # a lease left behind expires on its own
-            cond.delete(held[0])
 
 
 @contextlib.contextmanager
@@ -296,20 +289,36 @@ def _object_lease(out: str, ttl_s: float) -> Iterator[dict[str, Any]]:
         raise unreachable(out, err) from err
     if not current or current.get("id") != me["id"]:
         raise _refused(out, current or {})
+    def renew() -> bool:
+        with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
+            write()
+        return True
+
+    def release() -> None:
+        if (read() or {}).get("id") == me["id"]:
+            fs.rm_file(key)
+
+    with heartbeat(renew, ttl_s / 3, release):
+        yield me
+
+
+@contextlib.contextmanager
+def heartbeat(renew: Callable[[], bool], period_s: float, release: Callable[[], None]) -> Iterator[None]:
+    """Runs `renew` every `period_s` in a daemon thread while the block runs (until it returns False: the lease
+    was lost), then `release` (its errors ignored: a lease left behind expires on its own)."""
     stop = threading.Event()
 
-    def renew() -> None:
-        while not stop.wait(ttl_s / 3):
-            with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
-                write()
+    def beat() -> None:
+        while not stop.wait(period_s):
+            if not renew():
+                return
 
-    beat = threading.Thread(target=renew, name="lst-lease", daemon=True)
-    beat.start()
+    thread = threading.Thread(target=beat, name="lst-lease", daemon=True)
+    thread.start()
     try:
-        yield me
+        yield
     finally:
         stop.set()
-        beat.join(timeout=5)
+        thread.join(timeout=5)
         with contextlib.suppress(Exception):
-            if (read() or {}).get("id") == me["id"]:
-                fs.rm_file(key)
+            release()
