@@ -14,9 +14,7 @@ from featcache.text.splits import pad_batch
 
 from ...pretrained import read_model_config
 from .model import T5LadderSideNetwork
-from .pretrained import Seq2SeqLadderModel, classify, greedy, side_logits
-
-_side_logits = side_logits  # the name the first tests knew it by
+from .pretrained import Seq2SeqLadderModel, classify, greedy
 
 
 def load_run(run_dir: str | Path, device: str = "cpu",
