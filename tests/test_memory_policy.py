@@ -105,7 +105,7 @@ def test_t5_follows_the_policy(tmp_path):
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
     from featcache.bundled import minilm_path
-    from sidetrain.kinds.seq2seq.data import CachedSeq2Seq, open_decoder
+    from sidetrain.t5.data import CachedSeq2Seq, open_decoder
 
     model = tmp_path / "t5"
     torch.manual_seed(0)

@@ -190,7 +190,7 @@ def test_t5_decoder_rows_come_through_the_store_reader(cola_t5_store):
     import numpy as np
     import torch
 
-    from sidetrain.kinds.seq2seq.data import CachedSeq2Seq, open_decoder
+    from sidetrain.t5.data import CachedSeq2Seq, open_decoder
 
     idx = np.array([5, 0, 3])
     batches = {}

@@ -27,8 +27,7 @@ from ...plan import ROOT, KindPlan, PartPlan, RowsFn, check_layers
 from ...text.backbone import load_tokenizer
 from ...text.part import text_plan
 from ...text.splits import pad_batch
-from ..registry import ExtractKind
-from .backbone import (
+from ...text.t5 import (
     TRAIN_SPLIT,
     Seq2SeqBackbone,
     candidate_ids,
@@ -39,6 +38,7 @@ from .backbone import (
     shift_right,
     store_dtype_for_t5,
 )
+from ..registry import ExtractKind
 
 DECODER = "dec"
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone
+from featcache.text.t5 import Seq2SeqBackbone
 
 from ...networks.ladders import stored_blocks
+from ...networks.t5 import T5LadderSideNetwork, reduction_rule
 from ...recipe import Recipe, backbone_config
+from ...t5.prune import fisher_scores, pruned_init
+from ...t5.recipe import t5_recipe
 from ..base import SearchFacts, TrainKind
-from .model import T5LadderSideNetwork, reduction_rule
-from .prune import fisher_scores, pruned_init
-from .recipe import seq2seq_recipe
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +30,7 @@ class Seq2SeqTrainKind(TrainKind):
         def init(model: T5LadderSideNetwork, backbone: Seq2SeqBackbone) -> None:
             pruned_init(model, backbone, fisher_scores(store, backbone))  # Fisher scores cached in the store
 
-        return seq2seq_recipe(cfg, store, device, eval_name, init)
+        return t5_recipe(cfg, store, device, eval_name, init)
 
     def search_facts(self, manifest: dict[str, Any]) -> SearchFacts:
         config = backbone_config(manifest)

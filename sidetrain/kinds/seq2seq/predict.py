@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone
 from featcache.text.splits import pad_batch
+from featcache.text.t5 import Seq2SeqBackbone
 
+from ...networks.t5 import T5LadderSideNetwork
 from ...pretrained import read_model_config
-from .model import T5LadderSideNetwork
 from .pretrained import Seq2SeqLadderModel, classify, greedy
 
 

@@ -18,14 +18,14 @@ from safetensors.torch import load_file
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
 from featcache.errors import LstError, StoreError, expected
-from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone, load_seq2seq_backbone, shift_right
 from featcache.text.splits import pad_batch
+from featcache.text.t5 import Seq2SeqBackbone, load_seq2seq_backbone, shift_right
 
+from ...networks.t5 import T5LadderSideNetwork, sequence_scores
 from ...pretrained import LadderModel, text_lines
 from ...recipe import autocast
 from ...run_files import run_options
-from .model import T5LadderSideNetwork, sequence_scores
-from .recipe import build_seq2seq_model
+from ...t5.recipe import build_seq2seq_model
 
 
 def load_side(folder: str | Path, config: dict[str, Any], backbone: Seq2SeqBackbone) -> T5LadderSideNetwork:

@@ -17,8 +17,8 @@ from conftest import synthetic_rows, torch_threads, write_tsv
 
 from featcache import ExtractConfig, extract, open_store
 from featcache.errors import BackboneError, DatasetError, StoreError, TrainConfigError
-from featcache.kinds.seq2seq.backbone import label_texts
 from featcache.text.splits import pad_batch
+from featcache.text.t5 import label_texts
 from sidetrain import TrainConfig, train
 
 
@@ -119,7 +119,7 @@ def test_cached_equals_online_with_layer_dropping(t5_store, tmp_path):
 
 
 def test_side_network_shapes_and_relative_bias(t5_store):
-    from sidetrain.kinds.seq2seq.recipe import build_seq2seq_model, store_weights
+    from sidetrain.t5.recipe import build_seq2seq_model, store_weights
 
     store = open_store(t5_store)
     weights = store_weights(store)
@@ -196,9 +196,10 @@ def test_label_text_file_and_fp16(tiny_t5, t5_data, tmp_path, caplog):
 
 def test_pruned_init(t5_store, tiny_t5, tmp_path):
     """Side blocks start as Fisher-pruned backbone blocks: r = 1 copies them, r = 2 slices them."""
-    from featcache.kinds.seq2seq.backbone import load_seq2seq_backbone
-    from sidetrain.kinds.seq2seq.prune import fisher_path, fisher_scores, pruned_init
-    from sidetrain.kinds.seq2seq.recipe import build_seq2seq_model, store_weights
+    from sidetrain.t5.recipe import build_seq2seq_model, store_weights
+
+    from featcache.text.t5 import load_seq2seq_backbone
+    from sidetrain.t5.prune import fisher_path, fisher_scores, pruned_init
 
     store = open_store(t5_store)
     backbone = load_seq2seq_backbone(str(tiny_t5), device="cpu")
@@ -259,7 +260,7 @@ def test_interrupted_extraction_resumes(tiny_t5, t5_data, t5_store, tmp_path, mo
 
 
 def test_batches_read_from_disk_equal_preloaded(t5_store):
-    from sidetrain.kinds.seq2seq.data import CachedSeq2Seq, open_decoder
+    from sidetrain.t5.data import CachedSeq2Seq, open_decoder
 
     store = open_store(t5_store)
     idx = np.array([7, 2, 3, 11])

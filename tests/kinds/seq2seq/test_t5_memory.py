@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sidetrain.kinds.seq2seq.model import CHUNK_TOKENS, sequence_scores, target_log_probs, target_loss
+from sidetrain.networks.t5 import CHUNK_TOKENS, sequence_scores, target_log_probs, target_loss
 
 VOCAB, D = 30522, 32  # the tests' tiny T5: MiniLM's vocabulary
 
@@ -55,7 +55,7 @@ def test_chunked_loss_and_gradient_equal_full_logits(chunk):
 PEAK = """
 import resource, sys, torch
 torch.set_num_threads(1)
-from sidetrain.kinds.seq2seq.model import sequence_scores, target_loss
+from sidetrain.networks.t5 import sequence_scores, target_loss
 n, u, d, vocab = 2500, 8, 32, 30522  # 20k target tokens: full logits would be 2.3 GiB, log_softmax as much again
 states, lm_head = torch.randn(n, u, d), torch.randn(vocab, d)
 targets, mask = torch.randint(0, vocab, (n, u)), torch.ones(n, u, dtype=torch.bool)

@@ -1,6 +1,8 @@
-"""The encoder-decoder (T5) store's Recipe for the shared training loop: the T5 side network, cached or
-live batches (data.py), teacher-forced cross-entropy on the gold target's text, and classification by
-scoring every candidate label text (sum of log-probabilities), from the cache on the eval splits.
+"""The Recipe of a T5 text part for the shared training loop: the T5 side network, cached or live batches
+(data.py), teacher-forced cross-entropy on the gold target's text, and classification by scoring every
+candidate label text (sum of log-probabilities), from the cache on the eval splits. The seq2seq kind uses it
+as is; the vision-language kind over a T5 text backbone passes its own network (image tokens appended to the
+side encoder) and batch sources (the text part's batches with the image tokens).
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import numpy as np
 import torch
 
 from featcache.errors import StoreError, TrainConfigError, expected
-from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone, load_seq2seq_backbone
 from featcache.reader import SplitReader, StoreReader
 from featcache.store import check_match
+from featcache.text.t5 import Seq2SeqBackbone, load_seq2seq_backbone
 
-from ...data import length_bucketed_batches
-from ...networks.side_config import SideConfig
-from ...recipe import (
+from ..data import length_bucketed_batches
+from ..networks.side_config import SideConfig
+from ..networks.t5 import T5LadderSideNetwork, sequence_scores, target_loss
+from ..recipe import (
     RUN_MANIFEST_KEYS,
     Recipe,
     backbone_config,
@@ -28,10 +31,9 @@ from ...recipe import (
     select_metric,
 )
 from .data import CachedSeq2Seq, OnlineSeq2Seq, Seq2SeqBatch, open_decoder
-from .model import T5LadderSideNetwork, sequence_scores, target_loss
 
 if TYPE_CHECKING:
-    from ...config import TrainConfig
+    from ..config import TrainConfig
 
 FROZEN = ("lm_head", "encoder_relative_bias", "decoder_relative_bias")  # kept in the store by stage 1
 # (side network, backbone) -> None: the side blocks start as the backbone's, Fisher-pruned (kind.py wires it)
@@ -49,7 +51,8 @@ def store_weights(store: StoreReader) -> dict[str, torch.Tensor]:
 
 
 def build_seq2seq_model(cfg: TrainConfig, manifest: dict[str, Any], weights: dict[str, torch.Tensor],
-                        decoder_layers: list[int] | None = None) -> T5LadderSideNetwork:
+                        decoder_layers: list[int] | None = None, network: type = T5LadderSideNetwork,
+                        **extra: Any) -> T5LadderSideNetwork:
     """The T5 side network `cfg` trains, or a run's (`lst predict`). Layer dropping: --layers keeps the same
     block indices in both stacks; `decoder_layers`: the decoder's kept layers as a run recorded them.
     `weights`: the frozen LM head and, where block 0 starts from them, the backbone's relative biases
@@ -59,8 +62,8 @@ def build_seq2seq_model(cfg: TrainConfig, manifest: dict[str, Any], weights: dic
     decoder = encoder.restacked(s["decoder_layers"], cfg.layers if decoder_layers is None else decoder_layers)
     biases = {part: weights[f"{part}_relative_bias"] for part in ("encoder", "decoder")
               if f"{part}_relative_bias" in weights}
-    return T5LadderSideNetwork(backbone_config(manifest), weights["lm_head"], s["scale_decoder_outputs"], biases,
-                               encoder, decoder)
+    return network(backbone_config(manifest), weights["lm_head"], s["scale_decoder_outputs"], biases,
+                   encoder, decoder, **extra)
 
 
 @torch.no_grad()
@@ -71,7 +74,7 @@ def predict_split(model: T5LadderSideNetwork, source, split: SplitReader, batch_
     out = np.zeros(len(split), dtype=np.int64)
     for idx in length_bucketed_batches(split.lengths, batch_size * 2, seed=0, epoch=0, shuffle=False):
         b = source(idx).to(device)
-        states = model(b.enc_hidden, b.enc_mask, b.dec_hidden, b.dec_mask, b.row_example)
+        states = model(*b.side_inputs())
         scores = sequence_scores(states, model.lm_head, b.targets, b.dec_mask).view(len(idx), -1)  # (B, C)
         out[idx] = scores.argmax(-1).cpu().numpy()
     return out
@@ -99,17 +102,21 @@ def check_options(cfg: TrainConfig) -> None:
                                         cfg.label_smoothing))
 
 
-def seq2seq_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None,
-                   pruned_init: PrunedInit) -> Recipe:
+def t5_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None,
+              pruned_init: PrunedInit, build: Callable[[], T5LadderSideNetwork] | None = None,
+              make_sources: Callable[[Seq2SeqBackbone | None], dict[str, Any]] | None = None,
+              run_keys: tuple[str, ...] = (*RUN_MANIFEST_KEYS, "seq2seq")) -> Recipe:
     """The T5 side network, cached or live batches, the teacher-forced loss and candidate scoring.
-    `pruned_init` runs for --init pruned, with the live backbone."""
+    `pruned_init` runs for --init pruned, with the live backbone. `build`: the side network (default: the
+    text-only one); `make_sources(backbone)`: batch sources per labelled split (default: the text part's;
+    `backbone` is the live T5 for --online, else None); `run_keys`: manifest fields RUN/config.json records."""
     check_options(cfg)
     manifest = store.manifest
     metric = select_metric(cfg, manifest, "classification")
     if cfg.train_split != manifest["seq2seq"]["train_split"]:
         raise TrainConfigError(expected(f"--train-split {manifest['seq2seq']['train_split']} (the split whose gold "
                                         "targets were decoded)", cfg.train_split))
-    model = build_seq2seq_model(cfg, manifest, store_weights(store))
+    model = build() if build is not None else build_seq2seq_model(cfg, manifest, store_weights(store))
     backbone = None
     if cfg.init == "pruned" or cfg.online:
         backbone = load_seq2seq_backbone(manifest["backbone"]["name"], "fp32", str(device))
@@ -117,13 +124,12 @@ def seq2seq_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, e
     if cfg.init == "pruned":
         pruned_init(model, backbone)
     model = model.to(device)
-    batches = sources(cfg, store, backbone)
-    resolved = resolved_config(cfg, manifest, metric, eval_name, (*RUN_MANIFEST_KEYS, "seq2seq"),
+    batches = (make_sources or (lambda live: sources(cfg, store, live)))(backbone)
+    resolved = resolved_config(cfg, manifest, metric, eval_name, tuple(k for k in run_keys if k in manifest),
                                layers=model.enc_kept, decoder_layers=model.dec_kept)
 
     def loss(forward, b: Seq2SeqBatch) -> torch.Tensor:
-        states = forward(b.enc_hidden, b.enc_mask, b.dec_hidden, b.dec_mask, b.row_example)
-        return target_loss(states, model.lm_head, b.targets, b.dec_mask)
+        return target_loss(forward(*b.side_inputs()), model.lm_head, b.targets, b.dec_mask)
 
     def predict(name: str, amp) -> np.ndarray:
         with amp or contextlib.nullcontext():

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone, load_seq2seq_backbone
 from featcache.reader import StoreReader
 from featcache.store import check_match
+from featcache.text.t5 import Seq2SeqBackbone, load_seq2seq_backbone
 
-from ...fisher import (
+from ..fisher import (
     BATCH_SIZE,
     N_EXAMPLES,
     cache_meta,
@@ -37,8 +37,8 @@ from ...fisher import (
     top_channels,
     top_per_head,
 )
+from ..networks.t5 import T5LadderSideNetwork
 from .data import open_decoder
-from .model import T5LadderSideNetwork
 
 ATTN = re.compile(r"layer\.(\d)\.(SelfAttention|EncDecAttention)\.([qkvo])\.weight$")
 # the backbone weights pruned_init copies, hence the ones scored

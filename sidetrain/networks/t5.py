@@ -31,10 +31,10 @@ from torch import nn
 
 from featcache.errors import TrainConfigError, expected
 
-from ...networks.ladders import Ladders, mix
+from .ladders import Ladders, mix
 
 if TYPE_CHECKING:
-    from ...networks.side_config import SideConfig
+    from .side_config import SideConfig
 
 
 def reduction_rule(backbone_config) -> tuple[list[int], str]:
@@ -132,12 +132,25 @@ class T5LadderSideNetwork(nn.Module):
                 with torch.no_grad():
                     table.copy_(relative_bias[part])
 
-    def encode(self, enc_hidden: torch.Tensor, enc_mask: torch.Tensor) -> torch.Tensor:
-        """enc_hidden (B, T, n_enc_stored, d), enc_mask (B, T) bool -> side encoder output (B, T, ds)."""
+    def encode(self, enc_hidden: torch.Tensor, enc_mask: torch.Tensor,
+               appended: torch.Tensor | None = None, appended_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """enc_hidden (B, T, n_enc_stored, d), enc_mask (B, T) bool -> side encoder output (B, T, ds).
+
+        `appended` (B, V, ds): side tokens after the text (VL-T5's visual tokens; `appended_mask` (B, V) bool,
+        default all real) -> output (B, T + V, ds). The backbone saw the text alone, so its ladders are zero
+        over those positions, and the relative position bias is the text's, zero between any other pair."""
         s, ladders, gates = self.enc_ladders(enc_hidden)
+        bias = None
+        if appended is not None:
+            t, v = s.shape[1], appended.shape[1]
+            s = torch.cat([s, appended.to(s.dtype)], dim=1)
+            ladders = F.pad(ladders, (0, 0, 0, 0, 0, v))  # (B, T + V, K, ds): zero at the appended positions
+            real = torch.ones(appended.shape[:2], dtype=torch.bool, device=s.device)
+            enc_mask = torch.cat([enc_mask, real if appended_mask is None else appended_mask], dim=1)
+            attention = self.enc_blocks[0].layer[0].SelfAttention
+            bias = F.pad(attention.compute_bias(t, t, device=s.device), (0, v, 0, v)).to(s.dtype)
         s = self.dropout(s)
         mask = _additive(enc_mask[:, None, None, :], s.dtype)  # (B, 1, 1, T)
-        bias = None
         for j, block in enumerate(self.enc_blocks):
             s = mix(s, ladders, gates, j)
             s, bias, _ = block(s, attention_mask=mask, position_bias=bias)

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from featcache.kinds.seq2seq.backbone import Seq2SeqBackbone, shift_right
 from featcache.reader import SplitReader, StoreReader
+from featcache.text.t5 import Seq2SeqBackbone, shift_right
 
-from ...data import BatchSource, as_stored, host_policy, mappable
+from ..data import BatchSource, as_stored, host_policy, mappable
 
 DECODER_PART = "dec"  # the split's part that holds the decoder rows
 
@@ -27,10 +27,16 @@ class Seq2SeqBatch:
     targets: torch.Tensor  # (N, U) long, pad 0
     row_example: torch.Tensor  # (N,) long: the batch row each decoder row reads
     labels: torch.Tensor | None  # (B,)
+    image: torch.Tensor | None = None  # (B, V, n_image_layers, d_img): a vision-language store's image tokens
 
     def to(self, device: torch.device) -> Seq2SeqBatch:
         move = (lambda t: None if t is None else t.to(device))
         return Seq2SeqBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
+
+    def side_inputs(self) -> tuple[torch.Tensor, ...]:
+        """What the side network's forward takes: the text network's five inputs, then the image tokens if any."""
+        text = (self.enc_hidden, self.enc_mask, self.dec_hidden, self.dec_mask, self.row_example)
+        return text if self.image is None else (*text, self.image)
 
 
 class DecoderSplit:

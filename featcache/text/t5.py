@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...errors import BackboneError, DatasetError, StoreError, expected
-from ...loading import TORCH_DTYPES, resolve_device, weights_hash
-from ...text.backbone import Backbone
+from ..errors import BackboneError, DatasetError, StoreError, expected
+from ..loading import TORCH_DTYPES, resolve_device, weights_hash
+from .backbone import Backbone
 
 log = logging.getLogger(__name__)
 
