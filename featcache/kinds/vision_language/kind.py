@@ -10,7 +10,7 @@ Per split S:
                       hidden (n_tokens, n_layers, d_text), offsets, input_ids, token_type_ids, labels (n_rows,)
                       int64 answer indices into manifest task.label_names (over the answers of every labelled
                       split, as the text kinds do)
-    S/image_index     (n_rows,) int64   the row of this question's image in S/images
+    S/image_index     (n_rows,) int64   the row of this question's image in S/images ((n_rows, k): k images)
     S/images/...      one row per distinct image of split S (deduped by resolved path, or by content for
                       bytes), T tokens each, laid out as the shared image part (featcache/images/part.py):
                       hidden (n_images * T, 1, d_img), offsets i * T, input_ids 0..T-1, token_type_ids zeros
@@ -24,7 +24,13 @@ and questions per split, image_layers = what the image model is asked for, image
 `image_fingerprint` (the content of every distinct image). The request (what a resume must match) holds both
 models and their weights' hashes, both fingerprints, the text layers and the columns.
 
-Encoder-decoder text backbones (T5) are refused beside --image-model (not supported yet).
+A T5 text backbone (the paper's CLIP-T5): the text part is the T5 text part instead
+(featcache/text/t5_part.py: encoder states per row, S/dec the decoder's states teacher-forced on the answer texts,
+the LM head and relative biases under backbone_weights/); the frozen T5 never sees the image, so both stay a
+function of the text alone.
+
+Several images per row (`--image-column left,right`, NLVR2): S/image_index is (n_rows, k), the row's images in
+column order; every distinct image of the split is still stored once.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ from ...loading import load_model_config, weights_hash
 from ...plan import ROOT, KindPlan, PartPlan, RowsFn, check_layers
 from ...text.backbone import Backbone, load_backbone, load_tokenizer
 from ...text.part import text_fidelity, text_plan, text_rows
+from ...text.t5 import load_seq2seq_backbone
+from ...text.t5_part import finish_t5_manifest, t5_fidelity, t5_frozen_weights, t5_plan, t5_rows
 from ..registry import ExtractKind
 from .data import QuestionImages, VisionLanguageData, question_images
 
@@ -83,13 +91,18 @@ def image_identity(model: str) -> tuple[str, str]:
     return str(path.resolve()), weights_hash(path)
 
 
+def is_t5(config: Any) -> bool:
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
 def check_text_backbone(cfg: ExtractConfig, config: Any) -> int:
-    """The text backbone's number of blocks; T5 and configs without an encoder's fields are refused."""
+    """The text backbone's number of blocks; configs without an encoder's fields are refused (a T5 is checked
+    by the T5 text part)."""
     got = f"'{cfg.model}' ({type(config).__name__ if config is not None else 'no config'})"
-    if getattr(config, "is_encoder_decoder", False):
-        raise BackboneError(expected("an encoder-only text backbone (BERT, MiniLM, MPNet, ...) with --image-model",
-                                     got, "Vision-language stores with an encoder-decoder (T5) are not supported "
-                                          "yet."))
+    if is_t5(config):
+        if getattr(config, "model_type", "") != "t5":
+            raise BackboneError(expected("a T5 as the encoder-decoder text backbone beside --image-model", got))
+        return int(config.num_layers)
     if config is None or not hasattr(config, "num_hidden_layers") or not hasattr(config, "hidden_size") or \
             vision_config(config) is not None:
         raise BackboneError(expected("a text backbone (BERT, MiniLM, MPNet, ...) as MODEL with --image-model", got))
@@ -138,9 +151,12 @@ class VisionLanguageExtractKind(ExtractKind):
             raise BackboneError(expected(f"--precision fp32, bf16 or fp16 with the CNN '{cfg.image_model}'", "int8"))
         data = question_images(cfg.dataset, cfg.image_column, cfg.splits, cfg.quoting, cfg.header)
         text_cfg = dataclasses.replace(cfg, label_column=data.answer_column(cfg.label_column), task="classification")
-        tokenizer = backbone.tokenizer if backbone is not None else load_tokenizer(cfg.model)
-        plan = text_plan(text_cfg, tokenizer, config, check_layers(cfg.layers, n_blocks), int(config.hidden_size),
-                         n_blocks)
+        if is_t5(config):
+            plan = t5_plan(text_cfg, config, backbone.text if backbone is not None else None)
+        else:
+            tokenizer = backbone.tokenizer if backbone is not None else load_tokenizer(cfg.model)
+            plan = text_plan(text_cfg, tokenizer, config, check_layers(cfg.layers, n_blocks),
+                             int(config.hidden_size), n_blocks)
         if backbone is not None:
             image_config, (image_name, image_revision) = backbone.image.config, (backbone.image.name,
                                                                                  backbone.image.revision)
@@ -156,13 +172,14 @@ class VisionLanguageExtractKind(ExtractKind):
         plan.manifest.update(
             image_backbone={"name": image_name, "revision": image_revision, **model.backbone}, image=image,
             vision_language={"image_column": data.image_column, "image_part": IMAGES, "image_index": IMAGE_INDEX,
-                             "image_layers": model.stages,
+                             "images_per_row": len(data.image_column.split(",")),
+                             "text_backbone": "t5" if is_t5(config) else "encoder", "image_layers": model.stages,
                              "images": {n: len(s.items) for n, s in data.splits.items()},
                              "questions": {n: s.n_rows for n, s in data.splits.items()}})
         plan.manifest["dataset"] = {**plan.manifest["dataset"], "image_fingerprint": data.fingerprint,
                                     "image_column": data.image_column}
         plan.state = {"text": plan.state, "images": data.splits, "image_stages": model.stages,
-                      "image_revision": image_revision}
+                      "image_revision": image_revision, "t5": is_t5(config)}
         return plan
 
     @staticmethod
@@ -183,11 +200,14 @@ class VisionLanguageExtractKind(ExtractKind):
                                           modes_converted=data.modes[name])
 
     def load_backbone(self, cfg: ExtractConfig, device: str) -> VisionLanguageBackbone:
-        return VisionLanguageBackbone(load_backbone(cfg.model, cfg.precision, device),
+        load_text = load_seq2seq_backbone if is_t5(load_model_config(cfg.model)) else load_backbone
+        return VisionLanguageBackbone(load_text(cfg.model, cfg.precision, device),
                                       load_image_backbone(cfg.image_model, cfg.precision, device))
 
     def rows(self, plan: KindPlan, backbone: VisionLanguageBackbone, split: str, part: str) -> RowsFn:
         self._check_image_weights(plan, backbone)
+        if part != IMAGES and plan.state["t5"]:  # the encoder part or the decoder part
+            return t5_rows(plan.state["text"], plan.parts[split], backbone.text, split, part)
         if part == ROOT:
             return text_rows(plan.state["text"][split], plan.parts[split][ROOT].layers, backbone.text)
         if part != IMAGES:
@@ -204,12 +224,24 @@ class VisionLanguageExtractKind(ExtractKind):
         """The text part's fidelity as the encoder kind measures it, and the image tokens' under `image`."""
         self._check_image_weights(plan, backbone)
         first = next(iter(plan.parts))
-        text = text_fidelity(cfg, plan.state["text"], plan.parts[first][ROOT].layers, plan.store_dtype, backbone.text)
+        if plan.state["t5"]:
+            text = t5_fidelity(cfg, plan.state["text"], plan.parts[first], plan.store_dtype, backbone.text)
+        else:
+            text = text_fidelity(cfg, plan.state["text"], plan.parts[first][ROOT].layers, plan.store_dtype,
+                                 backbone.text)
         name, images = next(iter(plan.state["images"].items()))
         image = image_fidelity(cfg.image_model, images, plan.state["image_stages"], backbone.image, cfg.error_sample)
         if text is None and image is None:
             return None
         return {**(text or {}), **({"image": {**image, "split": name}} if image else {})}
+
+    def frozen_weights(self, backbone: VisionLanguageBackbone) -> dict[str, np.ndarray]:
+        """A T5 text backbone's LM head and relative biases (stage 2 runs without the backbone); none else."""
+        return t5_frozen_weights(backbone.text) if is_t5(backbone.config) else {}
+
+    def finish_manifest(self, manifest: dict[str, Any]) -> None:
+        if "seq2seq" in manifest:
+            finish_t5_manifest(manifest)
 
     @staticmethod
     def _check_image_weights(plan: KindPlan, backbone: VisionLanguageBackbone) -> None:

@@ -196,10 +196,9 @@ def test_label_text_file_and_fp16(tiny_t5, t5_data, tmp_path, caplog):
 
 def test_pruned_init(t5_store, tiny_t5, tmp_path):
     """Side blocks start as Fisher-pruned backbone blocks: r = 1 copies them, r = 2 slices them."""
-    from sidetrain.t5.recipe import build_seq2seq_model, store_weights
-
     from featcache.text.t5 import load_seq2seq_backbone
     from sidetrain.t5.prune import fisher_path, fisher_scores, pruned_init
+    from sidetrain.t5.recipe import build_seq2seq_model, store_weights
 
     store = open_store(t5_store)
     backbone = load_seq2seq_backbone(str(tiny_t5), device="cpu")
