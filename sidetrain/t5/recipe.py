@@ -20,8 +20,10 @@ from featcache.store import check_match
 from featcache.text.t5 import Seq2SeqBackbone, load_seq2seq_backbone
 
 from ..data import length_bucketed_batches
+from ..kinds.base import SearchFacts
+from ..networks.ladders import stored_blocks
 from ..networks.side_config import SideConfig
-from ..networks.t5 import T5LadderSideNetwork, sequence_scores, target_loss
+from ..networks.t5 import T5LadderSideNetwork, reduction_rule, sequence_scores, target_loss
 from ..recipe import (
     RUN_MANIFEST_KEYS,
     Recipe,
@@ -64,6 +66,17 @@ def build_seq2seq_model(cfg: TrainConfig, manifest: dict[str, Any], weights: dic
               if f"{part}_relative_bias" in weights}
     return network(backbone_config(manifest), weights["lm_head"], s["scale_decoder_outputs"], biases,
                    encoder, decoder, **extra)
+
+
+def t5_search_facts(manifest: dict[str, Any]) -> SearchFacts:
+    """What `lst sweep` needs for a store with a T5 text part."""
+    config = backbone_config(manifest)
+    factors, rule = reduction_rule(config)
+    s = manifest["seq2seq"]
+    # one --layers for both stacks: the stored blocks of both
+    blocks = [x for x in stored_blocks(s["encoder_layers"]) if x in s["decoder_layers"]]
+    return SearchFacts(int(config.d_model), int(config.num_heads), tuple(factors), rule, tuple(blocks),
+                       stackable=False)
 
 
 @torch.no_grad()

@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from featcache.text.t5 import Seq2SeqBackbone
 
-from ...networks.ladders import stored_blocks
-from ...networks.t5 import T5LadderSideNetwork, reduction_rule
-from ...recipe import Recipe, backbone_config
+from ...networks.t5 import T5LadderSideNetwork
+from ...recipe import Recipe
 from ...t5.prune import fisher_scores, pruned_init
-from ...t5.recipe import t5_recipe
+from ...t5.recipe import t5_recipe, t5_search_facts
 from ..base import SearchFacts, TrainKind
 
 if TYPE_CHECKING:
@@ -33,13 +32,7 @@ class Seq2SeqTrainKind(TrainKind):
         return t5_recipe(cfg, store, device, eval_name, init)
 
     def search_facts(self, manifest: dict[str, Any]) -> SearchFacts:
-        config = backbone_config(manifest)
-        factors, rule = reduction_rule(config)
-        s = manifest["seq2seq"]
-        # one --layers for both stacks: the stored blocks of both
-        blocks = [x for x in stored_blocks(s["encoder_layers"]) if x in s["decoder_layers"]]
-        return SearchFacts(int(config.d_model), int(config.num_heads), tuple(factors), rule, tuple(blocks),
-                           stackable=False)
+        return t5_search_facts(manifest)
 
     def load_model(self, folder: Path, config: dict[str, Any], device: torch.device) -> Seq2SeqLadderModel:
         from .pretrained import Seq2SeqLadderModel

@@ -27,7 +27,7 @@ IMAGE_INDEX = "image_index"
 class VisionLanguageBatch:
     hidden: torch.Tensor  # (B, L, n_layers, d) text states, zero on padding
     mask: torch.Tensor  # (B, L) bool
-    image: torch.Tensor  # (B, T, n_image_layers, d_img) the image tokens of each question's image
+    image: torch.Tensor  # (B, k * T, n_image_layers, d_img) the image tokens of each question's k images
     labels: torch.Tensor | None  # (B,)
 
     def to(self, device: torch.device) -> VisionLanguageBatch:
@@ -53,10 +53,64 @@ def image_part(split: SplitReader) -> tuple[PartReader, np.ndarray]:
 
 
 def image_rows(part: PartReader, rows: np.ndarray) -> torch.Tensor:
-    """(len(rows), T, n_layers, d_img) float32: the stored tokens of image rows `rows`."""
+    """(len(rows), T, n_layers, d_img) float32: the stored tokens of image rows `rows`; rows (B, k): the k
+    images of each of B questions one after the other, (B, k * T, n_layers, d_img)."""
+    rows = np.asarray(rows)
+    flat_rows = rows.reshape(-1)
     offsets = part.offsets
-    flat = part.hidden_rows(offsets[rows], offsets[rows + 1])
+    flat = part.hidden_rows(offsets[flat_rows], offsets[flat_rows + 1])
     return flat.view(len(rows), -1, *flat.shape[1:])
+
+
+class StoredImages:
+    """The stored image tokens of a split's questions, (B, k * T, n_layers, d_img) per batch of question indices
+    (in RAM when `preload`, else read where they are)."""
+
+    def __init__(self, split: SplitReader, preload: bool) -> None:
+        self.part, self.index = image_part(split)
+        self.nbytes = self.part.nbytes()
+        if preload:
+            self.part.load()
+
+    def __call__(self, idx: np.ndarray) -> torch.Tensor:
+        return image_rows(self.part, self.index[np.asarray(idx)])
+
+
+class LiveImages:
+    """The image backbone on the image files, per batch of question indices (each distinct image once), as the
+    store holds them (a compressed store: projected onto the images part's basis)."""
+
+    def __init__(self, split: SplitReader, images: ImageSplit, image_backbone: ImageBackbone,
+                 image_layers: list[int]) -> None:
+        self.part, self.index = image_part(split)
+        self.image_backbone, self.image_layers = image_backbone, image_layers
+        self.pixels = PixelPrefetcher(images, image_backbone, decode_threads(), ahead=0)
+
+    def __call__(self, idx: np.ndarray) -> torch.Tensor:
+        wanted = self.index[np.asarray(idx)]
+        rows, where = np.unique(wanted, return_inverse=True)
+        states = self.image_backbone.hidden_states(self.pixels.get(rows.tolist()), self.image_layers).cpu()
+        states = as_stored(self.part, states)  # (n distinct, T, n_layers, d_img)
+        picked = states[torch.from_numpy(where.reshape(-1))]  # (B * k, T, ...)
+        return picked.view(len(wanted), -1, *picked.shape[2:])
+
+
+class WithImages(BatchSource):
+    """A text part's batch source (a T5 text part's batches) with each question's image tokens set on the batch
+    (`image`); the figures are the text source's plus the stored images held or mapped."""
+
+    def __init__(self, text: BatchSource, images: StoredImages | LiveImages, mapped: bool = False) -> None:
+        self.text, self.images = text, images
+        self.policy = text.policy
+        stored = images.nbytes if isinstance(images, StoredImages) else 0
+        self.held_bytes = text.held_bytes + (stored if text.preloaded else 0)
+        self.device_bytes = text.device_bytes
+        self.mapped_bytes = text.mapped_bytes + (stored if mapped and not text.preloaded else 0)
+
+    def __call__(self, idx: np.ndarray):
+        batch = self.text(idx)
+        batch.image = self.images(idx)
+        return batch
 
 
 def channel_stats(split: SplitReader, layer: int = -1, rows_at_once: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,19 +132,16 @@ class CachedVisionLanguage(BatchSource):
 
     def __init__(self, split: SplitReader, text: BatchSource) -> None:
         self.text = text
-        self.part, self.index = image_part(split)
+        self.images = StoredImages(split, text.preloaded)
         self.policy = text.policy
-        images = self.part.nbytes()
-        if text.preloaded:
-            self.part.load()
+        images = self.images.nbytes
         self.held_bytes = text.held_bytes + (images if text.preloaded else 0)
         self.device_bytes = text.device_bytes
         self.mapped_bytes = text.mapped_bytes + (images if not text.preloaded and mappable(split) else 0)
 
     def __call__(self, idx: np.ndarray) -> VisionLanguageBatch:
         b = self.text(idx)
-        image = image_rows(self.part, self.index[np.asarray(idx)])
-        return VisionLanguageBatch(b.hidden, b.mask, image, b.labels)
+        return VisionLanguageBatch(b.hidden, b.mask, self.images(idx), b.labels)
 
 
 class OnlineVisionLanguage(BatchSource):
@@ -102,13 +153,8 @@ class OnlineVisionLanguage(BatchSource):
     def __init__(self, split: SplitReader, backbone: Backbone, layers: list[int], images: ImageSplit,
                  image_backbone: ImageBackbone, image_layers: list[int]) -> None:
         self.text = OnlineBatches(split, backbone, layers)
-        self.part, self.index = image_part(split)
-        self.image_backbone, self.image_layers = image_backbone, image_layers
-        self.pixels = PixelPrefetcher(images, image_backbone, decode_threads(), ahead=0)
+        self.images = LiveImages(split, images, image_backbone, image_layers)
 
     def __call__(self, idx: np.ndarray) -> VisionLanguageBatch:
         b = self.text(idx)
-        rows, where = np.unique(self.index[np.asarray(idx)], return_inverse=True)
-        states = self.image_backbone.hidden_states(self.pixels.get(rows.tolist()), self.image_layers).cpu()
-        states = as_stored(self.part, states)  # a compressed store: projected onto the images part's basis
-        return VisionLanguageBatch(b.hidden, b.mask, states[torch.from_numpy(where.reshape(-1))], b.labels)
+        return VisionLanguageBatch(b.hidden, b.mask, self.images(idx), b.labels)

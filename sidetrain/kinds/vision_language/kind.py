@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 from ...networks.family import reduction_rule
 from ...networks.ladders import stored_blocks
 from ...recipe import Recipe, backbone_config
+from ...t5.recipe import t5_search_facts
 from ..base import SearchFacts, TrainKind
 from .predict import pair_up, question_rows
-from .recipe import check_text_backbone, vision_language_recipe
+from .recipe import has_t5_text, vision_language_recipe
 
 if TYPE_CHECKING:
     import torch
@@ -27,10 +28,15 @@ class VisionLanguageTrainKind(TrainKind):
     needs_images = True  # `lst predict RUN --text Q --image PATH`, or rows files of (question, image)
 
     def recipe(self, cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:
+        if has_t5_text(store.manifest):
+            from .t5_recipe import vision_t5_recipe
+
+            return vision_t5_recipe(cfg, store, device, eval_name)
         return vision_language_recipe(cfg, store, device, eval_name)
 
     def search_facts(self, manifest: dict[str, Any]) -> SearchFacts:
-        check_text_backbone(manifest)
+        if has_t5_text(manifest):
+            return t5_search_facts(manifest)
         config = backbone_config(manifest)
         factors, rule = reduction_rule(config)
         return SearchFacts(int(config.hidden_size), int(config.num_attention_heads), tuple(factors), rule,

@@ -41,17 +41,18 @@ if TYPE_CHECKING:
 VL_RUN_KEYS = (*RUN_MANIFEST_KEYS, "image_backbone", "image", "vision_language", "parts", "dataset")
 
 
-def check_text_backbone(manifest: dict[str, Any]) -> None:
-    """Encoder-only text backbones; a T5 VL store is refused (its side decoder is not built here)."""
-    config = manifest["backbone"].get("config") or {}
-    if config.get("is_encoder_decoder"):
-        raise TrainConfigError(expected("a vision-language store over an encoder-only text backbone (BERT, MiniLM, "
-                                        "MPNet...)", f"a {config.get('model_type', 'encoder-decoder')} store",
-                                        "Training an encoder-decoder VL side network is not supported yet."))
+def has_t5_text(manifest: dict[str, Any]) -> bool:
+    """The store's text part is a T5's (the VL-T5 network, t5_recipe.py) rather than an encoder's."""
+    return "seq2seq" in manifest
 
 
 def image_width(manifest: dict[str, Any]) -> int:
     return int(manifest["parts"][IMAGES_PART]["hidden_size"])
+
+
+def images_per_row(manifest: dict[str, Any]) -> int:
+    """k of `--image-column left,right` (1 for stores written before several images per row)."""
+    return int(manifest["vision_language"].get("images_per_row", 1))
 
 
 def image_layers(manifest: dict[str, Any]) -> list[int]:
@@ -60,10 +61,9 @@ def image_layers(manifest: dict[str, Any]) -> list[int]:
 
 
 def build_model(cfg: TrainConfig, manifest: dict[str, Any]) -> VisionLanguageSide:
-    check_text_backbone(manifest)
     side = SideConfig.resolve(cfg, int(manifest["task"]["num_labels"]), manifest["layers"])
     return VisionLanguageSide(backbone_config(manifest), image_width(manifest), int(manifest["image"]["tokens"]),
-                              side)
+                              side, images_per_row(manifest))
 
 
 def load_image_model(manifest: dict[str, Any], device: str) -> ImageBackbone:
