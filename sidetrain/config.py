@@ -11,6 +11,9 @@ from . import metrics as M
 
 TOPS = ("side", "last", "layers")  # --top: what the classifier reads (TrainConfig.top)
 POOLINGS = ("mean", "cls", "pair")  # --pooling: how the side output is pooled for the head
+TASK_SAMPLINGS = ("proportional", "uniform")  # --task-sampling: which task each batch of a multi-task run is
+# Options that change where/how a run executes but not its result: a resumed run may differ in them.
+RESUME_FREE = {"out", "device", "preload", "memory_budget", "prefetch", "resume", "compile"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,9 @@ class Schedule:
 class TrainConfig:
     """Options of `lst train`; the resolved copy is written to RUN/config.json."""
 
-    store: str = opt(help="A store written by `lst extract`.")
+    store: str | list[str] = opt(  # noqa: RUF009 (opt() is a field)
+        help="A store written by `lst extract`. Several stores: one multi-task side network over them, each store a "
+             "task (docs/multitask.md).")
     out: str = opt(help="Run folder: config.json, metrics.json, weights.")
     reduction_factor: int = opt(8, "Side width = backbone width / r.")
     layers: list[int] | None = opt(  # noqa: RUF009 (opt() is a field)
@@ -89,10 +94,20 @@ class TrainConfig:
     resume: bool = opt(True, "Continue the run in --out from RUN/checkpoint.pt when it holds one for the "
                              "same options.")
     max_steps: int = opt(0, "Stop after this many optimiser steps (0: no limit), e.g. for a quick smoke run.")
+    task_sampling: str = opt("proportional", "Multi-task runs (several stores): the task of each batch, drawn in "
+                                             "proportion to the tasks' training batches (proportional: every batch "
+                                             "of every task once per epoch) or equally often (uniform: an epoch as "
+                                             "long as the proportional one, small tasks repeated, large ones cut).")
     init: str = opt("random", "Side blocks start random, or 'pruned': backbone blocks pruned to 1/r by Fisher "
                               "information (scores cached beside the store).")
 
     def __post_init__(self) -> None:
+        if isinstance(self.store, (list, tuple)):  # several stores: a multi-task run; one: the plain run
+            if not self.store:
+                raise TrainConfigError(expected("at least one STORE", "none"))
+            self.store = str(self.store[0]) if len(self.store) == 1 else [str(s) for s in self.store]
+        if self.task_sampling not in TASK_SAMPLINGS:
+            raise TrainConfigError(expected(f"--task-sampling one of {', '.join(TASK_SAMPLINGS)}", self.task_sampling))
         for flag, value, low in [("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
                                  ("--reduction-factor", self.reduction_factor, 1)]:
             if value < low:
@@ -124,6 +139,15 @@ class TrainConfig:
             raise TrainConfigError(expected("--memory-budget of at least 0 GiB", self.memory_budget))
         if self.max_steps < 0:
             raise TrainConfigError(expected("--max-steps of at least 0 (0: no limit)", self.max_steps))
+
+    @property
+    def stores(self) -> list[str]:
+        """Every store of the run (one, or a multi-task run's several)."""
+        return list(self.store) if isinstance(self.store, list) else [self.store]
+
+    @property
+    def multitask(self) -> bool:
+        return isinstance(self.store, list)
 
     def schedule(self, steps_per_epoch: int) -> Schedule:
         """The run's steps (--epochs, capped by --max-steps) and warm-up (--warmup-steps; -1: the paper's 500,

@@ -6,12 +6,34 @@ the backbone live (inference needs it; training never does) beside the side netw
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from featcache.errors import LstError, expected
 
 from .kinds.registry import kind_for, kind_names
+from .multitask import TASKS_DIR
 from .pretrained import LadderModel, read_model_config
+
+
+def task_run(run: str, task: str | None) -> str:
+    """The run folder `lst predict RUN [--task NAME]` reads: a multi-task run's task folder (RUN/tasks/NAME; --task
+    is required there), or RUN itself (a single-task run takes no --task)."""
+    try:
+        tasks = json.loads((Path(run) / "config.json").read_text()).get("tasks")
+    except (OSError, ValueError, AttributeError):
+        tasks = None  # not a run folder: read_model_config says so in one line
+    if not isinstance(tasks, dict):
+        if task is not None:
+            raise LstError(expected("--task only for a multi-task run (`lst train STORE STORE ...`)",
+                                    f"--task {task} for '{run}', a single-task run", "Drop --task."))
+        return run
+    names = ", ".join(tasks)
+    if task is None:
+        raise LstError(expected(f"--task NAME for the multi-task run '{run}' (tasks: {names})", "no --task"))
+    if task not in tasks:
+        raise LstError(expected(f"--task one of {names} (the tasks of '{run}')", f"--task {task}"))
+    return str(Path(run) / TASKS_DIR / task)
 
 
 def read_texts(path: str | Path) -> list[str]:

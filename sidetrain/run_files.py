@@ -6,7 +6,16 @@ trainer agrees: `lst train` (train.py), the linear probe (probe.py) and stacked 
     RUN/model.safetensors  the trained weights (the probe: its linear head and feature standardisation)
     RUN/predictions.json   {split: [prediction per example, in the split's order]} for every labelled
                            split except the training split
-    RUN/train_log.jsonl    {"step", "loss"} per optimiser step (the probe: per L2 value fitted)
+    RUN/train_log.jsonl    {"step", "loss"} per optimiser step (the probe: per L2 value fitted; a multi-task
+                           run adds "task", the task of the step's batch)
+    RUN/tasks/<name>/      a multi-task run (`lst train STORE STORE ...`, multitask.py): each task's own run
+                           folder, these same files, its config.json marked with "multitask"; RUN/config.json
+                           then lists the tasks under "tasks", RUN/metrics.json adds "tasks" (per task: store,
+                           folder, metric, eval_split, best_eval, splits, steps, examples, trainable_parameters,
+                           own_parameters), "task_sampling" and "shared_parameters", its metric is "task_mean"
+                           (the mean over the tasks of each one's selection metric), RUN/predictions.json is
+                           {task: {split: [...]}} and RUN/model.safetensors holds '<task>/<name>', each shared
+                           tensor once
 
 metrics.json (`summary()`):
     metric               the metric the best epoch was picked on
@@ -71,7 +80,7 @@ from .config import TrainConfig
 RUN_FILES = ("config.json", "model.safetensors")  # what a finished run folder holds at least
 # Every entry a trainer writes in RUN/ (checkpoint.tmp and config.json.tmp: renamed into place).
 RUN_NAMES = frozenset({"config.json", "config.json.tmp", "checkpoint.pt", "checkpoint.tmp", "metrics.json",
-                       "model.safetensors", "predictions.json", "train_log.jsonl"})
+                       "model.safetensors", "predictions.json", "train_log.jsonl", "tasks"})
 # Every entry `lst sweep` writes in OUT/ (study.db-*: SQLite's journal files; .claim.lock: claims.py).
 SWEEP_NAMES = frozenset({"sweep.json", "space.json", "study.db", "study.db-journal", "study.db-wal", "study.db-shm",
                          "trials", "logs", "summary.json", "summary.png", "best", ".claim.lock"})
@@ -151,14 +160,17 @@ def write_config(out: Path, resolved: dict[str, Any]) -> None:
 
 
 def write_run(out: Path, weights: nn.Module | dict[str, torch.Tensor], summary: dict[str, Any],
-              predictions: dict[str, list], losses: list[float]) -> None:
-    """RUN/model.safetensors, metrics.json, predictions.json and train_log.jsonl (config.json: `write_config`)."""
+              predictions: dict[str, Any], losses: list[float], step_tasks: list[str] | None = None) -> None:
+    """RUN/model.safetensors, metrics.json, predictions.json and train_log.jsonl (config.json: `write_config`).
+    `step_tasks`: a multi-task run's task of each step, logged beside its loss."""
     state = weights.state_dict() if isinstance(weights, nn.Module) else weights
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / "model.safetensors"))
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     (out / "predictions.json").write_text(json.dumps(predictions))
-    (out / "train_log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
-                                                 for i, v in enumerate(losses)))
+    tasks = step_tasks or [None] * len(losses)
+    (out / "train_log.jsonl").write_text("".join(
+        json.dumps({"step": i + 1, "loss": v} if task is None else {"step": i + 1, "loss": v, "task": task}) + "\n"
+        for i, (v, task) in enumerate(zip(losses, tasks))))
 
 
 def read_run_config(run: str | Path) -> dict[str, Any]:
@@ -168,6 +180,10 @@ def read_run_config(run: str | Path) -> dict[str, Any]:
         raise LstError(expected("a finished run folder (config.json and model.safetensors)", f"'{run}'",
                                 "Train one with `lst train STORE --out RUN`."))
     config = json.loads((path / "config.json").read_text())
+    if isinstance(config.get("tasks"), dict):  # a multi-task run: each task's own folder is a run
+        names = sorted(config["tasks"])
+        raise LstError(expected("one task's run folder", f"'{run}', a multi-task run (tasks: {', '.join(names)})",
+                                f"Use {Path(run) / 'tasks' / names[0]} (`lst predict RUN --task NAME`)."))
     if config.get("head", "lst") != "lst":
         raise TrainConfigError(expected("an LST run for `lst predict`", f"a '{config['head']}' run"))
     return config

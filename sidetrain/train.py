@@ -4,6 +4,8 @@ One loop for every kind of store (`train`): AdamW with warm-up and linear decay,
 autocast, a checkpoint each epoch (a killed run resumes), the best epoch picked on the eval split,
 the run folder. What differs per kind of store (side network, batches, loss, predictions) comes in a
 `Recipe` (recipe.py) from the store's plug-in (kinds/registry.py: `kind_for(manifest).recipe(...)`).
+Several stores train one multi-task side network in the same loop: one recipe per store, their networks
+sharing every parameter they agree on, one task per batch (multitask.py).
 """
 
 from __future__ import annotations
@@ -24,18 +26,18 @@ from featcache.progress import progress_bar
 from featcache.reader import StoreReader, open_store
 
 from . import metrics as M
-from .config import TrainConfig
-from .data import BatchSource, batch_stream, data_figures, length_bucketed_batches
+from . import multitask as MT
+from .config import RESUME_FREE, TrainConfig
+from .data import BatchSource, batch_stream
 from .kinds.registry import kind_for
 from .memory import PeakMemory, gradient_bytes, model_bytes, optimizer_bytes
-from .recipe import Recipe, autocast, check_labels, evaluate_splits, pick_eval_split
+from .recipe import Recipe, autocast, evaluate_splits
 from .run_files import memory_figures, prepare_run_dir, write_config, write_run
 from .run_files import summary as run_summary
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
-# Options that change where/how a run executes but not its result: a resumed run may differ in them.
-RESUME_FREE = {"out", "device", "preload", "memory_budget", "prefetch", "resume", "compile"}
+__all__ = ["CHECKPOINT", "RESUME_FREE", "data_seed", "train"]
 
 
 def train(cfg: TrainConfig, store: StoreReader | None = None,
@@ -44,11 +46,15 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
 
     `store`: an already opened store whose loaded splits are reused (a search opens it once).
     `on_epoch(epoch, record)`: called after each epoch's evaluation (a search reports and prunes
-    there; raising stops the run).
+    there; raising stops the run). Several stores in `cfg.store`: one multi-task run (multitask.py; `store` unused).
     """
     device = resolve_device(cfg.device)
     out = prepare_run_dir(cfg.out, create=False)  # nothing or an lst run: never overwrite what lst did not write
     torch.manual_seed(cfg.seed)
+    if cfg.multitask:
+        stores = MT.open_stores(cfg)  # one line for a probe, a mix of kinds or of backbones
+        with PeakMemory(device) as whole:
+            return _train_lst(cfg, MT.build_tasks(cfg, stores, device, out), device, out, on_epoch, whole)
     store = store or open_store(cfg.store)
     kind = kind_for(store.manifest)
     if cfg.head == "probe":
@@ -59,19 +65,20 @@ def train(cfg: TrainConfig, store: StoreReader | None = None,
 
         return train_probe(cfg, store)
     with PeakMemory(device) as whole:  # the whole process from here: loading the data included
-        return _train_lst(cfg, store, kind, device, out, on_epoch, whole)
+        return _train_lst(cfg, [MT.build_task(cfg, store, device)], device, out, on_epoch, whole)
 
 
-def _train_lst(cfg: TrainConfig, store: StoreReader, kind, device: torch.device, out: Path,
+def _train_lst(cfg: TrainConfig, tasks: list[MT.Task], device: torch.device, out: Path,
                on_epoch: Callable[[int, dict[str, Any]], None] | None, whole: PeakMemory) -> dict[str, Any]:
-    train_split = check_labels(store, cfg.train_split)
-    eval_name = pick_eval_split(store, cfg.eval_split, cfg.train_split)
-    recipe = kind.recipe(cfg, store, device, eval_name)
-    model, sources, metric = recipe.model, recipe.sources, recipe.metric
+    """The loop over one task (a store) or several (a multi-task run: `tasks` share their parameters)."""
+    multi = len(tasks) > 1
+    first = tasks[0]
+    store, train_split, eval_name, recipe = first.store, first.train_split, first.eval_name, first.recipe
+    model, sources, metric = MT.joint_model(tasks), recipe.sources, recipe.metric
     amp = autocast(cfg, device)
-    forward = torch.compile(model, dynamic=True) if cfg.compile else model
+    forwards = [torch.compile(t.recipe.model, dynamic=True) if cfg.compile else t.recipe.model for t in tasks]
 
-    steps_per_epoch = -(-len(train_split) // cfg.batch_size)
+    steps_per_epoch = sum(-(-len(t.train_split) // cfg.batch_size) for t in tasks)
     schedule = cfg.schedule(steps_per_epoch)
     total = schedule.total
     params = [p for p in model.parameters() if p.requires_grad]  # frozen: side embeddings, T5's LM head
@@ -79,11 +86,14 @@ def _train_lst(cfg: TrainConfig, store: StoreReader, kind, device: torch.device,
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, schedule.factor)
 
+    resolved = MT.run_config(cfg, tasks, RESUME_FREE) if multi else recipe.resolved
     state = {"epoch": 0, "step": 0, "best": -np.inf, "best_state": None, "history": [], "losses": [],
              "train_seconds": 0.0, "wait_seconds": 0.0}
+    if multi:  # each step's task, examples seen per task, the selected epoch
+        state.update(task_steps=[], task_examples=[0] * len(tasks), best_epoch=None)
     if cfg.resume and (out / CHECKPOINT).exists():
-        state = _load_checkpoint(out / CHECKPOINT, recipe.resolved, model, optim, sched)
-    write_config(out, recipe.resolved)
+        state = _load_checkpoint(out / CHECKPOINT, resolved, model, optim, sched)
+    write_config(out, resolved)
     optim_at_start = optimizer_bytes(optim)  # non-zero when resumed
     with PeakMemory(device) as mem, progress_bar("train", total, unit="step") as bar:
         bar.advance(state["step"])
@@ -92,13 +102,18 @@ def _train_lst(cfg: TrainConfig, store: StoreReader, kind, device: torch.device,
                 break
             model.train()
             t0 = time.perf_counter()
-            batches = length_bucketed_batches(train_split.lengths, cfg.batch_size, data_seed(cfg), epoch)
-            source = sources[cfg.train_split]
-            stream = batch_stream(source, batches, device, _prefetch(cfg, source, device))
+            plan = MT.epoch_plan(tasks, cfg.batch_size, data_seed(cfg), epoch, cfg.task_sampling)
+            streams = []
+            for i, t in enumerate(tasks):  # one stream per task, each over its batches in the plan's order
+                source = t.recipe.sources[t.cfg.train_split]
+                streams.append(batch_stream(source, [idx for k, idx in plan if k == i], device,
+                                            _prefetch(cfg, source, device)))
+            readers = [iter(s) for s in streams]
             try:
-                for b in stream:
+                for k, idx in plan:
+                    b = next(readers[k])
                     with amp:
-                        loss = recipe.loss(forward, b)
+                        loss = tasks[k].recipe.loss(forwards[k], b)
                     optim.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.grad_clip:
@@ -106,24 +121,36 @@ def _train_lst(cfg: TrainConfig, store: StoreReader, kind, device: torch.device,
                     optim.step()
                     sched.step()
                     state["losses"].append(loss.item())
+                    if multi:
+                        state["task_steps"].append(k)
+                        state["task_examples"][k] += len(idx)
                     state["step"] += 1
                     bar.advance()
                     if state["step"] >= total:
                         break
             finally:
-                stream.close()
+                for s in streams:
+                    s.close()
             seconds = time.perf_counter() - t0
+            waited = sum(s.wait_seconds for s in streams)
             state["train_seconds"] += seconds
-            state["wait_seconds"] += stream.wait_seconds
+            state["wait_seconds"] += waited
             record = {"epoch": epoch + 1, "step": state["step"], "seconds": seconds,
-                      "data_wait_fraction": stream.wait_seconds / max(seconds, 1e-9),
-                      "train_loss": float(np.mean(state["losses"][-len(batches):]))}
-            if eval_name:
+                      "data_wait_fraction": waited / max(seconds, 1e-9),
+                      "train_loss": float(np.mean(state["losses"][-len(plan):]))}
+            selection = None
+            if multi:
+                selection = MT.evaluate_epoch(tasks, amp, record, state["losses"][-len(plan):],
+                                              state["task_steps"][-len(plan):])
+            elif eval_name:
                 scores = _scores(recipe, eval_name, recipe.predict(eval_name, amp), store)
                 record.update({f"eval_{k}": v for k, v in scores.items()})
-                if scores[metric] > state["best"]:
-                    state["best"] = scores[metric]
-                    state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                selection = scores[metric]
+            if selection is not None and selection > state["best"]:
+                state["best"] = selection
+                state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if multi:
+                    state["best_epoch"] = epoch + 1
             state["history"].append(record)
             state["epoch"] = epoch + 1
             _save_checkpoint(out / CHECKPOINT, state, recipe.resolved, model, optim, sched)
@@ -133,6 +160,13 @@ def _train_lst(cfg: TrainConfig, store: StoreReader, kind, device: torch.device,
                                                  for k, v in record.items()})
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
+    if multi:
+        common = {"steps": state["step"], "train_seconds": state["train_seconds"],
+                  "wait_seconds": state["wait_seconds"], "peak_memory_bytes": mem.peak_bytes,
+                  "peak_memory_kind": mem.kind, "mode": "online" if cfg.online else "cached", "head": "lst"}
+        return MT.finish(out, cfg, tasks, state, amp, common, lambda: _memory(
+            model, params, optim, optim_at_start, MT.data_of(tasks), mem, whole.update(),
+            state["best_state"] is not None))
     results, predictions = evaluate_splits(store, list(sources), cfg.train_split, recipe.task, recipe.num_labels,
                                            lambda name: recipe.predict(name, amp))
     step, history, best = state["step"], state["history"], state["best"]
@@ -142,21 +176,19 @@ def _train_lst(cfg: TrainConfig, store: StoreReader, kind, device: torch.device,
                           examples=examples, wait_seconds=state["wait_seconds"], peak_memory_bytes=mem.peak_bytes,
                           peak_memory_kind=mem.kind, mode="online" if cfg.online else "cached", head="lst",
                           trainable_parameters=sum(p.numel() for p in params),
-                          memory=_memory(model, params, optim, optim_at_start, sources, store, mem, whole.update(),
-                                         state["best_state"] is not None))
+                          memory=_memory(model, params, optim, optim_at_start, MT.data_of(tasks), mem,
+                                         whole.update(), state["best_state"] is not None))
     write_run(out, model, summary, predictions, state["losses"])
     return summary
 
 
 def _memory(model: torch.nn.Module, params: list, optim: torch.optim.Optimizer, optim_at_start: int,
-            sources: dict[str, Any], store: StoreReader, loop: PeakMemory, whole: PeakMemory,
-            kept_best: bool) -> dict[str, Any]:
+            data: dict[str, Any], loop: PeakMemory, whole: PeakMemory, kept_best: bool) -> dict[str, Any]:
     """metrics.json's `memory`: the exact sizes of what training keeps, the sampled peaks, and activations as
     the loop's peak minus what it allocated for the known pieces (gradients, new optimizer state, the best
     epoch's copy; on a GPU, minus everything resident: the loop's peak there is absolute)."""
     weights, grads, optimizer = model_bytes(model), gradient_bytes(params), optimizer_bytes(optim)
     best = model_bytes(model) if kept_best else 0
-    data = data_figures(sources, store)
     if loop.device.type == "cuda":
         activations = loop.peak_bytes - weights - grads - optimizer - best - data["data_device_bytes"]
     else:
@@ -191,7 +223,10 @@ def _prefetch(cfg: TrainConfig, source: BatchSource, device: torch.device) -> bo
 
 
 def _identity(resolved: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in resolved.items() if k not in RESUME_FREE}
+    """What a resumed run must match. --task-sampling matters to a multi-task run only (a single-store run's
+    checkpoint from before the option existed still resumes)."""
+    free = RESUME_FREE if isinstance(resolved.get("store"), list) else RESUME_FREE | {"task_sampling"}
+    return {k: v for k, v in resolved.items() if k not in free}
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any], resolved: dict[str, Any], model, optim, sched) -> None:

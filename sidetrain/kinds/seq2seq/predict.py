@@ -14,7 +14,8 @@ from featcache.text.t5 import Seq2SeqBackbone
 
 from ...networks.t5 import T5LadderSideNetwork
 from ...pretrained import read_model_config
-from .pretrained import Seq2SeqLadderModel, classify, greedy
+from ...t5.decoding import Encoded, classify, greedy
+from .pretrained import Seq2SeqLadderModel
 
 
 def load_run(run_dir: str | Path, device: str = "cpu",
@@ -40,13 +41,13 @@ def predict_texts(run_dir: str | Path, texts: list[str], pairs: list[str] | None
         ids, mask = pad_batch(enc, s["pad_token_id"])
         enc_hidden, enc_out = backbone.encode(ids, mask, s["encoder_layers"])
         mask = mask.bool().to(backbone.device)
-        side_enc = model.encode(enc_hidden, mask)
+        enc = Encoded(model.encode(enc_hidden, mask), mask, enc_out, mask)
         if generate:
-            made = greedy(model, backbone, s, side_enc, enc_out, mask, max_new_tokens)
+            made = greedy(model, backbone, s, enc, max_new_tokens)
             out += [{"generated": backbone.tokenizer.decode(m, skip_special_tokens=True), "generated_ids": m}
                     for m in made]
         else:
-            out += classify(model, backbone, s, manifest["task"]["label_names"], side_enc, enc_out, mask)
+            out += classify(model, backbone, s, manifest["task"]["label_names"], enc)
     return out
 
 

@@ -21,10 +21,11 @@ from featcache.errors import LstError, StoreError, expected
 from featcache.text.splits import pad_batch
 from featcache.text.t5 import Seq2SeqBackbone, load_seq2seq_backbone, shift_right
 
-from ...networks.t5 import T5LadderSideNetwork, sequence_scores
+from ...networks.t5 import T5LadderSideNetwork
 from ...pretrained import LadderModel, text_lines
 from ...recipe import autocast
 from ...run_files import run_options
+from ...t5.decoding import Encoded, beam_search, candidate_scores
 from ...t5.recipe import build_seq2seq_model
 
 
@@ -41,63 +42,6 @@ def load_side(folder: str | Path, config: dict[str, Any], backbone: Seq2SeqBackb
     model = build_seq2seq_model(run_options(config), manifest, {"lm_head": lm_head}, config["decoder_layers"])
     model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
     return model.to(backbone.device).eval()
-
-
-def side_states(model, backbone, s, targets: list[list[int]], row: torch.Tensor, side_enc, enc_out, mask):
-    """Backbone decoder teacher-forced on `targets` (rows of examples `row`), then the side decoder:
-    the states its LM head reads (N, U, d), and the target mask."""
-    dec_ids, dec_mask = shift_right(targets, s["decoder_start_token_id"], s["pad_token_id"])
-    dec_hidden, _ = backbone.decode(dec_ids, dec_mask, enc_out[row], mask[row].long(), s["decoder_layers"])
-    dec_mask = dec_mask.bool().to(backbone.device)
-    dec_hidden = (dec_hidden * dec_mask[..., None, None]).to(side_enc.dtype)
-    return model.decode(dec_hidden, dec_mask, side_enc[row], mask[row]), dec_mask
-
-
-def side_logits(model, backbone, s, targets: list[list[int]], row: torch.Tensor, side_enc, enc_out, mask):
-    """`side_states` through the LM head: full-vocabulary logits (N, U, vocab), for a few rows only."""
-    states, dec_mask = side_states(model, backbone, s, targets, row, side_enc, enc_out, mask)
-    return model.logits(states), dec_mask
-
-
-def candidate_scores(model, backbone, s, side_enc, enc_out, mask) -> torch.Tensor:
-    """(n, candidates) log-probability of every candidate label text, for each example."""
-    cands = s["candidate_ids"]
-    n, c = side_enc.shape[0], len(cands)
-    row = torch.arange(n, device=backbone.device).repeat_interleave(c)
-    targets = [cands[k] for _ in range(n) for k in range(c)]
-    states, dec_mask = side_states(model, backbone, s, targets, row, side_enc, enc_out, mask)
-    target_t, _ = pad_batch(targets, 0)
-    return sequence_scores(states, model.lm_head, target_t.to(states.device), dec_mask).view(n, c).float().cpu()
-
-
-def classify(model, backbone, s, names: list[str], side_enc, enc_out, mask) -> list[dict[str, Any]]:
-    scores = candidate_scores(model, backbone, s, side_enc, enc_out, mask)
-    best = scores.argmax(-1).tolist()
-    return [{"label": names[k], "label_text": s["label_texts"][k], "scores": scores[i].tolist()}
-            for i, k in enumerate(best)]
-
-
-def greedy(model, backbone, s, side_enc, enc_out, mask, max_new_tokens: int) -> list[list[int]]:
-    """Greedy decoding: each example's generated ids, without the start token and the final EOS."""
-    n = side_enc.shape[0]
-    row = torch.arange(n, device=backbone.device)
-    made: list[list[int]] = [[] for _ in range(n)]
-    done = [False] * n
-    for _ in range(max_new_tokens):
-        # the prefix plus a placeholder: shift_right turns it into [start] + prefix, whose last logits we read
-        states, _ = side_states(model, backbone, s, [m + [s["pad_token_id"]] for m in made], row, side_enc,
-                                enc_out, mask)
-        # the vocabulary logits of each row's next position only: (n, vocab), not (n, U, vocab)
-        logits = model.logits(states[row, torch.tensor([len(m) for m in made], device=states.device)])
-        for i in range(n):
-            if not done[i]:
-                token = int(logits[i].argmax())
-                done[i] = token == s["eos_token_id"]
-                if not done[i]:
-                    made[i].append(token)
-        if all(done):
-            break
-    return made
 
 
 class Seq2SeqLadderModel(LadderModel):
@@ -134,13 +78,14 @@ class Seq2SeqLadderModel(LadderModel):
         pairs = [p[1] if len(p) > 1 else "" for p in split] if any(len(p) > 1 for p in split) else None
         return self.tokenizer(firsts, pairs, truncation=True, max_length=self.manifest["max_length"])["input_ids"]
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-        """Backbone and side encoders: side encoding (B, T, ds), backbone encoder output, bool mask."""
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Encoded:
+        """Backbone and side encoders: what every decoding step reads (t5/decoding.py)."""
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         enc_hidden, enc_out = self.t5.encode(input_ids, mask, self.s["encoder_layers"])
         mask = mask.bool().to(self.t5.device)
         with autocast(self.options, self.device):
-            return self.side.encode(self.side_inputs(enc_hidden), mask.to(self.device)), enc_out, mask
+            side_enc = self.side.encode(self.side_inputs(enc_hidden), mask.to(self.device))
+        return Encoded(side_enc, mask.to(self.device), enc_out, mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
@@ -150,7 +95,8 @@ class Seq2SeqLadderModel(LadderModel):
         if decoder_input_ids is None and labels is None:
             raise LstError(expected("labels or decoder_input_ids for a T5 forward", "neither",
                                     "Use generate() or predict() to produce text."))
-        side_enc, enc_out, mask = self.encode(input_ids, attention_mask)
+        enc = self.encode(input_ids, attention_mask)
+        mask = enc.mask
         if decoder_input_ids is None:
             real = labels != -100
             targets = [row[keep].tolist() for row, keep in zip(labels.cpu(), real.cpu())]
@@ -158,11 +104,11 @@ class Seq2SeqLadderModel(LadderModel):
         else:
             dec_ids = decoder_input_ids
             dec_mask = torch.ones_like(dec_ids) if decoder_attention_mask is None else decoder_attention_mask
-        dec_hidden, _ = self.t5.decode(dec_ids, dec_mask, enc_out, mask.long(), self.s["decoder_layers"])
+        dec_hidden, _ = self.t5.decode(dec_ids, dec_mask, enc.enc_out, mask.long(), self.s["decoder_layers"])
         dec_mask = dec_mask.bool().to(self.t5.device)
         with autocast(self.options, self.device):
             states = self.side.decode(self.side_inputs(dec_hidden * dec_mask[..., None, None]),
-                                      dec_mask.to(self.device), side_enc, mask.to(self.device))
+                                      dec_mask.to(self.device), enc.side_enc, enc.side_mask)
             logits = self.side.logits(states).float()  # (B, U, vocab)
         out_loss = None
         if labels is not None:  # the teacher-forced cross-entropy training minimises, mean over real tokens
@@ -175,28 +121,29 @@ class Seq2SeqLadderModel(LadderModel):
         ids = self.tokenize(texts)
         parts = []
         for a in range(0, len(ids), batch_size):
-            side_enc, enc_out, mask = self.encode(*pad_batch(ids[a:a + batch_size], self.s["pad_token_id"]))
-            parts.append(candidate_scores(self.side, self.t5, self.s, side_enc, enc_out, mask).numpy())
+            enc = self.encode(*pad_batch(ids[a:a + batch_size], self.s["pad_token_id"]))
+            parts.append(candidate_scores(self.side, self.t5, self.s, enc).numpy())
         return np.concatenate(parts) if parts else np.zeros((0, len(self.s["candidate_ids"])), dtype=np.float32)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 16, **_: Any) -> torch.Tensor:
-        """Greedy decoding, as transformers' generate returns it: (B, 1 + n) ids starting with the decoder start
-        token, ending with EOS where one was produced, padded with the pad id."""
-        side_enc, enc_out, mask = self.encode(input_ids, attention_mask)
-        made = greedy(self.side, self.t5, self.s, side_enc, enc_out, mask, max_new_tokens)
+                 max_new_tokens: int = 16, num_beams: int = 1, **_: Any) -> torch.Tensor:
+        """Greedy decoding (beam search with `num_beams` > 1), as transformers' generate returns it: (B, 1 + n)
+        ids starting with the decoder start token, ending with EOS where one was produced, padded with the pad id."""
+        enc = self.encode(input_ids, attention_mask)
+        made = beam_search(self.side, self.t5, self.s, enc, max_new_tokens, num_beams)
         eos = [[self.s["eos_token_id"]] if len(m) < max_new_tokens else [] for m in made]
         rows = [[self.s["decoder_start_token_id"], *m, *e] for m, e in zip(made, eos)]
         return pad_batch(rows, self.s["pad_token_id"])[0]
 
     @torch.no_grad()
-    def generate_texts(self, texts: list, max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
+    def generate_texts(self, texts: list, max_new_tokens: int = 16, batch_size: int = 32,
+                       num_beams: int = 1) -> list[str]:
         ids = self.tokenize(texts)
         out: list[str] = []
         for a in range(0, len(ids), batch_size):
-            side_enc, enc_out, mask = self.encode(*pad_batch(ids[a:a + batch_size], self.s["pad_token_id"]))
-            made = greedy(self.side, self.t5, self.s, side_enc, enc_out, mask, max_new_tokens)
+            enc = self.encode(*pad_batch(ids[a:a + batch_size], self.s["pad_token_id"]))
+            made = beam_search(self.side, self.t5, self.s, enc, max_new_tokens, num_beams)
             out += [self.tokenizer.decode(m, skip_special_tokens=True) for m in made]
         return out
 

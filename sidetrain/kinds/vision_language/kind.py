@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 class VisionLanguageTrainKind(TrainKind):
     probe = True  # `--head probe`: the question-only floor (the text part is an encoder store's)
     needs_images = True  # `lst predict RUN --text Q --image PATH`, or rows files of (question, image)
+    generates = True  # `lst predict --generate` on runs over a T5 text part (refused in one line on others)
 
     def recipe(self, cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None) -> Recipe:
         if has_t5_text(store.manifest):
@@ -44,6 +45,10 @@ class VisionLanguageTrainKind(TrainKind):
 
     def load_model(self, folder: Path, config: dict[str, Any], device: torch.device) -> VisionLanguageLadderModel:
         """Its `predict_lines` takes 'image path<TAB>question' lines (what sidetrain.predict builds)."""
+        if has_t5_text(config["store_manifest"]):
+            from .t5_pretrained import VisionT5LadderModel
+
+            return VisionT5LadderModel(folder, config, device)
         from .pretrained import VisionLanguageLadderModel
 
         return VisionLanguageLadderModel(folder, config, device)
@@ -52,4 +57,5 @@ class VisionLanguageTrainKind(TrainKind):
         """The inputs of `lst predict` as 'image path<TAB>question' lines: rows files, then --text/--image."""
         questions, found = question_rows(paths, config["store_manifest"]) if paths else ([], [])
         lines = [f"{p}\t{q}" for q, p in zip(questions, found)]
-        return lines + (pair_up(texts, images) if texts or images else [])
+        per_row = int(config["store_manifest"]["vision_language"].get("images_per_row", 1))
+        return lines + (pair_up(texts, images, per_row) if texts or images else [])

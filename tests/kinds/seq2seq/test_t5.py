@@ -156,7 +156,7 @@ def test_training_learns_from_the_cache(t5_store, tmp_path):
     assert result.exit_code == 0 and result.output.splitlines()[-1].endswith(f"\t{texts[0]}")
     generated = predict_texts(tmp_path / "run", texts[:3], generate=True, max_new_tokens=4, loaded=loaded)
     # greedy generation agrees with the teacher-forced side network on its own output
-    from sidetrain.kinds.seq2seq.pretrained import side_logits
+    from sidetrain.t5.decoding import Encoded, side_logits
 
     model, backbone, manifest = loaded
     s = manifest["seq2seq"]
@@ -165,9 +165,8 @@ def test_training_learns_from_the_cache(t5_store, tmp_path):
             assert g["generated"] and len(g["generated_ids"]) <= 4
             ids, mask = pad_batch([backbone.tokenizer(text)["input_ids"]], 0)
             enc_hidden, enc_out = backbone.encode(ids, mask, s["encoder_layers"])
-            side_enc = model.encode(enc_hidden, mask.bool())
-            logits, _ = side_logits(model, backbone, s, [g["generated_ids"]], torch.tensor([0]), side_enc, enc_out,
-                                     mask.bool())
+            enc = Encoded(model.encode(enc_hidden, mask.bool()), mask.bool(), enc_out, mask.bool())
+            logits, _ = side_logits(model, backbone, s, [g["generated_ids"]], torch.tensor([0]), enc)
             assert logits[0].argmax(-1).tolist()[:len(g["generated_ids"])] == g["generated_ids"]
 
 
