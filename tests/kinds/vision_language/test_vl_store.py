@@ -316,16 +316,18 @@ def test_bad_inputs_are_one_line_errors(tiny_bert, tiny_vit, vqa, tmp_path):
     assert not any((tmp_path / f"o{i}").exists() and any((tmp_path / f"o{i}").iterdir()) for i in range(1, 6))
 
 
-def test_t5_beside_an_image_model_is_refused(vqa, tmp_path):
-    from transformers import AutoTokenizer, T5Config, T5Model
+def test_an_encoder_decoder_other_than_t5_beside_an_image_model_is_refused(vqa, tmp_path):
+    """T5 beside an image model is the VL-T5 store (test_vl_t5.py); other encoder-decoders have no side network."""
+    from transformers import AutoTokenizer, BartConfig, BartModel
 
     from featcache.bundled import minilm_path
 
-    t5 = tmp_path / "t5"
-    T5Model(T5Config(vocab_size=30522, d_model=8, d_ff=16, d_kv=4, num_layers=1, num_heads=2)).save_pretrained(t5)
-    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(t5)
-    with pytest.raises(BackboneError, match="encoder-decoder"):
-        extract(vl_config(t5, "efficientnet-lite0", vqa, tmp_path / "o"))
+    bart = tmp_path / "bart"
+    BartModel(BartConfig(vocab_size=30522, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                         decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16)).save_pretrained(bart)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(bart)
+    with pytest.raises(BackboneError, match="a T5 as the encoder-decoder text backbone"):
+        extract(vl_config(bart, "efficientnet-lite0", vqa, tmp_path / "o"))
 
 
 def test_easy_vqa_dataset_writes_disjoint_splits_of_the_asked_size(tmp_path):

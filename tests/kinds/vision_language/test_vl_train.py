@@ -219,10 +219,9 @@ def test_sweep_runs_unstacked_on_a_vl_store(tiny_store, tmp_path):
     assert summary["best"] is not None and (tmp_path / "sweep" / "best" / "model.safetensors").exists()
 
 
-def test_an_encoder_decoder_vl_store_is_refused_in_one_line():
-    from featcache.errors import TrainConfigError
-    from sidetrain.kinds.vision_language.recipe import check_text_backbone
+def test_a_t5_vl_store_trains_the_vl_t5_network():
+    """A store whose text part is a T5's goes to the VL-T5 recipe (tests/kinds/vision_language/test_vl_t5.py)."""
+    from sidetrain.kinds.vision_language.recipe import has_t5_text
 
-    with pytest.raises(TrainConfigError, match="encoder-only text backbone.*not supported yet"):
-        check_text_backbone({"backbone": {"config": {"model_type": "t5", "is_encoder_decoder": True}}})
-    check_text_backbone({"backbone": {"config": {"model_type": "bert", "is_encoder_decoder": False}}})
+    assert has_t5_text({"seq2seq": {}, "backbone": {"config": {"model_type": "t5", "is_encoder_decoder": True}}})
+    assert not has_t5_text({"backbone": {"config": {"model_type": "bert", "is_encoder_decoder": False}}})

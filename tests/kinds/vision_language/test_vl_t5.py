@@ -1,0 +1,214 @@
+"""Vision-language stores over a T5 text backbone (VL-T5, #22) and several images per row (NLVR2-style): the
+store's layout, cached == online training, pruned init, the run as a model (candidate answers == the cached
+evaluation; greedy and beam generation), and bad input as one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import assert_user_error, invoke
+from PIL import Image, ImageDraw
+
+from featcache import ExtractConfig, extract, open_store
+from featcache.errors import DatasetError
+from sidetrain import LadderModel, TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
+
+
+def draw(path: Path, colour: str, shape: str) -> Path:
+    img = Image.new("RGB", (24, 24), (255, 255, 255))
+    (ImageDraw.Draw(img).ellipse if shape == "circle" else ImageDraw.Draw(img).rectangle)((4, 4, 20, 20),
+                                                                                          fill=COLOURS[colour])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory) -> Path:
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    path = tmp_path_factory.mktemp("tiny_vit")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64), add_pooling_layer=False).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> dict[str, Path]:
+    """Six images (3 colours x 2 shapes); VQA rows (two questions per image) and pair rows (statements about a
+    left and a right image, true or false), train over all six images, dev over four."""
+    root = tmp_path_factory.mktemp("shapes")
+    images = [(c, s, draw(root / "pics" / f"{c}_{s}.png", c, s)) for c in COLOURS for s in ("circle", "rectangle")]
+    for split, chosen in (("train", images), ("dev", images[:4])):
+        vqa, pairs = [], []
+        for i, (c, s, p) in enumerate(chosen):
+            vqa += [{"question": "what color is the shape?", "answer": c, "image": f"../pics/{p.name}"},
+                    {"question": "what shape is it?", "answer": s, "image": f"../pics/{p.name}"}]
+            q = chosen[(i + 1) % len(chosen)]
+            pairs += [{"sentence": "both images show the same color", "label": str(c == q[0]).lower(),
+                       "left": str(p), "right": str(q[2])},
+                      {"sentence": "the left image shows a circle", "label": str(s == "circle").lower(),
+                       "left": str(p), "right": str(q[2])}]
+        write_jsonl(root / "vqa" / f"{split}.jsonl", vqa)
+        write_jsonl(root / "pairs" / f"{split}.jsonl", pairs)
+    return {"vqa": root / "vqa", "pairs": root / "pairs", "pics": root / "pics"}
+
+
+def vl_store(model: Path, vit: Path, data: Path, out: Path, **kw) -> Path:
+    extract(ExtractConfig(model=str(model), dataset=str(data), out=str(out), image_model=str(vit), store_dtype="fp32",
+                          max_length=16, batch_size=4, device="cpu", **kw))
+    return out
+
+
+@pytest.fixture(scope="module")
+def t5_vqa(tiny_t5, tiny_vit, shapes, tmp_path_factory) -> Path:
+    return vl_store(tiny_t5, tiny_vit, shapes["vqa"], tmp_path_factory.mktemp("t5_vqa") / "store.zarr")
+
+
+@pytest.fixture(scope="module")
+def t5_pairs(tiny_t5, tiny_vit, shapes, tmp_path_factory) -> Path:
+    return vl_store(tiny_t5, tiny_vit, shapes["pairs"], tmp_path_factory.mktemp("t5_pairs") / "store.zarr",
+                    image_column="left,right", text_column="sentence", label_column="label")
+
+
+def run(store: Path, out: Path, **kw) -> dict:
+    options = {"store": str(store), "out": str(out), "epochs": 2, "batch_size": 4, "reduction_factor": 2,
+               "device": "cpu", "resume": False}
+    return train(TrainConfig(**{**options, **kw}))
+
+
+def test_a_t5_vl_store_holds_the_t5_text_part_and_each_image_once(t5_vqa, t5_pairs):
+    m = open_store(t5_vqa).manifest
+    assert m["kind"] == "vision_language" and m["vision_language"]["text_backbone"] == "t5"
+    assert m["seq2seq"]["label_texts"] == m["task"]["label_names"]  # the answers are their own target texts
+    group = zarr.open_group(str(t5_vqa), mode="r")
+    assert {"lm_head", "encoder_relative_bias", "decoder_relative_bias"} <= set(group["backbone_weights"].keys())
+    assert group["train/images/offsets"].shape[0] - 1 == 6 and group["dev/images/offsets"].shape[0] - 1 == 4
+    np.testing.assert_array_equal(group["train/dec/candidates"][:], open_store(t5_vqa).split("train").labels)
+    per_example = m["splits"]["dev"]["candidates_per_example"]
+    assert per_example == m["task"]["num_labels"]  # every candidate answer on dev: scored from the cache
+    pairs = open_store(t5_pairs).manifest
+    assert pairs["vision_language"]["images_per_row"] == 2 and pairs["vision_language"]["image_column"] == "left,right"
+    index = zarr.open_group(str(t5_pairs), mode="r")["train/image_index"][:]
+    assert index.shape == (12, 2) and index.max() == 5  # 12 statements over the 6 distinct images, each stored once
+    np.testing.assert_array_equal(index[::2, 1], np.roll(index[::2, 0], -1))  # right = the next image
+
+
+@pytest.mark.parametrize("which", ["t5_vqa", "t5_pairs"])
+def test_vl_t5_trains_from_the_cache_exactly_as_with_both_backbones_live(which, request, tmp_path):
+    store = request.getfixturevalue(which)
+    cached = run(store, tmp_path / "cached")
+    online = run(store, tmp_path / "online", online=True)
+    assert cached["mode"] == "cached" and online["mode"] == "online"
+    losses = [h["train_loss"] for h in cached["history"]]
+    np.testing.assert_allclose(losses, [h["train_loss"] for h in online["history"]], rtol=1e-5)
+    assert cached["splits"]["dev"] == online["splits"]["dev"]
+
+
+def test_the_side_encoder_reads_the_image_and_the_text_bias_only_between_text_positions(t5_pairs, tmp_path):
+    from sidetrain.kinds.vision_language.t5_recipe import build_vision_t5
+    from sidetrain.t5.recipe import store_weights
+
+    store = open_store(t5_pairs)
+    torch.manual_seed(0)
+    model = build_vision_t5(TrainConfig(store="", out="", reduction_factor=2, dropout=0.0), store.manifest,
+                            store_weights(store)).eval()
+    hidden = torch.randn(1, 5, 3, 32)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    tokens = int(store.manifest["image"]["tokens"])
+    image = torch.randn(1, 2 * tokens, 1, 32)
+    out, joint = model.encode_with_image(hidden, mask, image)
+    assert out.shape == (1, 5 + 2 * tokens, 16) and joint.all()
+    swapped = torch.cat([image[:, tokens:], image[:, :tokens]], dim=1)  # the image-order embedding tells them apart
+    assert not torch.allclose(model.encode_with_image(hidden, mask, swapped)[0][:, :5], out[:, :5])
+    text_only = model.encode(hidden, mask)
+    assert text_only.shape == (1, 5, 16)
+
+
+def test_pruned_init_prunes_the_text_only_t5(t5_vqa, tmp_path):
+    summary = run(t5_vqa, tmp_path / "pruned", init="pruned", epochs=1)
+    assert summary["splits"]["dev"]["accuracy"] >= 0
+    assert Path(str(t5_vqa) + ".fisher.safetensors").exists()  # text-only Fisher scores, cached beside the store
+
+
+def test_the_run_as_a_model_scores_answers_as_the_cache_did_and_generates(t5_vqa, t5_pairs, shapes, tmp_path):
+    from sidetrain.predict import predict_lines, read_examples
+    from sidetrain.t5.decoding import beam_search, greedy, side_logits
+
+    for store, data in ((t5_vqa, shapes["vqa"]), (t5_pairs, shapes["pairs"])):
+        out = tmp_path / store.parent.name
+        run(store, out, epochs=3)
+        lines = read_examples(str(out), [str(data / "dev.jsonl")], [], [])
+        names = open_store(store).manifest["task"]["label_names"]
+        cached = [names[i] for i in json.loads((out / "predictions.json").read_text())["dev"]]
+        assert predict_lines(str(out), lines, device="cpu") == cached  # both backbones live == the cache
+        model = LadderModel.from_pretrained(out, device="cpu")
+        inputs = model.preprocess(lines[:3])
+        enc = model.encode(**inputs)
+        made = greedy(model.side, model.t5, model.s, enc, 4)
+        assert made == beam_search(model.side, model.t5, model.s, enc, 4, num_beams=1)
+        with torch.no_grad():  # greedy tokens are the teacher-forced argmax of the side network on its own output
+            for i, ids in enumerate(made):
+                logits, _ = side_logits(model.side, model.t5, model.s, [ids], torch.tensor([i]), enc)
+                assert logits[0].argmax(-1).tolist()[:len(ids)] == ids
+        beams = model.predict(lines[:3], generate=True, max_new_tokens=4, num_beams=3)
+        assert len(beams) == 3 and all(isinstance(b, str) for b in beams)
+        ids = model.generate(**inputs, max_new_tokens=4, num_beams=2)
+        assert ids.shape[0] == 3 and (ids[:, 0] == model.s["decoder_start_token_id"]).all()
+        labels = torch.tensor([[5, 102], [6, -100], [7, 102]])
+        assert model(**inputs, labels=labels).loss.item() > 0
+
+
+def test_cli_predict_generates_and_refuses_in_one_line(t5_pairs, shapes, tmp_path):
+    out = tmp_path / "run"
+    run(t5_pairs, out, epochs=1)
+    left, right = shapes["pics"] / "red_circle.png", shapes["pics"] / "blue_circle.png"
+    result = invoke("predict", str(out), "--text", "both images show the same color", "--image", str(left),
+                    "--image", str(right), "--generate", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1].endswith("\tboth images show the same color")
+    assert_user_error(invoke("predict", str(out), "--text", "x", "--image", str(left), "--device", "cpu"),
+                      "2 --image")
+
+
+def test_two_images_per_row_over_an_encoder_text_backbone(tiny_bert, tiny_vit, shapes, tmp_path):
+    store = vl_store(tiny_bert, tiny_vit, shapes["pairs"], tmp_path / "store.zarr", image_column="left,right",
+                     text_column="sentence", label_column="label")
+    cached = run(store, tmp_path / "cached")
+    online = run(store, tmp_path / "online", online=True)
+    np.testing.assert_allclose([h["train_loss"] for h in cached["history"]],
+                               [h["train_loss"] for h in online["history"]], rtol=1e-5)
+    lines = [f"{shapes['pics'] / 'red_circle.png'}\t{shapes['pics'] / 'red_rectangle.png'}\tsame color"]
+    model = LadderModel.from_pretrained(tmp_path / "cached", device="cpu")
+    assert model.predict(lines)[0] in ("true", "false")
+    result = invoke("predict", str(tmp_path / "cached"), "--text", "x", "--image", str(shapes["pics"] / "red_circle.png"),
+                    "--image", str(shapes["pics"] / "red_circle.png"), "--generate", "--device", "cpu")
+    assert_user_error(result, "generate")
+
+
+def test_a_row_naming_fewer_images_is_one_line(tiny_t5, tiny_vit, shapes, tmp_path):
+    rows = [json.loads(x) for x in (shapes["pairs"] / "train.jsonl").read_text().splitlines()]
+    rows[3]["right"] = ""
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", rows)
+    with pytest.raises(DatasetError, match="row 3 \\(column 'right'\\)"):
+        vl_store(tiny_t5, tiny_vit, data, tmp_path / "s.zarr", image_column="left,right", text_column="sentence")
+    result = invoke("extract", str(tiny_t5), str(data), "--image-model", str(tiny_vit), "--image-column",
+                    "left,nope", "--text-column", "sentence", "--out", str(tmp_path / "t.zarr"), "--device", "cpu")
+    assert_user_error(result, "nope")
