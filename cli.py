@@ -50,6 +50,11 @@ class Quoting(str, Enum):
     none = "none"
 
 
+class TaskSampling(str, Enum):
+    proportional = "proportional"
+    uniform = "uniform"
+
+
 def user_errors(fn):
     """Turn the library's user-facing errors into one red line and exit code 1 (no traceback)."""
 
@@ -221,14 +226,28 @@ def _print_preflight(summary: dict) -> None:
 
 @app.command()
 @user_errors
-@config_command(TrainConfig, store=Flag(argument=True), out=Flag(decls=OUT), layers=LAYERS,
-                online=Flag(decls=("--online",)), compile=Flag(decls=("--compile",)))
+@config_command(TrainConfig, store=Flag(argument=True, type=list[str]), out=Flag(decls=OUT), layers=LAYERS,
+                online=Flag(decls=("--online",)), compile=Flag(decls=("--compile",)),
+                task_sampling=Flag(type=TaskSampling))  # STORE...: one store's list becomes the str (TrainConfig)
 def train(opts: dict) -> None:
-    """Train an LST side network from the stored activations (no backbone needed)."""
+    """Train an LST side network from the stored activations (no backbone needed). Several STOREs: one multi-task
+    side network, each store a task (RUN/tasks/<name>/: each task's run folder)."""
     from sidetrain import train as run_train
 
     summary = run_train(TrainConfig(**opts))
     _print_results(summary, title=f"lst train ({summary['mode']})")
+    if summary.get("tasks"):
+        _print_tasks(summary)
+
+
+def _print_tasks(summary: dict) -> None:
+    table = Table()
+    for column in ("task", "metric", *(splits := sorted({s for t in summary["tasks"].values() for s in t["splits"]}))):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for name, t in summary["tasks"].items():
+        table.add_row(name, t["metric"], *(f"{t['splits'][s][t['metric']]:.4f}" if s in t["splits"] else "-"
+                                           for s in splits))
+    Console().print(table)
 
 
 @app.command()
@@ -269,17 +288,22 @@ def predict(
         "--image", help="Vision-language runs: the image a --text question is about (one for all, or one per "
                         "--text). INPUTS are then rows files with the store's question and image columns.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    generate: Annotated[bool, typer.Option("--generate", help="T5 runs: generate free text (greedy) instead of "
-                                                              "scoring the label texts.")] = False,
+    generate: Annotated[bool, typer.Option("--generate", help="T5 and VL-T5 runs: generate free text (greedy) "
+                                                              "instead of scoring the label texts.")] = False,
+    num_beams: Annotated[int, typer.Option("--num-beams", help="With --generate: beam search with this many beams "
+                                                               "(1: greedy; the paper's captions: 5).")] = 1,
+    task: Annotated[str | None, typer.Option("--task", help="Multi-task runs: which task's side network (a store's "
+                                                            "name; RUN/tasks/NAME).")] = None,
 ) -> None:
     """Label raw text (or image files, for an image run) with a trained run: its backbone, live, + its side network."""
     from featcache.errors import LstError
-    from sidetrain.predict import predict_lines, read_examples
+    from sidetrain.predict import predict_lines, read_examples, task_run
 
+    run = task_run(run, task)
     texts = read_examples(run, inputs or [], text or [], image or [])
     if not texts:
         raise LstError("Expected INPUTS (text files, or image files for an image run) or --text. Got neither.")
-    for t, out in zip(texts, predict_lines(run, texts, generate, device)):
+    for t, out in zip(texts, predict_lines(run, texts, generate, device, num_beams)):
         typer.echo(f"{out}\t{t}")
 
 

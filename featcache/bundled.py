@@ -60,3 +60,68 @@ def easy_vqa_dataset(out_dir: str | Path, train_images: int | None = None, test_
                  for q, a, image in questions if int(image) in ids]
         (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
+
+
+def _image_facts(vqa_dir: str | Path, split: str) -> dict[str, dict[str, str]]:
+    """Each image's shape and colour, read off its own easy-VQA answers (images missing either are left out)."""
+    import json
+
+    shapes = {"circle", "rectangle", "triangle"}
+    facts: dict[str, dict[str, str]] = {}
+    for line in (Path(vqa_dir) / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        seen = facts.setdefault(row["image"], {})
+        if row["answer"] in shapes and "shape" in row["question"]:
+            seen["shape"] = row["answer"]
+        elif "color" in row["question"] and row["answer"] not in ("yes", "no"):
+            seen["color"] = row["answer"]
+    return {i: f for i, f in sorted(facts.items()) if {"shape", "color"} <= set(f)}
+
+
+def easy_vqa_captions(vqa_dir: str | Path, out_dir: str | Path) -> Path:
+    """Captions (a COCO stand-in, synthetic) of the images of an `easy_vqa_dataset` folder: one row per image,
+    {"text": "caption:", "caption": "a <colour> <shape>", "image"}, the caption read off the image's own easy-VQA
+    answers. Writes OUT_DIR/{train,dev,test}.jsonl; returns OUT_DIR."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "dev", "test"):
+        rows = [json.dumps({"text": "caption:", "caption": f"a {f['color']} {f['shape']}", "image": image})
+                for image, f in _image_facts(vqa_dir, split).items()]
+        (out / f"{split}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return out
+
+
+def easy_vqa_pairs(vqa_dir: str | Path, out_dir: str | Path, per_image: int = 4, seed: int = 0) -> Path:
+    """Two-image statements (an NLVR2-style stand-in, synthetic) over the images of an `easy_vqa_dataset` folder.
+
+    Each image's shape and colour are read off its own easy-VQA answers. Per split and per image (as the left
+    image), `per_image` rows {"sentence", "label", "left", "right"} of each of "the two images show the same
+    shape" and "the two shapes have the same color", each with a right image of the same split drawn so that
+    half the statements are true ("true"/"false"). The statement alone is therefore worth 0.5, one image alone
+    little more.
+    Writes OUT_DIR/{train,dev,test}.jsonl; returns OUT_DIR.
+    """
+    import json
+    import random
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for split in ("train", "dev", "test"):
+        facts = _image_facts(vqa_dir, split)
+        images = list(facts)
+        rows = []
+        for left in [i for i in images for _ in range(per_image)]:
+            for what, sentence in (("shape", "the two images show the same shape"),
+                                   ("color", "the two shapes have the same color")):
+                want = rng.random() < 0.5
+                pool = [i for i in images if i != left and (facts[i][what] == facts[left][what]) == want] or \
+                    [i for i in images if i != left]
+                right = rng.choice(pool) if pool else left
+                same = facts[right][what] == facts[left][what]
+                rows.append(json.dumps({"sentence": sentence, "label": "true" if same else "false",
+                                        "left": left, "right": right}))
+        (out / f"{split}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return out

@@ -78,7 +78,8 @@ class TrainConfig:
                                        "valid, val in the store).")
     metric: str | None = opt(None, "Model selection metric: accuracy, f1, f1_macro, matthews, pearson, spearman "
                                    "(default: GLUE's for a dataset folder named after a GLUE task, e.g. CoLA "
-                                   "matthews, MRPC f1; else accuracy, or pearson for regression).")
+                                   "matthews, MRPC f1; else accuracy, or pearson for regression); generated "
+                                   "text (--task generate stores): exact_match (default), bleu_1..bleu_4, cider.")
     online: bool = opt(False, "Recompute the activations with the live backbone (classic LST; the baseline).")
     preload: bool | None = opt(None, "--preload: copy each split into GPU memory on a GPU (when it fits "
                                      "--memory-budget), else into RAM; --no-preload: stream every split from the "
@@ -116,8 +117,8 @@ class TrainConfig:
             raise TrainConfigError(expected("--lr above 0", self.lr))
         if self.pooling not in POOLINGS:
             raise TrainConfigError(expected(f"--pooling one of {', '.join(POOLINGS)}", self.pooling))
-        if self.metric is not None and self.metric not in M.METRICS:
-            raise TrainConfigError(expected(f"--metric one of {sorted(M.METRICS)}", self.metric))
+        if self.metric is not None and self.metric not in M.METRIC_NAMES:
+            raise TrainConfigError(expected(f"--metric one of {sorted(M.METRIC_NAMES)}", self.metric))
         if self.side_heads is not None and self.side_heads < 1:
             raise TrainConfigError(expected("--side-heads of at least 1", self.side_heads))
         if self.init not in ("random", "pruned"):

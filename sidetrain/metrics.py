@@ -48,6 +48,9 @@ def spearman(pred: np.ndarray, ref: np.ndarray) -> float:
 CLASSIFICATION = {"accuracy": accuracy, "f1": f1_binary, "f1_macro": f1_macro, "matthews": matthews}
 REGRESSION = {"pearson": pearson, "spearman": spearman}
 METRICS = {**CLASSIFICATION, **REGRESSION}
+# Free-text targets (--task generate on a T5 text part), scored by generating: sidetrain/text_metrics.py
+GENERATION = ("exact_match", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider")
+METRIC_NAMES = (*METRICS, *GENERATION)  # every --metric a run may select on
 
 
 def compute(task: str, pred: np.ndarray, ref: np.ndarray, num_labels: int) -> dict[str, float]:

@@ -18,7 +18,10 @@ kind a store is (it compares the kinds' names only to refuse a mix).
 from __future__ import annotations
 
 import dataclasses
+import gc
+import os
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from featcache.errors import TrainConfigError, expected
+from featcache.errors import LstError, TrainConfigError, expected
 from featcache.reader import SplitReader, StoreReader, open_store
 
-from . import metrics as M
 from .config import TrainConfig
 from .data import data_figures, length_bucketed_batches
 from .kinds.registry import kind_for
@@ -91,18 +93,20 @@ def open_stores(cfg: TrainConfig) -> dict[str, StoreReader]:
         raise TrainConfigError(expected("--head lst for a multi-task run (several STOREs)", f"--head {cfg.head}",
                                         "Train a probe per store."))
     paths = cfg.stores
-    seen = [p for i, p in enumerate(paths) if p in paths[:i]]
+    where = [p.rstrip("/") if "://" in p else os.path.realpath(p) for p in paths]
+    seen = [p for i, p in enumerate(paths) if where[i] in where[:i]]
     if seen:
-        raise TrainConfigError(expected("different stores for a multi-task run", f"'{seen[0]}' twice"))
+        raise TrainConfigError(expected("different stores for a multi-task run", f"'{seen[0]}' a second time"))
     stores = dict(zip(task_names(paths), (open_store(p) for p in paths)))
     _differ("stores of one kind for one multi-task run", {n: kind_for(s.manifest).name for n, s in stores.items()},
             "Train a run per kind.")
+    hints = {"name": "Extract every task from the same backbone name or path.",
+             "revision": "Extract every task with the same backbone weights."}
     for key in BACKBONE_KEYS:
         if any(key in s.manifest for s in stores.values()):
-            for field in ("name", "revision"):
+            for field, hint in hints.items():
                 _differ(f"stores of one {key.replace('_', ' ')} for one multi-task run (the same {field} in every "
-                        "manifest)", {n: (s.manifest.get(key) or {}).get(field) for n, s in stores.items()},
-                        "Extract every task with the same backbone weights.")
+                        "manifest)", {n: (s.manifest.get(key) or {}).get(field) for n, s in stores.items()}, hint)
     return stores
 
 
@@ -115,7 +119,8 @@ def build_tasks(cfg: TrainConfig, stores: dict[str, StoreReader], device: torch.
         torch.manual_seed(cfg.seed)
         tasks.append(build_task(task_cfg, store, device, name))
     _differ("the same kept layers in every task of a multi-task run",
-            {t.name: {k: v for k, v in t.recipe.resolved.items() if k.endswith("layers")} for t in tasks},
+            {t.name: " ".join(f"{k} {v}" for k, v in sorted(t.recipe.resolved.items()) if k.endswith("layers"))
+             for t in tasks},
             "Pass --layers with layers that every store holds.")
     share_parameters([t.recipe.model for t in tasks])
     return tasks
@@ -148,16 +153,25 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def share_parameters(models: list[nn.Module]) -> int:
     """Make every model's parameters and buffers that match task 0's (name, shape, dtype; values for frozen ones)
-    task 0's very objects, in place. Returns how many slots became shared."""
+    task 0's very objects, in place. Returns how many slots became shared.
+
+    A network that kept a tensor elsewhere too (a plain attribute, a closure) would go on reading the replaced
+    one, untrained: every replaced tensor must be gone afterwards, or the run stops here naming it."""
     first = {name: getattr(module, f"_{where}")[attr] for name, (module, where, attr) in _slots(models[0]).items()}
-    shared = 0
-    for model in models[1:]:
+    replaced: dict[str, weakref.ref] = {}
+    for i, model in enumerate(models[1:], 1):
         for name, (module, where, attr) in _slots(model).items():
             mine, theirs = getattr(module, f"_{where}")[attr], first.get(name)
-            if theirs is not None and type(mine) is type(theirs) and _same(theirs, mine):
+            if mine is not theirs and theirs is not None and type(mine) is type(theirs) and _same(theirs, mine):
                 getattr(module, f"_{where}")[attr] = theirs
-                shared += 1
-    return shared
+                replaced[f"task {i}: {name}"] = weakref.ref(mine)
+            del mine
+    gc.collect()
+    if alive := [name for name, ref in replaced.items() if ref() is not None]:
+        raise LstError(f"Expected each task's side network to hold its weights only as registered parameters and "
+                       f"buffers, so that tasks can share them. Got {alive[0]} still referenced elsewhere after "
+                       f"sharing ({len(alive)} in all). Train the stores one at a time.")
+    return len(replaced)
 
 
 def joint_model(tasks: list[Task]) -> nn.Module:
@@ -174,7 +188,7 @@ def distinct_weights(tasks: list[Task]) -> dict[str, torch.Tensor]:
     out, seen = {}, set()
     for t in tasks:
         for key, value in t.recipe.model.state_dict().items():
-            ident = (value.data_ptr(), tuple(value.shape), value.dtype)
+            ident = (value.data_ptr(), tuple(value.shape), value.stride(), value.dtype)
             if value.numel() and ident in seen:
                 continue
             seen.add(ident)
@@ -249,8 +263,7 @@ def evaluate_epoch(tasks: list[Task], amp, record: dict[str, Any], losses: list[
         mine = [v for v, k in zip(losses, steps_of) if k == i]
         entry: dict[str, Any] = {"steps": len(mine), "train_loss": float(np.mean(mine)) if mine else None}
         if t.eval_name:
-            scores = M.compute(t.recipe.task, t.recipe.predict(t.eval_name, amp),
-                               t.store.split(t.eval_name).labels, t.recipe.num_labels)
+            scores = t.recipe.score(t.store, t.eval_name, t.recipe.predict(t.eval_name, amp))
             entry.update({f"eval_{k}": v for k, v in scores.items()})
             picked.append(scores[t.recipe.metric])
         record["tasks"][t.name] = entry
@@ -286,10 +299,12 @@ def finish(out: Path, cfg: TrainConfig, tasks: list[Task], state: dict[str, Any]
     """Evaluate every task's labelled splits with the selected weights, write RUN/tasks/<name>/ (a single-task
     run folder each) and RUN/ (the whole run); return the run's metrics.json.
 
-    `common`: the summary fields every task shares (the loop's timing, memory kind, mode, head, steps);
+    `common`: the summary fields every task shares (the loop's timing, memory kind, mode, head); a task's
+    `steps` are the steps that trained on its batches (its train_log.jsonl), the run's are all of them;
     `memory`: a callable giving the memory figures, called after the evaluation as a single-store run does."""
     evaluated = [evaluate_splits(t.store, list(t.recipe.sources), t.cfg.train_split, t.recipe.task,
-                                 t.recipe.num_labels, lambda name, t=t: t.recipe.predict(name, amp)) for t in tasks]
+                                 t.recipe.num_labels, lambda name, t=t: t.recipe.predict(name, amp), t.recipe.scores)
+                 for t in tasks]
     memory = memory()
     history, best_epoch = state["history"], state.get("best_epoch")
     steps_of, names = state["task_steps"], [t.name for t in tasks]
@@ -302,8 +317,8 @@ def finish(out: Path, cfg: TrainConfig, tasks: list[Task], state: dict[str, Any]
         examples = state["task_examples"][i]
         trainable = sum(p.numel() for p in t.recipe.model.parameters() if p.requires_grad)
         summary = run_summary(metric=t.recipe.metric, eval_split=t.eval_name, best_eval=best, splits=results,
-                              history=task_history, examples=examples, trainable_parameters=trainable,
-                              memory=memory, **common)
+                              history=task_history, steps=steps_of.count(i), examples=examples,
+                              trainable_parameters=trainable, memory=memory, **common)
         folder = out / TASKS_DIR / t.name
         write_config(folder, {**t.recipe.resolved, "multitask": {"run": str(out), "tasks": names,
                                                                   "task_sampling": cfg.task_sampling}})
@@ -319,7 +334,7 @@ def finish(out: Path, cfg: TrainConfig, tasks: list[Task], state: dict[str, Any]
     params = {id(p): p for t in tasks for p in t.recipe.model.parameters() if p.requires_grad}
     best = None if best_epoch is None else history[best_epoch - 1][f"eval_{SELECTION}"]
     summary = run_summary(metric=SELECTION, eval_split=_eval_splits(tasks), best_eval=best, splits=mean,
-                          history=history, examples=sum(state["task_examples"]),
+                          history=history, steps=state["step"], examples=sum(state["task_examples"]),
                           trainable_parameters=sum(p.numel() for p in params.values()), memory=memory, **common)
     summary.update(tasks=entries, task_sampling=cfg.task_sampling,
                    shared_parameters=sum(p.numel() for p in params.values()) - sum(own.values()))

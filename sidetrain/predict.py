@@ -6,6 +6,7 @@ the backbone live (inference needs it; training never does) beside the side netw
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -54,15 +55,26 @@ def read_inputs(run: str, paths: list[str]) -> list[str]:
     return [t for p in paths for t in read_texts(p)]
 
 
-def predict_lines(run: str, texts: list[str], generate: bool = False, device: str = "auto") -> list[str]:
-    """One label (or generated text with `generate`) per text; a tab splits the two texts of a pair."""
+def predict_lines(run: str, texts: list[str], generate: bool = False, device: str = "auto",
+                  num_beams: int = 1) -> list[str]:
+    """One label (or generated text with `generate`: greedy, or beam search with `num_beams` > 1) per text; a tab
+    splits the two texts of a pair."""
     config = read_model_config(run)  # a finished LST run, or a one-line LstError
     kind = kind_for(config["store_manifest"])
     if generate and not kind.generates:
         makers = [n for n in kind_names() if kind_for({"kind": n}).generates]
         raise LstError(f"Expected a run trained on a store of a kind that generates text ({', '.join(makers)}) "
                        f"for --generate. Got '{run}' (its store's kind is {kind.name}). Drop --generate.")
-    return LadderModel.from_pretrained(run, device=device).predict_lines(texts, generate)
+    if num_beams < 1 or (num_beams > 1 and not generate):
+        raise LstError(expected("--num-beams of at least 1, with --generate", f"--num-beams {num_beams}"
+                                f"{'' if generate else ' without --generate'}"))
+    model = LadderModel.from_pretrained(run, device=device)
+    if num_beams == 1:
+        return model.predict_lines(texts, generate)
+    if "num_beams" not in inspect.signature(model.predict_lines).parameters:
+        raise LstError(expected("--num-beams only for T5 and VL-T5 runs (beam search over the side decoder)",
+                                f"'{run}' (a {kind.name} run)", "Drop --num-beams (greedy)."))
+    return model.predict_lines(texts, generate, num_beams)
 
 
 def read_examples(run: str, paths: list[str], texts: list[str], images: list[str]) -> list[str]:

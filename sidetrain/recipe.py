@@ -44,6 +44,14 @@ class Recipe:
     resolved: dict[str, Any]  # the options as run: RUN/config.json, and what a resume must match
     loss: Callable[[Callable, Any], torch.Tensor]  # (forward, batch on the device) -> scalar loss
     predict: Callable[[str, Any], np.ndarray]  # (split name, autocast) -> predictions in the split's order
+    # (split name, predictions) -> metrics, where they are not M.compute's on the split's labels (generated text)
+    scores: Callable[[str, np.ndarray], dict[str, float]] | None = None
+
+    def score(self, store: StoreReader, name: str, pred: np.ndarray) -> dict[str, float]:
+        """Every metric of one split's predictions."""
+        if self.scores is not None:
+            return self.scores(name, pred)
+        return M.compute(self.task, pred, store.split(name).labels, self.num_labels)
 
 
 def backbone_config(manifest: dict[str, Any]):
@@ -74,7 +82,9 @@ def labelled_splits(store: StoreReader) -> list[str]:
 
 
 def evaluate_splits(store: StoreReader, names: list[str], train_split: str, task: str, num_labels: int,
-                    predict: Callable[[str], np.ndarray]) -> tuple[dict[str, dict[str, float]], dict[str, list]]:
+                    predict: Callable[[str], np.ndarray],
+                    scores: Callable[[str, np.ndarray], dict[str, float]] | None = None,
+                    ) -> tuple[dict[str, dict[str, float]], dict[str, list]]:
     """Scores and predictions of every split in `names` but the training one: metrics.json's `splits`
     and predictions.json, for every trainer."""
     results, predictions = {}, {}
@@ -83,7 +93,7 @@ def evaluate_splits(store: StoreReader, names: list[str], train_split: str, task
             continue
         pred = predict(name)
         predictions[name] = pred.tolist()
-        results[name] = M.compute(task, pred, store.split(name).labels, num_labels)
+        results[name] = scores(name, pred) if scores else M.compute(task, pred, store.split(name).labels, num_labels)
     return results, predictions
 
 

@@ -25,13 +25,12 @@ from featcache.loading import resolve_device
 from featcache.progress import progress_bar
 from featcache.reader import StoreReader, open_store
 
-from . import metrics as M
 from . import multitask as MT
 from .config import RESUME_FREE, TrainConfig
 from .data import BatchSource, batch_stream
 from .kinds.registry import kind_for
 from .memory import PeakMemory, gradient_bytes, model_bytes, optimizer_bytes
-from .recipe import Recipe, autocast, evaluate_splits
+from .recipe import autocast, evaluate_splits
 from .run_files import memory_figures, prepare_run_dir, write_config, write_run
 from .run_files import summary as run_summary
 
@@ -109,6 +108,7 @@ def _train_lst(cfg: TrainConfig, tasks: list[MT.Task], device: torch.device, out
                 streams.append(batch_stream(source, [idx for k, idx in plan if k == i], device,
                                             _prefetch(cfg, source, device)))
             readers = [iter(s) for s in streams]
+            first_step = len(state["losses"])
             try:
                 for k, idx in plan:
                     b = next(readers[k])
@@ -140,20 +140,21 @@ def _train_lst(cfg: TrainConfig, tasks: list[MT.Task], device: torch.device, out
                       "train_loss": float(np.mean(state["losses"][-len(plan):]))}
             selection = None
             if multi:
-                selection = MT.evaluate_epoch(tasks, amp, record, state["losses"][-len(plan):],
-                                              state["task_steps"][-len(plan):])
+                record["train_loss"] = float(np.mean(state["losses"][first_step:]))  # this epoch's steps only
+                selection = MT.evaluate_epoch(tasks, amp, record, state["losses"][first_step:],
+                                              state["task_steps"][first_step:])
             elif eval_name:
-                scores = _scores(recipe, eval_name, recipe.predict(eval_name, amp), store)
+                scores = recipe.score(store, eval_name, recipe.predict(eval_name, amp))
                 record.update({f"eval_{k}": v for k, v in scores.items()})
                 selection = scores[metric]
             if selection is not None and selection > state["best"]:
                 state["best"] = selection
-                state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                state["best_state"] = _snapshot(model)
                 if multi:
                     state["best_epoch"] = epoch + 1
             state["history"].append(record)
             state["epoch"] = epoch + 1
-            _save_checkpoint(out / CHECKPOINT, state, recipe.resolved, model, optim, sched)
+            _save_checkpoint(out / CHECKPOINT, state, resolved, model, optim, sched)
             if on_epoch is not None:
                 on_epoch(epoch + 1, record)
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v
@@ -161,14 +162,14 @@ def _train_lst(cfg: TrainConfig, tasks: list[MT.Task], device: torch.device, out
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
     if multi:
-        common = {"steps": state["step"], "train_seconds": state["train_seconds"],
+        common = {"train_seconds": state["train_seconds"],
                   "wait_seconds": state["wait_seconds"], "peak_memory_bytes": mem.peak_bytes,
                   "peak_memory_kind": mem.kind, "mode": "online" if cfg.online else "cached", "head": "lst"}
         return MT.finish(out, cfg, tasks, state, amp, common, lambda: _memory(
             model, params, optim, optim_at_start, MT.data_of(tasks), mem, whole.update(),
             state["best_state"] is not None))
     results, predictions = evaluate_splits(store, list(sources), cfg.train_split, recipe.task, recipe.num_labels,
-                                           lambda name: recipe.predict(name, amp))
+                                           lambda name: recipe.predict(name, amp), recipe.scores)
     step, history, best = state["step"], state["history"], state["best"]
     examples = len(train_split) * len(history) if not cfg.max_steps else step * cfg.batch_size
     summary = run_summary(metric=metric, eval_split=eval_name, best_eval=None if best == -np.inf else best,
@@ -200,13 +201,21 @@ def _memory(model: torch.nn.Module, params: list, optim: torch.optim.Optimizer, 
         peak_device_bytes=loop.peak_bytes if loop.device.type == "cuda" else None)
 
 
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the weights; a tensor that several names share (a multi-task run's shared parameters) once."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.shape, v.stride(), v.dtype) if v.numel() else k
+        if key not in copies:
+            copies[key] = v.detach().clone()
+        out[k] = copies[key]
+    return out
+
+
 def data_seed(cfg: TrainConfig) -> int:
     """The seed of the batch order: --data-seed, else --seed."""
     return cfg.seed if cfg.data_seed is None else cfg.data_seed
-
-
-def _scores(recipe: Recipe, name: str, pred: np.ndarray, store: StoreReader) -> dict[str, float]:
-    return M.compute(recipe.task, pred, store.split(name).labels, recipe.num_labels)
 
 
 def _prefetch(cfg: TrainConfig, source: BatchSource, device: torch.device) -> bool:

@@ -9,7 +9,9 @@ the decoder part sits in S/dec:
     S/dec/candidates  (n_rows,) int32                  the label whose text row r decodes
     S/dec/target_ids  (n_dec_tokens,) int32            the target tokens (decoder inputs are them shifted right)
 C is 1 on the train split (the gold label's text) and the number of labels elsewhere (every candidate,
-so that evaluation scores candidates from the cache). The frozen LM head (vocab, d) and the block-0
+so that evaluation scores candidates from the cache). With `--task generate` (free text: captions, open
+answers) the label column holds each row's own target text and C is 1 on every split (the row's own target,
+teacher-forced); evaluation then generates (stage 2), and the task is {"type": "generate"}. The frozen LM head (vocab, d) and the block-0
 relative-position biases of encoder and decoder are kept under `backbone_weights/`, so stage 2 needs
 no backbone at all. States are block outputs before the stack's final layer norm (t5.py).
 """
@@ -41,6 +43,16 @@ from .t5 import (
 )
 
 DECODER = "dec"
+GENERATE = "generate"  # --task generate: each row's label column is its own target text
+
+
+def target_texts(texts: list[str], tokenizer, eos: int) -> list[list[int]]:
+    """Free-text targets: each text's tokens then EOS (texts that tokenise alike are allowed here)."""
+    ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) + [eos] for t in texts]
+    empty = [t for t, x in zip(texts, ids) if len(x) == 1]
+    if empty:
+        raise DatasetError(expected("a target text with at least one token on every row", f"{empty[0]!r}"))
+    return ids
 
 
 def t5_plan(cfg: ExtractConfig, config: Any, backbone: Seq2SeqBackbone | None) -> KindPlan:
@@ -56,17 +68,26 @@ def t5_plan(cfg: ExtractConfig, config: Any, backbone: Seq2SeqBackbone | None) -
     plan = text_plan(cfg, tokenizer, config, layers, d, n_enc)
     plan.store_dtype = store_dtype
     task = plan.manifest["task"]
-    if task["type"] != "classification":
-        raise DatasetError(expected("a classification task for T5 (labels cast as words)", task["type"],
-                                    "Regression targets as text (STS-B) are not supported yet."))
-    texts = label_texts(task["label_names"], cfg.dataset, cfg.label_text)
+    free = task["type"] == GENERATE
+    if task["type"] not in ("classification", GENERATE):
+        raise DatasetError(expected("a classification task for T5 (labels cast as words), or --task generate",
+                                    task["type"], "Regression targets as text (STS-B) are not supported yet."))
+    if free and cfg.label_text is not None:
+        raise DatasetError(expected("--label-text (a closed label set, scored) or --task generate (free text), not "
+                                    "both", "both", "Drop one."))
+    texts = task["label_names"] if free else label_texts(task["label_names"], cfg.dataset, cfg.label_text)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
     start = config.decoder_start_token_id if config.decoder_start_token_id is not None else pad
-    cands = candidate_ids(texts, tokenizer, eos)
+    cands = target_texts(texts, tokenizer, eos) if free else candidate_ids(texts, tokenizer, eos)
     rows = {}
     for name, split in plan.state.items():
-        rows[name] = plan_rows(len(split.input_ids), split.labels, name == TRAIN_SPLIT, cands)
+        if free and split.labels is None:
+            raise DatasetError(expected(f"a target (the label column) on every row of split '{name}' for --task "
+                                        "generate", "an unlabelled split"))
+        rows[name] = plan_rows(len(split.input_ids), split.labels, free or name == TRAIN_SPLIT, cands)
+        if free:  # the targets are the rows' own texts: no label set
+            plan.parts[name][ROOT].columns["labels"] = np.ones(len(split.labels), dtype=np.int64)
         r = rows[name]
         plan.parts[name][DECODER] = PartPlan(r.offsets, dec_layers, d, {
             "offsets": r.offsets, "candidates": r.candidates,
@@ -76,9 +97,13 @@ def t5_plan(cfg: ExtractConfig, config: Any, backbone: Seq2SeqBackbone | None) -
     plan.request.update(decoder_layers=dec_layers, label_texts=texts)
     plan.manifest["backbone"]["is_encoder_decoder"] = True
     plan.manifest["tokenizer"]["pad_token_id"] = pad
+    if free:
+        plan.manifest["task"] = {"type": GENERATE, "label_names": [], "num_labels": 1}
+        texts, cands = [], []
     plan.manifest["seq2seq"] = {
         "model_type": config.model_type, "encoder_layers": layers, "decoder_layers": dec_layers,
         "num_encoder_layers": n_enc, "num_decoder_layers": n_dec, "label_texts": texts, "candidate_ids": cands,
+        "targets": "text" if free else "labels",
         "decoder_start_token_id": int(start), "pad_token_id": int(pad), "eos_token_id": int(eos),
         "train_split": TRAIN_SPLIT,
         "scale_decoder_outputs": bool(getattr(config, "scale_decoder_outputs",

@@ -156,6 +156,10 @@ class T5LadderSideNetwork(nn.Module):
             s, bias, _ = block(s, attention_mask=mask, position_bias=bias)
         return self.dropout(self.enc_norm(s))
 
+    def side_encoding(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's side encoder output and its mask (decoding's `Encoded`); a VL-T5 network adds the images."""
+        return self.encode(batch.enc_hidden, batch.enc_mask), batch.enc_mask
+
     def decode(self, dec_hidden: torch.Tensor, dec_mask: torch.Tensor, enc_out: torch.Tensor,
                enc_mask: torch.Tensor) -> torch.Tensor:
         """dec_hidden (N, U, n_dec_stored, d), dec_mask (N, U), enc_out (N, T, ds), enc_mask (N, T)

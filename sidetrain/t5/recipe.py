@@ -19,6 +19,7 @@ from featcache.reader import SplitReader, StoreReader
 from featcache.store import check_match
 from featcache.text.t5 import Seq2SeqBackbone, load_seq2seq_backbone
 
+from .. import metrics as M
 from ..data import length_bucketed_batches
 from ..kinds.base import SearchFacts
 from ..networks.ladders import stored_blocks
@@ -33,10 +34,12 @@ from ..recipe import (
     select_metric,
 )
 from .data import CachedSeq2Seq, OnlineSeq2Seq, Seq2SeqBatch, open_decoder
+from .generation_eval import generate_split, reference_groups
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
 
+GENERATE = "generate"  # a store's task type for free-text targets (featcache/text/t5_part.py)
 FROZEN = ("lm_head", "encoder_relative_bias", "decoder_relative_bias")  # kept in the store by stage 1
 # (side network, backbone) -> None: the side blocks start as the backbone's, Fisher-pruned (kind.py wires it)
 PrunedInit = Callable[[T5LadderSideNetwork, Seq2SeqBackbone], None]
@@ -118,20 +121,24 @@ def check_options(cfg: TrainConfig) -> None:
 def t5_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, eval_name: str | None,
               pruned_init: PrunedInit, build: Callable[[], T5LadderSideNetwork] | None = None,
               make_sources: Callable[[Seq2SeqBackbone | None], dict[str, Any]] | None = None,
-              run_keys: tuple[str, ...] = (*RUN_MANIFEST_KEYS, "seq2seq")) -> Recipe:
-    """The T5 side network, cached or live batches, the teacher-forced loss and candidate scoring.
-    `pruned_init` runs for --init pruned, with the live backbone. `build`: the side network (default: the
-    text-only one); `make_sources(backbone)`: batch sources per labelled split (default: the text part's;
-    `backbone` is the live T5 for --online, else None); `run_keys`: manifest fields RUN/config.json records."""
+              run_keys: tuple[str, ...] = (*RUN_MANIFEST_KEYS, "seq2seq"),
+              group_key: Callable[[str], np.ndarray | None] | None = None) -> Recipe:
+    """The T5 side network, cached or live batches, the teacher-forced loss and candidate scoring (or, for
+    free-text targets, generation: generation_eval.py). `pruned_init` runs for --init pruned, with the live
+    backbone. `build`: the side network (default: the text-only one); `make_sources(backbone)`: batch sources
+    per labelled split (default: the text part's; `backbone` is the live T5 for --online, else None);
+    `run_keys`: manifest fields RUN/config.json records; `group_key(split)`: per row, what besides its text
+    makes two rows the same input (their images), for grouping the references of generated targets."""
     check_options(cfg)
     manifest = store.manifest
-    metric = select_metric(cfg, manifest, "classification")
+    generate = manifest["task"]["type"] == GENERATE
+    metric = generation_metric(cfg) if generate else select_metric(cfg, manifest, "classification")
     if cfg.train_split != manifest["seq2seq"]["train_split"]:
         raise TrainConfigError(expected(f"--train-split {manifest['seq2seq']['train_split']} (the split whose gold "
                                         "targets were decoded)", cfg.train_split))
     model = build() if build is not None else build_seq2seq_model(cfg, manifest, store_weights(store))
     backbone = None
-    if cfg.init == "pruned" or cfg.online:
+    if cfg.init == "pruned" or cfg.online or generate:  # generated targets are scored with the decoder live
         backbone = load_seq2seq_backbone(manifest["backbone"]["name"], "fp32", str(device))
         check_match("backbone weights", manifest["backbone"]["revision"], backbone.revision)
     if cfg.init == "pruned":
@@ -144,8 +151,41 @@ def t5_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, eval_n
     def loss(forward, b: Seq2SeqBatch) -> torch.Tensor:
         return target_loss(forward(*b.side_inputs()), model.lm_head, b.targets, b.dec_mask)
 
+    if generate:
+        return generation_recipe(cfg, store, device, model, backbone, batches, metric, resolved, loss, group_key)
+
     def predict(name: str, amp) -> np.ndarray:
         with amp or contextlib.nullcontext():
             return predict_split(model, batches[name], store.split(name), cfg.batch_size, device)
 
     return Recipe(model, batches, "classification", metric, manifest["task"]["num_labels"], resolved, loss, predict)
+
+
+def generation_metric(cfg: TrainConfig) -> str:
+    """--metric for free-text targets: exact match (default), BLEU or CIDEr."""
+    metric = cfg.metric or "exact_match"
+    if metric not in M.GENERATION:
+        raise TrainConfigError(expected(f"a --metric for generated text ({', '.join(M.GENERATION)})", metric))
+    return metric
+
+
+def generation_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, model: T5LadderSideNetwork,
+                      backbone: Seq2SeqBackbone, batches: dict[str, Any], metric: str, resolved: dict[str, Any],
+                      loss, group_key) -> Recipe:
+    """Free-text targets: the same teacher-forced loss; every evaluation split scored by generating (greedy)."""
+    from ..text_metrics import generation_scores
+
+    s = store.manifest["seq2seq"]
+    groups = {n: reference_groups(store.split(n), open_decoder(store, n), backbone.tokenizer,
+                                  group_key(n) if group_key else None, s["eos_token_id"])
+              for n in batches if n != cfg.train_split}
+
+    def predict(name: str, amp) -> np.ndarray:
+        with amp or contextlib.nullcontext():
+            return generate_split(model, backbone, s, store.split(name), batches[name], groups[name], cfg.batch_size,
+                                  device)
+
+    def scores(name: str, pred: np.ndarray) -> dict[str, float]:
+        return generation_scores([str(p) for p in pred], groups[name].references)
+
+    return Recipe(model, batches, GENERATE, metric, 1, resolved, loss, predict, scores)

@@ -19,6 +19,7 @@ from ..registry import ExtractKind
 class Seq2SeqExtractKind(ExtractKind):
     name = "seq2seq"
     precedence = 20  # an encoder-decoder config: above the encoder and image kinds
+    free_text_targets = True  # --task generate: each row's target text, teacher-forced (t5_part.py)
 
     def matches(self, cfg: ExtractConfig, config: Any) -> bool:
         return bool(getattr(config, "is_encoder_decoder", False))

@@ -137,6 +137,7 @@ def store_images(manifest: dict[str, Any]) -> dict[str, QuestionImages]:
 class VisionLanguageExtractKind(ExtractKind):
     name = "vision_language"
     precedence = 30  # --image-model decides, whatever the dataset (an image column) or text backbone look like
+    free_text_targets = True  # --task generate with a T5 text backbone (answers and captions as free text)
 
     def matches(self, cfg: ExtractConfig, config: Any) -> bool:
         return cfg.image_model is not None
@@ -146,11 +147,16 @@ class VisionLanguageExtractKind(ExtractKind):
         if cfg.task == "regression":
             raise DatasetError(expected("--task classification (or auto) for a vision-language store: answers "
                                         "are classes", "regression"))
+        if cfg.task == "generate" and not is_t5(config):
+            raise DatasetError(expected("--task generate with a T5 text backbone (it generates the answer; an "
+                                        "encoder-only text backbone classifies)", f"'{cfg.model}'",
+                                        "Drop --task generate, or use a T5."))
         image_config = None if backbone is not None else image_model_config(cfg.image_model)
         if is_cnn_name(cfg.image_model) and cfg.precision == "int8":
             raise BackboneError(expected(f"--precision fp32, bf16 or fp16 with the CNN '{cfg.image_model}'", "int8"))
         data = question_images(cfg.dataset, cfg.image_column, cfg.splits, cfg.quoting, cfg.header)
-        text_cfg = dataclasses.replace(cfg, label_column=data.answer_column(cfg.label_column), task="classification")
+        task = "generate" if cfg.task == "generate" else "classification"
+        text_cfg = dataclasses.replace(cfg, label_column=data.answer_column(cfg.label_column), task=task)
         if is_t5(config):
             plan = t5_plan(text_cfg, config, backbone.text if backbone is not None else None)
         else:

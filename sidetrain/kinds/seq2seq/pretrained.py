@@ -147,11 +147,13 @@ class Seq2SeqLadderModel(LadderModel):
             out += [self.tokenizer.decode(m, skip_special_tokens=True) for m in made]
         return out
 
-    def predict(self, texts: list, batch_size: int = 32, generate: bool = False, max_new_tokens: int = 16) -> list[str]:
-        """The best candidate label of each text, or with `generate` its greedily generated text."""
+    def predict(self, texts: list, batch_size: int = 32, generate: bool = False, max_new_tokens: int = 16,
+                num_beams: int = 1) -> list[str]:
+        """The best candidate label of each text, or with `generate` its generated text (greedy; beam search with
+        `num_beams` > 1)."""
         if generate:
-            return self.generate_texts(list(texts), max_new_tokens, batch_size)
+            return self.generate_texts(list(texts), max_new_tokens, batch_size, num_beams)
         return super().predict(texts, batch_size)
 
-    def predict_lines(self, lines: list[str], generate: bool = False) -> list[str]:
-        return self.predict(lines, generate=generate)
+    def predict_lines(self, lines: list[str], generate: bool = False, num_beams: int = 1) -> list[str]:
+        return self.predict(lines, generate=generate, num_beams=num_beams)

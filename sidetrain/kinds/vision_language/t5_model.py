@@ -38,6 +38,9 @@ class VisionT5Side(T5LadderSideNetwork):
         real = torch.ones(visual.shape[:2], dtype=torch.bool, device=enc_mask.device)
         return out, torch.cat([enc_mask, real], dim=1)
 
+    def side_encoding(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_with_image(batch.enc_hidden, batch.enc_mask, batch.image)
+
     def forward(self, enc_hidden: torch.Tensor, enc_mask: torch.Tensor, dec_hidden: torch.Tensor,
                 dec_mask: torch.Tensor, row_example: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Decoder row n reads example row_example[n]'s text + image encoding -> states (N, U, d)."""

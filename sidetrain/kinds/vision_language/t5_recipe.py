@@ -17,7 +17,7 @@ from ...data import mappable
 from ...recipe import Recipe, labelled_splits
 from ...t5.prune import fisher_scores, pruned_init
 from ...t5.recipe import build_seq2seq_model, sources, store_weights, t5_recipe
-from .data import LiveImages, StoredImages, WithImages, channel_stats
+from .data import LiveImages, StoredImages, WithImages, channel_stats, image_part
 from .recipe import VL_RUN_KEYS, image_layers, image_width, images_per_row, load_image_model
 from .t5_model import VisionT5Side
 
@@ -54,4 +54,7 @@ def vision_t5_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device,
     def init(model: VisionT5Side, backbone: Seq2SeqBackbone) -> None:
         pruned_init(model, backbone, fisher_scores(store, backbone))  # the text-only T5's Fisher information
 
-    return t5_recipe(cfg, store, device, eval_name, init, build, make_sources, (*VL_RUN_KEYS, "seq2seq"))
+    def images_of(name: str):  # two rows are the same input only with the same images (generated targets)
+        return image_part(store.split(name))[1]
+
+    return t5_recipe(cfg, store, device, eval_name, init, build, make_sources, (*VL_RUN_KEYS, "seq2seq"), images_of)
