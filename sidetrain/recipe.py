@@ -100,7 +100,7 @@ def evaluate_splits(store: StoreReader, names: list[str], train_split: str, task
 def select_metric(cfg: TrainConfig, manifest: dict[str, Any], task: str) -> str:
     """--metric, or the default for the dataset the store was extracted from (CoLA: Matthews, MRPC: F1)."""
     metric = cfg.metric or M.default_metric(manifest)
-    if (metric in M.REGRESSION) != (task == "regression"):
+    if metric not in (M.REGRESSION if task == "regression" else M.CLASSIFICATION):
         raise TrainConfigError(expected(f"a --metric for a {task} task", metric,
                                         f"Use one of {sorted(M.REGRESSION if task == 'regression' else M.CLASSIFICATION)}."))
     return metric

@@ -212,3 +212,77 @@ def test_a_row_naming_fewer_images_is_one_line(tiny_t5, tiny_vit, shapes, tmp_pa
     result = invoke("extract", str(tiny_t5), str(data), "--image-model", str(tiny_vit), "--image-column",
                     "left,nope", "--text-column", "sentence", "--out", str(tmp_path / "t.zarr"), "--device", "cpu")
     assert_user_error(result, "nope")
+
+
+@pytest.fixture(scope="module")
+def t5_captions(tiny_t5, tiny_vit, shapes, tmp_path_factory) -> Path:
+    """Two reference captions per image ("a red circle", "one red circle"), one row each (as COCO's)."""
+    root = tmp_path_factory.mktemp("captions")
+    for split in ("train", "dev"):
+        rows = []
+        for line in (shapes["vqa"] / f"{split}.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if "color" in r["question"]:
+                shape = "circle" if "circle" in r["image"] else "rectangle"
+                image = str((shapes["vqa"] / r["image"]).resolve())
+                rows += [{"text": "caption:", "caption": f"{w} {r['answer']} {shape}", "image": image}
+                         for w in ("a", "one")]
+        write_jsonl(root / f"{split}.jsonl", rows)
+    return root
+
+
+def caption_store(tiny_t5, tiny_vit, data: Path, out: Path) -> Path:
+    return vl_store(tiny_t5, tiny_vit, data, out, task="generate", label_column="caption")
+
+
+def test_captions_train_from_the_cache_and_are_scored_by_generation(tiny_t5, tiny_vit, t5_captions, tmp_path):
+    store = caption_store(tiny_t5, tiny_vit, t5_captions, tmp_path / "caps.zarr")
+    m = open_store(store).manifest
+    assert m["task"] == {"type": "generate", "label_names": [], "num_labels": 1}
+    assert m["seq2seq"]["targets"] == "text" and m["splits"]["dev"]["candidates_per_example"] == 1
+    summary = run(store, tmp_path / "run", epochs=40, lr=1e-2, reduction_factor=1, metric="cider")
+    dev = summary["splits"]["dev"]
+    assert set(dev) == {"exact_match", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider"} and summary["metric"] == "cider"
+    # each image's two rows are one input, scored against both its captions: memorised, every generation is one
+    assert dev["exact_match"] == 1.0
+    made = json.loads((tmp_path / "run" / "predictions.json").read_text())["dev"]
+    assert made[0] == made[1] and made[0] in ("a red circle", "one red circle")
+    # generating from the cached states (training's evaluation) == generating with both backbones live
+    lines = [f"{json.loads(x)['image']}\tcaption:" for x in (t5_captions / "dev.jsonl").read_text().splitlines()]
+    model = LadderModel.from_pretrained(tmp_path / "run", device="cpu")
+    assert model.predict(lines, generate=True, max_new_tokens=40) == made
+    assert model.predict(lines[:2], generate=True, num_beams=3) == made[:2]
+
+
+def test_generated_targets_refuse_bad_options_in_one_line(tiny_bert, tiny_t5, tiny_vit, t5_captions, t5_vqa,
+                                                          tmp_path):
+    result = invoke("extract", str(tiny_bert), str(t5_captions), "--image-model", str(tiny_vit), "--task",
+                    "generate", "--label-column", "caption", "--out", str(tmp_path / "b.zarr"), "--device", "cpu")
+    assert_user_error(result, "--task generate with a T5 text backbone")
+    store = caption_store(tiny_t5, tiny_vit, t5_captions, tmp_path / "caps.zarr")
+    result = invoke("train", str(store), "--out", str(tmp_path / "r"), "--metric", "accuracy", "--device", "cpu")
+    assert_user_error(result, "a --metric for generated text")
+    result = invoke("train", str(t5_vqa), "--out", str(tmp_path / "v"), "--metric", "cider", "--device", "cpu")
+    assert_user_error(result, "--metric")
+    out = tmp_path / "vqa_run"
+    run(t5_vqa, out, epochs=1)
+    image = str(json.loads((t5_captions / "dev.jsonl").read_text().splitlines()[0])["image"])
+    assert_user_error(invoke("predict", str(out), "--text", "x", "--image", image, "--num-beams", "3",
+                             "--device", "cpu"), "--num-beams", "without --generate")
+
+
+def test_one_multi_task_model_over_vqa_statements_and_captions(tiny_t5, tiny_vit, t5_vqa, t5_pairs, t5_captions,
+                                                               tmp_path):
+    captions = caption_store(tiny_t5, tiny_vit, t5_captions, tmp_path / "captions.zarr")
+    summary = train(TrainConfig(store=[str(t5_vqa), str(t5_pairs), str(captions)], out=str(tmp_path / "mt"),
+                                epochs=2, batch_size=4, reduction_factor=2, device="cpu", resume=False))
+    tasks = summary["tasks"]
+    assert list(tasks) == ["store", "store-2", "captions"]  # each store's folder name, made unique
+    metrics = [set(t["splits"]["dev"]) for t in tasks.values()]
+    assert {"accuracy"} <= metrics[0] and {"accuracy"} <= metrics[1] and {"cider", "exact_match"} <= metrics[2]
+    names = [tmp_path / "mt" / "tasks" / n for n in tasks]
+    models = [LadderModel.from_pretrained(p, device="cpu").side for p in names]
+    shared = [name for name, _ in models[0].named_parameters() if all(
+        torch.equal(dict(m.named_parameters())[name], dict(models[0].named_parameters())[name]) for m in models)]
+    assert any(n.startswith("enc_blocks") for n in shared) and any(n.startswith("dec_blocks") for n in shared)
+    assert sum("visual.order" in dict(m.named_parameters()) for m in models) == 1  # the two-image task's own
