@@ -1,11 +1,9 @@
-"""The T5 (encoder-decoder) kind of stage 2, its train half. A side encoder with ladders from the backbone
-encoder and a side decoder with ladders from the teacher-forced backbone decoder (model.py) train on
-teacher-forced cross-entropy of the target text, and classification scores every candidate label text
-(recipe.py, batches in data.py); side blocks may start as the backbone's blocks pruned by Fisher
-information (prune.py); prediction on raw text runs the backbone live (predict.py); kind.py is the
-TrainKind. Shared parts: the ladders and SideConfig (sidetrain/networks/), recipe helpers
-(sidetrain/recipe.py), Fisher scores (sidetrain/fisher.py); the frozen T5 and its label texts come from
-this kind's stage-1 half (featcache/kinds/seq2seq/backbone.py).
+"""The T5 (encoder-decoder) kind of stage 2, its train half: kind.py (the TrainKind), pretrained.py (a run as a
+model: candidates scored or text generated with the backbone live) and predict.py (the library entry points
+`lst predict` has used from the start). What it trains is shared with the vision-language kind over T5: the T5
+side network (sidetrain/networks/t5.py: a side encoder and a side decoder with ladders from both backbone stacks),
+its batches, recipe, Fisher-pruned init and decoding (sidetrain/t5/); the frozen T5 and its label texts are
+featcache/text/t5.py.
 """
 
 from .kind import Seq2SeqTrainKind

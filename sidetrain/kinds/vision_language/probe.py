@@ -16,8 +16,10 @@ from .data import image_part, image_rows
 
 
 def image_features(store: StoreReader, name: str) -> torch.Tensor:
-    """(n_questions, d_img): the mean over its tokens of each question's image (last stored image layer)."""
+    """(n_questions, d_img): the mean over its tokens of each question's image (last stored image layer); with
+    several images per row, the first (the one-image floor)."""
     part, index = image_part(store.split(name))
+    index = index.reshape(len(index), -1)[:, 0]
     pooled = torch.cat([image_rows(part, np.arange(a, min(a + 256, len(part))))[:, :, -1].mean(1)
                         for a in range(0, len(part), 256)])
     return pooled[torch.from_numpy(index)]
