@@ -12,6 +12,9 @@ language knowledge. Images: the bundled EfficientNet-Lite0 (real ImageNet weight
    cache with both images; floors: the statement alone (probe) and the same network with the left image only.
 3. Cached vs online (both backbones live): seconds per step and peak memory over the same first steps; store
    bytes, image part vs text part.
+4. Captions (featcache.bundled.easy_vqa_captions, a COCO stand-in, `--task generate`): exact match, BLEU-4 and
+   CIDEr of generated captions; and one multi-task model over VQA, statements and captions against each task's
+   single-task run (goal: within 1 point).
 
 Sizes: LST_BENCH_VLT5_TRAIN_IMAGES (300), LST_BENCH_VLT5_TEST_IMAGES (100), LST_BENCH_VLT5_EPOCHS (20, the paper's),
 LST_BENCH_VLT5_WORK (reuse stores and finished runs). Results: benchmarks/results/vl_t5.*
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import log, setup_logging, write_results
 
 from featcache import ExtractConfig, extract, open_store
-from featcache.bundled import easy_vqa_dataset, easy_vqa_pairs, minilm_path
+from featcache.bundled import easy_vqa_captions, easy_vqa_dataset, easy_vqa_pairs, minilm_path
 from sidetrain import LadderModel, TrainConfig, train
 from sidetrain.kinds.vision_language.probe import floors
 from sidetrain.predict import read_examples
@@ -70,11 +73,11 @@ def store(model: Path, data: Path, out: Path, **kw) -> Path:
     return out
 
 
-def run(store_path: Path, out: Path, **kw) -> dict[str, Any]:
+def run(store_path: Path | list[str], out: Path, **kw) -> dict[str, Any]:
     if (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text())
-    return train(TrainConfig(**{"store": str(store_path), "out": str(out), "epochs": EPOCHS, "resume": False,
-                                **OPTIONS, **kw}))
+    stores = store_path if isinstance(store_path, list) else str(store_path)
+    return train(TrainConfig(**{"store": stores, "out": str(out), "epochs": EPOCHS, "resume": False, **OPTIONS, **kw}))
 
 
 def store_facts(path: Path) -> dict[str, Any]:
@@ -126,6 +129,15 @@ def main() -> None:
                   "left_image_only": run(left, work / "left_run")["splits"],
                   "statement_only": floors(open_store(left))["question_only"]}
     log.info("pairs: %s", r["pairs"])
+    captions = store(t5, easy_vqa_captions(vqa_data, work / "caption_data"), work / "captions.zarr", task="generate",
+                     label_column="caption")
+    r["stores"]["captions"] = store_facts(captions)
+    single = {"vqa": r["vqa"]["lst"], "pairs": r["pairs"]["two_images"],
+              "captions": run(captions, work / "captions_run")["splits"]}
+    multi = run([str(vqa), str(pairs), str(captions)], work / "multitask_run")
+    r["multitask"] = {"single": single, "multi": {name: t["splits"] for name, t in multi["tasks"].items()},
+                      "train_seconds": multi["train_seconds"]}
+    log.info("multitask: %s", r["multitask"])
     cached, online = per_step(vqa, work / "cached_steps", False), per_step(vqa, work / "online_steps", True)
     r["cached_vs_online"] = {"cached": cached, "online": online,
                              "online_over_cached": online["seconds_per_step"] / cached["seconds_per_step"]}
@@ -154,6 +166,15 @@ def markdown(r: dict[str, Any]) -> str:
     for name, s in r["stores"].items():
         lines.append(f"| {name} | {sum(s['rows'].values())} | {sum(s['images'].values())} | "
                      f"{s['image_part_bytes'] / mib:.1f} | {s['text_part_bytes'] / mib:.1f} |")
+    m = r["multitask"]
+    metric = {"vqa": "accuracy", "pairs": "accuracy", "captions": "exact_match"}
+    lines += ["", ("One multi-task model (VQA + statements + captions, proportional sampling) vs each task's own run, "
+              "test split:"), "", "| task | metric | single-task | multi-task |", "|---|---|---|---|"]
+    for name, key in metric.items():
+        lines.append(f"| {name} | {key} | {m['single'][name]['test'][key]:.3f} | {m['multi'][name]['test'][key]:.3f} |")
+    cap = m["single"]["captions"]["test"]
+    lines += ["", (f"Captions (single-task, greedy): exact match {cap['exact_match']:.3f}, BLEU-4 {cap['bleu_4']:.3f}, "
+              f"CIDEr {cap['cider']:.2f}.")]
     lines += ["", (f"Cached vs online over the same first {STEPS} steps: {c['cached']['seconds_per_step']:.3f} s vs "
               f"{c['online']['seconds_per_step']:.3f} s per step ({c['online_over_cached']:.1f}x); peak memory "
               f"{c['cached']['peak_memory_bytes'] / mib:.0f} MiB vs {c['online']['peak_memory_bytes'] / mib:.0f} MiB.")]

@@ -29,9 +29,15 @@ class Encoded:
     side_mask: torch.Tensor  # (B, S) bool
     enc_out: torch.Tensor  # (B, T, d) the backbone encoder's output (final layer norm applied)
     mask: torch.Tensor  # (B, T) bool, the text
+    # (B,) the same number for rows with the same text: the backbone decoder (which never sees an image) then
+    # runs once for all of them on a shared prefix (COCO: every image's "caption:"). None: every text distinct.
+    text_id: list[int] | None = None
 
-    def rows(self, row: torch.Tensor) -> Encoded:
-        return Encoded(self.side_enc[row], self.side_mask[row], self.enc_out[row], self.mask[row])
+
+def same_text(input_ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
+    """`Encoded.text_id` of a padded batch: the first row with the same real tokens."""
+    seen: dict[tuple, int] = {}
+    return [seen.setdefault(tuple(ids[m.bool()].tolist()), r) for r, (ids, m) in enumerate(zip(input_ids, mask))]
 
 
 def side_states(model: T5LadderSideNetwork, backbone: Seq2SeqBackbone, s: dict[str, Any], targets: list[list[int]],
@@ -39,7 +45,20 @@ def side_states(model: T5LadderSideNetwork, backbone: Seq2SeqBackbone, s: dict[s
     """Backbone decoder teacher-forced on `targets` (rows of examples `row`), then the side decoder: the states
     its LM head reads (N, U, d), and the target mask."""
     dec_ids, dec_mask = shift_right(targets, s["decoder_start_token_id"], s["pad_token_id"])
-    dec_hidden, _ = backbone.decode(dec_ids, dec_mask, enc.enc_out[row], enc.mask[row].long(), s["decoder_layers"])
+    # rows with the same text and target have the same backbone decoder states, whatever their images: one run
+    texts = row.tolist() if enc.text_id is None else [enc.text_id[r] for r in row.tolist()]
+    first: dict[tuple, int] = {}  # (text, target) -> its position among the rows the backbone runs
+    keep, where = [], []
+    for i, key in enumerate(zip(texts, map(tuple, targets))):
+        if key not in first:
+            first[key] = len(keep)
+            keep.append(i)
+        where.append(first[key])
+    keep, where = torch.tensor(keep), torch.tensor(where)
+    shared = row[keep.to(row.device)]
+    dec_hidden, _ = backbone.decode(dec_ids[keep], dec_mask[keep], enc.enc_out[shared], enc.mask[shared].long(),
+                                    s["decoder_layers"])
+    dec_hidden = dec_hidden[where.to(dec_hidden.device)]
     dec_mask = dec_mask.bool().to(backbone.device)
     dec_hidden = (dec_hidden * dec_mask[..., None, None]).to(enc.side_enc.dtype)
     return model.decode(dec_hidden, dec_mask, enc.side_enc[row], enc.side_mask[row]), dec_mask

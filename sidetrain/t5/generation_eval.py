@@ -20,7 +20,7 @@ from featcache.text.t5 import Seq2SeqBackbone
 
 from ..data import length_bucketed_batches
 from .data import DecoderSplit
-from .decoding import Encoded, beam_search
+from .decoding import Encoded, beam_search, same_text
 
 MAX_NEW_TOKENS = 40  # the paper's caption length
 
@@ -76,6 +76,7 @@ def generate_split(model, backbone: Seq2SeqBackbone, s: dict, split: SplitReader
         ids = split.token_batch(idx)
         _, enc_out = backbone.encode(ids.input_ids, ids.mask.long(), s["encoder_layers"][:1])
         mask = ids.mask.bool().to(backbone.device)
-        out = beam_search(model, backbone, s, Encoded(side_enc, side_mask, enc_out, mask), max_new_tokens, num_beams)
+        enc = Encoded(side_enc, side_mask, enc_out, mask, same_text(ids.input_ids, ids.mask))
+        out = beam_search(model, backbone, s, enc, max_new_tokens, num_beams)
         made.update({int(r): backbone.tokenizer.decode(o, skip_special_tokens=True) for r, o in zip(idx, out)})
     return np.array([made[int(f)] for f in groups.first], dtype=object)

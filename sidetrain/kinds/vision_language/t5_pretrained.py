@@ -27,7 +27,7 @@ from featcache.text.t5 import load_seq2seq_backbone, shift_right
 from ...image_inputs import as_image_split
 from ...pretrained import LadderModel
 from ...recipe import autocast
-from ...t5.decoding import Encoded, beam_search, candidate_scores
+from ...t5.decoding import Encoded, beam_search, candidate_scores, same_text
 from ...text_inputs import tokenize
 from .pretrained import row_pixels, split_rows
 from .recipe import image_layers, images_per_row, load_image_model
@@ -87,7 +87,7 @@ class VisionT5LadderModel(LadderModel):
         with autocast(self.options, self.device):
             side_enc, side_mask = self.side.encode_with_image(self.side_inputs(enc_hidden), mask.to(self.device),
                                                               self.side_inputs(states))
-        return Encoded(side_enc, side_mask, enc_out, mask)
+        return Encoded(side_enc, side_mask, enc_out, mask, same_text(input_ids, mask))
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,

@@ -252,6 +252,18 @@ def test_captions_train_from_the_cache_and_are_scored_by_generation(tiny_t5, tin
     model = LadderModel.from_pretrained(tmp_path / "run", device="cpu")
     assert model.predict(lines, generate=True, max_new_tokens=40) == made
     assert model.predict(lines[:2], generate=True, num_beams=3) == made[:2]
+    # every row's text is "caption:": the backbone decoder (text alone) runs once per distinct prefix, not per image
+    from dataclasses import replace
+
+    from sidetrain.t5.decoding import greedy
+
+    rows_run = []
+    decode = model.t5.decode
+    model.t5.decode = lambda ids, *a: rows_run.append(len(ids)) or decode(ids, *a)
+    enc = model.encode(**{k: v for k, v in model.preprocess(lines).items()})
+    shared = greedy(model.side, model.t5, model.s, enc, 6)
+    assert rows_run[0] == 1 and max(rows_run) < len(lines)
+    assert shared == greedy(model.side, model.t5, model.s, replace(enc, text_id=None), 6)
 
 
 def test_generated_targets_refuse_bad_options_in_one_line(tiny_bert, tiny_t5, tiny_vit, t5_captions, t5_vqa,
