@@ -35,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import log, setup_logging, write_results
 
 from featcache import ExtractConfig, extract, open_store
-from featcache.bundled import easy_vqa_captions, easy_vqa_dataset, easy_vqa_pairs, minilm_path
+from featcache.bundled import easy_vqa_captions, easy_vqa_dataset, easy_vqa_pairs
 from sidetrain import LadderModel, TrainConfig, train
 from sidetrain.kinds.vision_language.probe import floors
 from sidetrain.predict import read_examples
 from sidetrain.text_metrics import exact_match
+from vl_demo import random_t5  # the demo's T5: d=64, 4 + 4 layers, seed 0
 
 TRAIN_IMAGES = int(os.environ.get("LST_BENCH_VLT5_TRAIN_IMAGES", "300"))
 TEST_IMAGES = int(os.environ.get("LST_BENCH_VLT5_TEST_IMAGES", "100"))
@@ -51,19 +52,6 @@ OPTIONS = {"reduction_factor": 4, "lr": 3e-3, "batch_size": 32}  # the paper's V
 
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def random_t5(path: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
-
-    if not (path / "config.json").exists():
-        torch.manual_seed(0)
-        T5ForConditionalGeneration(T5Config(vocab_size=30522, d_model=64, d_ff=256, d_kv=16, num_layers=4,
-                                            num_decoder_layers=4, num_heads=4, pad_token_id=0, eos_token_id=102,
-                                            decoder_start_token_id=0)).save_pretrained(path)
-        AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
-    return path
 
 
 def store(model: Path, data: Path, out: Path, **kw) -> Path:

@@ -123,6 +123,20 @@ def banking_small(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    """A random ViT (32 px, patch 8: 16 patches + CLS = 17 tokens, d=32, 2 blocks) with its image processor: the image
+    and vision-language kinds' tests."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    path = tmp_path_factory.mktemp("tiny_vit")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64), add_pooling_layer=False).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> Path:
     """A randomly initialised T5 (d=32; no T5 weights ship offline) with the bundled MiniLM tokenizer (pad 0 = decoder
     start, [SEP] 102 = EOS): the seq2seq kind's tests and the shared ones that need a T5 store."""

@@ -37,18 +37,6 @@ def cached_labels(run: Path, split: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory) -> Path:
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    path = tmp_path_factory.mktemp("tiny_vit")
-    torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64), add_pooling_layer=False).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def vqa_data(tmp_path_factory) -> Path:
     """easy-VQA's real PNGs and questions: 9 train images, 1 dev, 2 test."""
     return easy_vqa_dataset(tmp_path_factory.mktemp("easy_vqa"), train_images=10, test_images=2)

@@ -64,20 +64,6 @@ def shapes(tmp_path_factory) -> Path:
     return shape_folder(tmp_path_factory.mktemp("shapes"), {"train": 4, "dev": 2})
 
 
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory) -> Path:
-    """A random ViT (32 px, patch 8: 16 patches + CLS = 17 tokens, d=32, 2 blocks) with its image processor."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    path = tmp_path_factory.mktemp("tiny_vit")
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
-
-
 def image_config(model, data, out, **kw) -> ExtractConfig:
     kw = {"store_dtype": "fp32", "batch_size": 1, "device": "cpu", "error_sample": 2, **kw}
     return ExtractConfig(model=str(model), dataset=str(data), out=str(out), **kw)

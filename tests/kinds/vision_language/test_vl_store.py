@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from conftest import assert_user_error, invoke, torch_threads
 from PIL import Image, ImageDraw
@@ -27,19 +26,6 @@ ROOT = Path(__file__).resolve().parents[3]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 pytestmark = pytest.mark.usefixtures("one_thread")
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
-
-
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory) -> Path:
-    """A random ViT (32 px, patch 8: 16 patches + CLS = 17 tokens, d=32, 2 blocks) with its image processor."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    path = tmp_path_factory.mktemp("tiny_vit")
-    torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64), add_pooling_layer=False).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
 
 
 def draw(path: Path, colour: str, shape: str) -> Path:

@@ -38,18 +38,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory) -> Path:
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    path = tmp_path_factory.mktemp("tiny_vit")
-    torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64), add_pooling_layer=False).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> dict[str, Path]:
     """Six images (3 colours x 2 shapes); VQA rows (two questions per image) and pair rows (statements about a
     left and a right image, true or false), train over all six images, dev over four."""

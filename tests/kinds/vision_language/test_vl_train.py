@@ -73,19 +73,6 @@ def losses(run: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory) -> Path:
-    """A random ViT (32 px, patch 8: 17 tokens, d=32, 2 blocks) with its image processor."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    path = tmp_path_factory.mktemp("tiny_vit")
-    torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64), add_pooling_layer=False).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def easy_vqa_small(tmp_path_factory) -> Path:
     """easy-VQA's real PNGs and questions: 9 train images (~90 questions), 1 dev, 3 test."""
     return easy_vqa_dataset(tmp_path_factory.mktemp("easy_vqa"), train_images=10, test_images=3)
