@@ -40,7 +40,7 @@ bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
 lint: setup
-	$(BIN)/python -m ruff check featcache sidetrain cli.py tests benchmarks
+	$(BIN)/python -m ruff check featcache sidetrain cli.py vl_demo.py tests benchmarks
 
 clean:
 	rm -rf $(VENV) lst-demo .pytest_cache

@@ -160,9 +160,12 @@ def markdown(r: dict[str, Any]) -> str:
               "test split:"), "", "| task | metric | single-task | multi-task |", "|---|---|---|---|"]
     for name, key in metric.items():
         lines.append(f"| {name} | {key} | {m['single'][name]['test'][key]:.3f} | {m['multi'][name]['test'][key]:.3f} |")
-    cap = m["single"]["captions"]["test"]
-    lines += ["", (f"Captions (single-task, greedy): exact match {cap['exact_match']:.3f}, BLEU-4 {cap['bleu_4']:.3f}, "
-              f"CIDEr {cap['cider']:.2f}.")]
+    for which in ("single", "multi"):
+        cap = m[which]["captions"]["test"]
+        lines += ["", (f"Captions ({which}-task, greedy, test): exact match {cap['exact_match']:.3f}, BLEU-1 "
+                       f"{cap['bleu_1']:.3f}, BLEU-4 {cap['bleu_4']:.3f} (three-word captions: no 4-grams), CIDEr "
+                       f"{cap['cider']:.2f}.")]
+    lines += ["", f"Multi-task training time: {m['train_seconds']:.0f} s (three tasks, {r['epochs']} epochs)."]
     lines += ["", (f"Cached vs online over the same first {STEPS} steps: {c['cached']['seconds_per_step']:.3f} s vs "
               f"{c['online']['seconds_per_step']:.3f} s per step ({c['online_over_cached']:.1f}x); peak memory "
               f"{c['cached']['peak_memory_bytes'] / mib:.0f} MiB vs {c['online']['peak_memory_bytes'] / mib:.0f} MiB.")]

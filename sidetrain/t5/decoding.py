@@ -88,6 +88,35 @@ def classify(model, backbone, s, names: list[str], enc: Encoded) -> list[dict[st
             for i, k in enumerate(best)]
 
 
+def teacher_forced(ladder, enc: Encoded, labels: torch.Tensor | None, decoder_input_ids: torch.Tensor | None,
+                   decoder_attention_mask: torch.Tensor | None):
+    """A T5 LadderModel's teacher-forced forward after its encoders (`ladder`: .t5, .side, .s, .options and
+    side_inputs): `labels` (B, U), -100 at padding (the decoder input is them shifted right), or
+    `decoder_input_ids` themselves -> Seq2SeqLMOutput (logits (B, U, vocab), the mean cross-entropy with labels)."""
+    import torch.nn.functional as F
+    from transformers.modeling_outputs import Seq2SeqLMOutput
+
+    from ..recipe import autocast
+
+    s, t5 = ladder.s, ladder.t5
+    if decoder_input_ids is None:
+        targets = [row[keep].tolist() for row, keep in zip(labels.cpu(), (labels != -100).cpu())]
+        dec_ids, dec_mask = shift_right(targets, s["decoder_start_token_id"], s["pad_token_id"])
+    else:
+        dec_ids = decoder_input_ids
+        dec_mask = torch.ones_like(dec_ids) if decoder_attention_mask is None else decoder_attention_mask
+    dec_hidden, _ = t5.decode(dec_ids, dec_mask, enc.enc_out, enc.mask.long(), s["decoder_layers"])
+    dec_mask = dec_mask.bool().to(t5.device)
+    with autocast(ladder.options, ladder.device):
+        states = ladder.side.decode(ladder.side_inputs(dec_hidden * dec_mask[..., None, None]),
+                                    dec_mask.to(ladder.device), enc.side_enc, enc.side_mask)
+        logits = ladder.side.logits(states).float()  # (B, U, vocab)
+    loss = None
+    if labels is not None:  # the teacher-forced cross-entropy training minimises, mean over real tokens
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
+    return Seq2SeqLMOutput(loss=loss, logits=logits)
+
+
 def next_token_log_probs(model, backbone, s, prefixes: list[list[int]], row: torch.Tensor,
                          enc: Encoded) -> torch.Tensor:
     """(N, vocab) log-probabilities of the token after each prefix (of example row[n])."""

@@ -13,19 +13,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
 from featcache.errors import LstError, StoreError, expected
 from featcache.text.splits import pad_batch
-from featcache.text.t5 import Seq2SeqBackbone, load_seq2seq_backbone, shift_right
+from featcache.text.t5 import Seq2SeqBackbone, load_seq2seq_backbone
 
 from ...networks.t5 import T5LadderSideNetwork
 from ...pretrained import LadderModel, text_lines
 from ...recipe import autocast
 from ...run_files import run_options
-from ...t5.decoding import Encoded, beam_search, candidate_scores
+from ...t5.decoding import Encoded, beam_search, candidate_scores, teacher_forced
 from ...t5.recipe import build_seq2seq_model
 
 
@@ -95,25 +94,8 @@ class Seq2SeqLadderModel(LadderModel):
         if decoder_input_ids is None and labels is None:
             raise LstError(expected("labels or decoder_input_ids for a T5 forward", "neither",
                                     "Use generate() or predict() to produce text."))
-        enc = self.encode(input_ids, attention_mask)
-        mask = enc.mask
-        if decoder_input_ids is None:
-            real = labels != -100
-            targets = [row[keep].tolist() for row, keep in zip(labels.cpu(), real.cpu())]
-            dec_ids, dec_mask = shift_right(targets, self.s["decoder_start_token_id"], self.s["pad_token_id"])
-        else:
-            dec_ids = decoder_input_ids
-            dec_mask = torch.ones_like(dec_ids) if decoder_attention_mask is None else decoder_attention_mask
-        dec_hidden, _ = self.t5.decode(dec_ids, dec_mask, enc.enc_out, mask.long(), self.s["decoder_layers"])
-        dec_mask = dec_mask.bool().to(self.t5.device)
-        with autocast(self.options, self.device):
-            states = self.side.decode(self.side_inputs(dec_hidden * dec_mask[..., None, None]),
-                                      dec_mask.to(self.device), enc.side_enc, enc.side_mask)
-            logits = self.side.logits(states).float()  # (B, U, vocab)
-        out_loss = None
-        if labels is not None:  # the teacher-forced cross-entropy training minimises, mean over real tokens
-            out_loss = F.cross_entropy(logits.flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
-        return Seq2SeqLMOutput(loss=out_loss, logits=logits)
+        return teacher_forced(self, self.encode(input_ids, attention_mask), labels, decoder_input_ids,
+                              decoder_attention_mask)
 
     @torch.no_grad()
     def logits(self, texts: list, batch_size: int = 32) -> np.ndarray:

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
@@ -22,12 +21,12 @@ from featcache.errors import LstError, expected
 from featcache.images.prefetch import PixelPrefetcher
 from featcache.store import check_match
 from featcache.text.splits import pad_batch
-from featcache.text.t5 import load_seq2seq_backbone, shift_right
+from featcache.text.t5 import load_seq2seq_backbone
 
 from ...image_inputs import as_image_split
 from ...pretrained import LadderModel
 from ...recipe import autocast
-from ...t5.decoding import Encoded, beam_search, candidate_scores, same_text
+from ...t5.decoding import Encoded, beam_search, candidate_scores, same_text, teacher_forced
 from ...text_inputs import tokenize
 from .pretrained import row_pixels, split_rows
 from .recipe import image_layers, images_per_row, load_image_model
@@ -97,23 +96,8 @@ class VisionT5LadderModel(LadderModel):
         if decoder_input_ids is None and labels is None:
             raise LstError(expected("labels or decoder_input_ids for a VL-T5 forward", "neither",
                                     "Use generate() or predict() to produce text."))
-        enc = self.encode(input_ids, pixel_values, attention_mask)
-        if decoder_input_ids is None:
-            targets = [row[keep].tolist() for row, keep in zip(labels.cpu(), (labels != -100).cpu())]
-            dec_ids, dec_mask = shift_right(targets, self.s["decoder_start_token_id"], self.s["pad_token_id"])
-        else:
-            dec_ids = decoder_input_ids
-            dec_mask = torch.ones_like(dec_ids) if decoder_attention_mask is None else decoder_attention_mask
-        dec_hidden, _ = self.t5.decode(dec_ids, dec_mask, enc.enc_out, enc.mask.long(), self.s["decoder_layers"])
-        dec_mask = dec_mask.bool().to(self.t5.device)
-        with autocast(self.options, self.device):
-            states = self.side.decode(self.side_inputs(dec_hidden * dec_mask[..., None, None]),
-                                      dec_mask.to(self.device), enc.side_enc, enc.side_mask)
-            logits = self.side.logits(states).float()  # (B, U, vocab)
-        out_loss = None
-        if labels is not None:
-            out_loss = F.cross_entropy(logits.flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
-        return Seq2SeqLMOutput(loss=out_loss, logits=logits)
+        return teacher_forced(self, self.encode(input_ids, pixel_values, attention_mask), labels, decoder_input_ids,
+                              decoder_attention_mask)
 
     def batches(self, rows: list, batch_size: int):
         """(start, Encoded) per batch of rows, images decoded ahead."""
