@@ -101,6 +101,8 @@ class TrainConfig:
                                              "long as the proportional one, small tasks repeated, large ones cut).")
     init: str = opt("random", "Side blocks start random, or 'pruned': backbone blocks pruned to 1/r by Fisher "
                               "information (scores cached beside the store).")
+    eval_beams: int = opt(1, "Stores of generated targets (--task generate): beams of the beam search that generates "
+                             "each evaluation split (1: greedy; the paper's captions: 5). More beams, slower epochs.")
 
     def __post_init__(self) -> None:
         if isinstance(self.store, (list, tuple)):  # several stores: a multi-task run; one: the plain run
@@ -138,6 +140,8 @@ class TrainConfig:
             raise TrainConfigError(expected("--grad-clip of at least 0 (0: off)", self.grad_clip))
         if self.memory_budget is not None and not self.memory_budget >= 0:  # also refuses NaN
             raise TrainConfigError(expected("--memory-budget of at least 0 GiB", self.memory_budget))
+        if self.eval_beams < 1:
+            raise TrainConfigError(expected("--eval-beams of at least 1 (1: greedy)", self.eval_beams))
         if self.max_steps < 0:
             raise TrainConfigError(expected("--max-steps of at least 0 (0: no limit)", self.max_steps))
 

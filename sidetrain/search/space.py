@@ -26,7 +26,7 @@ from ..kinds.registry import kind_for
 
 # TrainConfig fields that describe where and how a run executes, not the side network: never searched.
 NOT_SEARCHABLE = {"store", "out", "device", "train_split", "eval_split", "metric", "online", "preload",
-                  "prefetch", "resume", "compile", "amp", "max_steps", "task_sampling"}
+                  "prefetch", "resume", "compile", "amp", "max_steps", "task_sampling", "eval_beams"}
 RANGE_KEYS = {"low", "high", "log", "step"}
 
 

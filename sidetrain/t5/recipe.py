@@ -172,7 +172,8 @@ def generation_metric(cfg: TrainConfig) -> str:
 def generation_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, model: T5LadderSideNetwork,
                       backbone: Seq2SeqBackbone, batches: dict[str, Any], metric: str, resolved: dict[str, Any],
                       loss, group_key) -> Recipe:
-    """Free-text targets: the same teacher-forced loss; every evaluation split scored by generating (greedy)."""
+    """Free-text targets: the same teacher-forced loss; every evaluation split scored by generating (greedy, or
+    beam search with --eval-beams)."""
     from ..text_metrics import generation_scores
 
     s = store.manifest["seq2seq"]
@@ -183,7 +184,7 @@ def generation_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device
     def predict(name: str, amp) -> np.ndarray:
         with amp or contextlib.nullcontext():
             return generate_split(model, backbone, s, store.split(name), batches[name], groups[name], cfg.batch_size,
-                                  device)
+                                  device, cfg.eval_beams)
 
     def scores(name: str, pred: np.ndarray) -> dict[str, float]:
         return generation_scores([str(p) for p in pred], groups[name].references)

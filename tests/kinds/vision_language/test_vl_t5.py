@@ -286,3 +286,37 @@ def test_one_multi_task_model_over_vqa_statements_and_captions(tiny_t5, tiny_vit
         torch.equal(dict(m.named_parameters())[name], dict(models[0].named_parameters())[name]) for m in models)]
     assert any(n.startswith("enc_blocks") for n in shared) and any(n.startswith("dec_blocks") for n in shared)
     assert sum("visual.order" in dict(m.named_parameters()) for m in models) == 1  # the two-image task's own
+
+
+def test_eval_beams_generate_the_evaluation_split_by_beam_search(tiny_t5, tiny_vit, t5_captions, tmp_path):
+    store = caption_store(tiny_t5, tiny_vit, t5_captions, tmp_path / "caps.zarr")
+    summary = run(store, tmp_path / "beams", epochs=1, eval_beams=2)
+    assert json.loads((tmp_path / "beams" / "config.json").read_text())["eval_beams"] == 2
+    assert set(summary["splits"]["dev"]) >= {"exact_match", "cider"}
+    assert_user_error(invoke("train", str(store), "--out", str(tmp_path / "x"), "--eval-beams", "0"), "--eval-beams")
+
+
+def test_the_synthetic_stand_ins_read_each_image_off_its_own_answers(tmp_path):
+    from collections import Counter
+
+    from featcache.bundled import easy_vqa_captions, easy_vqa_dataset, easy_vqa_pairs
+
+    vqa = easy_vqa_dataset(tmp_path / "vqa", 40, 10)
+    facts = {}
+    for line in (vqa / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["question"] == "what shape is in the image?":
+            facts.setdefault(row["image"], {})["shape"] = row["answer"]
+    captions = [json.loads(x) for x in (easy_vqa_captions(vqa, tmp_path / "caps") / "train.jsonl").read_text()
+                .splitlines()]
+    assert captions and all(c["text"] == "caption:" and len(c["caption"].split()) == 3 for c in captions)
+    assert all(c["caption"].endswith(facts[c["image"]]["shape"]) for c in captions if c["image"] in facts)
+    pairs = [json.loads(x) for x in (easy_vqa_pairs(vqa, tmp_path / "pairs", per_image=4) / "train.jsonl")
+             .read_text().splitlines()]
+    assert len(pairs) == 8 * len(captions) and all(p["left"] != p["right"] for p in pairs)
+    labels = Counter(p["label"] for p in pairs)
+    assert set(labels) == {"true", "false"} and abs(labels["true"] - labels["false"]) < 0.3 * len(pairs)
+    shape_of = {c["image"]: c["caption"].split()[-1] for c in captions}
+    for p in pairs:
+        if p["sentence"] == "the two images show the same shape":
+            assert (p["label"] == "true") == (shape_of[p["left"]] == shape_of[p["right"]])
