@@ -38,7 +38,7 @@ from .data import data_figures, length_bucketed_batches
 from .kinds.registry import kind_for
 from .recipe import Recipe, check_labels, evaluate_splits, pick_eval_split
 from .run_files import summary as run_summary
-from .run_files import write_config, write_run
+from .run_files import write_bases, write_config, write_run
 
 TASKS_DIR = "tasks"  # RUN/tasks/<name>/: each task's own run folder
 SELECTION = "task_mean"  # metrics.json's `metric` of a multi-task run: the mean of the tasks' selection metrics
@@ -323,6 +323,7 @@ def finish(out: Path, cfg: TrainConfig, tasks: list[Task], state: dict[str, Any]
         write_config(folder, {**t.recipe.resolved, "multitask": {"run": str(out), "tasks": names,
                                                                   "task_sampling": cfg.task_sampling}})
         write_run(folder, t.recipe.model, summary, preds, [v for v, k in zip(state["losses"], steps_of) if k == i])
+        write_bases(folder, t.store)
         entries[t.name] = {"store": t.cfg.store, "folder": f"{TASKS_DIR}/{t.name}", "metric": t.recipe.metric,
                            "eval_split": t.eval_name, "best_eval": best, "splits": results,
                            "steps": steps_of.count(i), "examples": examples, "trainable_parameters": trainable,

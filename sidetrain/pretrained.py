@@ -31,14 +31,14 @@ from featcache.loading import resolve_device
 from featcache.manifest import compression_of
 
 from .kinds.registry import kind_for, kind_names
-from .run_files import RUN_FILES, read_run_config, run_options
+from .run_files import BASES, RUN_FILES, read_bases, read_run_config, run_options
 
 log = logging.getLogger(__name__)
 
 SAVED_KEY = "lst_model"  # config.json of a saved folder: {"format", "copied", "saved_from"}
 SAVED_FORMAT = 1
 BACKBONE_KEYS = ("backbone", "image_backbone")  # manifest entries naming a frozen model (name, revision)
-SAVED_NAMES = frozenset({*RUN_FILES, "metrics.json", "README.md", *BACKBONE_KEYS})  # what save_pretrained writes
+SAVED_NAMES = frozenset({*RUN_FILES, "metrics.json", "README.md", BASES, *BACKBONE_KEYS})  # what save_pretrained writes
 
 
 def read_model_config(path: str | Path) -> dict[str, Any]:
@@ -85,11 +85,6 @@ class LadderModel(nn.Module):
         `image_backbone`): a path to the same weights where the recorded one has moved (checked by hash)."""
         config = read_model_config(path)
         manifest = config["store_manifest"]
-        if compression_of(manifest):  # live states would have to be projected on the store's basis first
-            raise LstError(expected("a run trained on a full store (live inference on a run trained from a "
-                                    "compressed store is not built yet)", f"'{path}' (its store keeps "
-                                    f"{compression_of(manifest).get('components')} components per layer)",
-                                    "Evaluate it with lst train's splits, or train on a full store to predict."))
         for key, given in (("backbone", backbone), ("image_backbone", image_backbone)):
             if given is None:
                 continue
@@ -97,7 +92,10 @@ class LadderModel(nn.Module):
                 raise LstError(expected(f"{key}= only for a run that has one", f"a {kind_for(manifest).name} run"))
             manifest[key]["name"] = str(Path(given).resolve()) if Path(given).exists() else str(given)
         kind = kind_for(manifest)
+        bases = read_bases(Path(path)) if compression_of(manifest) else None  # before any backbone loads
         model = kind.load_model(Path(path), config, resolve_device(str(device)))
+        if bases is not None:
+            model.project_live(bases)
         if dtype is not None:
             model.to(torch_dtype(dtype))
         return model.eval()
@@ -129,6 +127,8 @@ class LadderModel(nn.Module):
         metrics = self.metrics()
         weights = {k: v.detach().contiguous().cpu() for k, v in self.side.state_dict().items()}
         save_file(weights, str(folder / "model.safetensors"))
+        if (self.source / BASES).is_file():  # a compressed store's bases: the saved model projects as the run did
+            shutil.copyfile(self.source / BASES, folder / BASES)
         if metrics is not None:
             (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (folder / "README.md").write_text(model_card(config, metrics, self.kind, copied), encoding="utf-8")
@@ -208,6 +208,14 @@ class LadderModel(nn.Module):
 
     def can_generate(self) -> bool:
         return False
+
+    def project_live(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """A run trained on a compressed store: live states must be projected onto the store's bases, as the store
+        holds them (`bases`: {part: (components, mean)}). Kinds that do it override this."""
+        raise LstError(expected("a run on a full store for live inference with this kind (projecting live states "
+                                "onto a compressed store's basis is built for encoder runs)",
+                                f"a {self.kind} run trained on a compressed store ({compression_of(self.manifest).get('components')} "
+                                "components per layer)", "Evaluate it with lst train's splits, or train on a full store."))
 
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         makers = [n for n in kind_names() if kind_for({"kind": n}).generates]

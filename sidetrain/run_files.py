@@ -173,6 +173,40 @@ def write_run(out: Path, weights: nn.Module | dict[str, torch.Tensor], summary: 
         for i, (v, task) in enumerate(zip(losses, tasks))))
 
 
+BASES = "bases.safetensors"  # a run on a compressed store: the store's basis per part, for live inference
+
+
+def write_bases(out: Path, store) -> None:
+    """RUN/bases.safetensors: each part's basis (components (n_layers, d, K), mean (n_layers, d)) of a compressed
+    store, so the run projects live states as the store holds them without the store. Nothing for a full store."""
+    from featcache.manifest import compression_of
+
+    if not compression_of(store.manifest):
+        return
+    split = store.split(store.split_names[0])
+    tensors = {}
+    for part in store.manifest.get("parts", {}):
+        basis = split.part(part).layer_basis(None)
+        if basis is not None:
+            tensors[f"{part or 'root'}.components"] = basis.components.contiguous()
+            tensors[f"{part or 'root'}.mean"] = basis.mean.contiguous()
+    save_file(tensors, str(out / BASES))
+
+
+def read_bases(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{part ('' for the root part): (components, mean)} from RUN/bases.safetensors; a one-line error when absent."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / BASES
+    if not path.is_file():
+        raise LstError(expected(f"{BASES} in a run trained on a compressed store (the basis live states are projected "
+                                "onto)", f"'{folder}' without it (trained by an older lst)",
+                                "Train it again with this lst."))
+    tensors = load_file(str(path))
+    parts = {k.rsplit(".", 1)[0] for k in tensors}
+    return {("" if p == "root" else p): (tensors[f"{p}.components"], tensors[f"{p}.mean"]) for p in parts}
+
+
 def read_run_config(run: str | Path) -> dict[str, Any]:
     """RUN/config.json of a finished LST run (the options as run and the store manifest it trained on)."""
     path = Path(run)

@@ -31,7 +31,7 @@ from .data import BatchSource, batch_stream
 from .kinds.registry import kind_for
 from .memory import PeakMemory, gradient_bytes, model_bytes, optimizer_bytes
 from .recipe import autocast, evaluate_splits
-from .run_files import memory_figures, prepare_run_dir, write_config, write_run
+from .run_files import memory_figures, prepare_run_dir, write_bases, write_config, write_run
 from .run_files import summary as run_summary
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,7 @@ def _train_lst(cfg: TrainConfig, tasks: list[MT.Task], device: torch.device, out
                           memory=_memory(model, params, optim, optim_at_start, MT.data_of(tasks), mem,
                                          whole.update(), state["best_state"] is not None))
     write_run(out, model, summary, predictions, state["losses"])
+    write_bases(out, store)  # a compressed store's bases: live inference projects onto them
     return summary
 
 

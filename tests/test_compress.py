@@ -85,7 +85,7 @@ def test_reconstruction_error_is_one_minus_the_explained_variance(compressed, ti
     assert 0.3 < min(record["explained_variance"]) < 1  # K = d/4 of a random model: well short of everything
 
 
-def test_cached_equals_online_with_fp32_coefficients(compressed, tmp_path):
+def test_cached_equals_online_with_fp32_coefficients(compressed, tiny_dataset, tmp_path):
     common = {"store": str(compressed), "epochs": 2, "batch_size": 8, "seed": 3, "device": "cpu",
               "reduction_factor": 4}
     cached = train(TrainConfig(out=str(tmp_path / "cached"), **common))
@@ -96,11 +96,21 @@ def test_cached_equals_online_with_fp32_coefficients(compressed, tmp_path):
     assert cached["splits"]["dev"] == online["splits"]["dev"]
     config_json = json.loads((tmp_path / "cached" / "config.json").read_text())
     assert config_json["store_manifest"]["compression"]["components"] == K  # what `lst predict` must apply
-    # live inference does not project onto the basis yet: refused in one line rather than answered differently
+    # live inference projects the live states onto the store's basis (RUN/bases.safetensors): the cached evaluation
     from featcache.errors import LstError
     from sidetrain import LadderModel
+    from sidetrain.predict import predict_lines
 
-    with pytest.raises(LstError, match="compressed store is not built yet"):
+    assert (tmp_path / "cached" / "bases.safetensors").is_file()
+    texts = [line.split("\t")[0] for line in (tiny_dataset / "dev.tsv").read_text().splitlines()[1:]]
+    names = config_json["store_manifest"]["task"]["label_names"]
+    cached_labels = [names[i] for i in json.loads((tmp_path / "cached" / "predictions.json").read_text())["dev"]]
+    assert predict_lines(str(tmp_path / "cached"), texts, device="cpu") == cached_labels
+    model = LadderModel.from_pretrained(tmp_path / "cached", device="cpu")
+    saved = model.save_pretrained(tmp_path / "saved")
+    assert (saved / "bases.safetensors").is_file() and LadderModel.from_pretrained(saved).predict(texts) == cached_labels
+    (tmp_path / "cached" / "bases.safetensors").unlink()  # a run from before the bases were kept: one line
+    with pytest.raises(LstError, match="bases.safetensors"):
         LadderModel.from_pretrained(tmp_path / "cached")
 
 
@@ -261,6 +271,11 @@ def test_image_stores_compress(tmp_path):
     assert open_store(out).split("train").stored_width == K
     a, b = cached_and_online(out, tmp_path)
     np.testing.assert_allclose(a, b, rtol=1e-4)
+    from featcache.errors import LstError
+    from sidetrain import LadderModel
+
+    with pytest.raises(LstError, match="built for encoder runs"):  # live projection: encoder runs only, one line
+        LadderModel.from_pretrained(tmp_path / "cached")
 
 
 def test_vision_language_stores_compress_both_parts(tiny_bert, tmp_path):

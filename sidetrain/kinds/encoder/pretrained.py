@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from featcache.compress import Basis
 from featcache.store import check_match
 from featcache.text.backbone import Backbone, load_backbone
 
@@ -43,6 +44,12 @@ class EncoderLadderModel(LadderModel):
     def frozen_parts(self) -> list[Any]:
         return [self.text]
 
+    def project_live(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Live states projected onto the compressed store's basis (every stored layer), as training read them."""
+        components, mean = bases[""]
+        self.register_buffer("basis_components", components.float().to(self.device), persistent=False)
+        self.register_buffer("basis_mean", mean.float().to(self.device), persistent=False)
+
     def tokenize(self, texts: list) -> tuple[list[list[int]], list[list[int]]]:
         return tokenize(self.tokenizer, text_lines(texts), self.manifest["max_length"])
 
@@ -55,6 +62,8 @@ class EncoderLadderModel(LadderModel):
                 **_: Any) -> SequenceClassifierOutput:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         hidden = self.text.hidden_states(input_ids, mask.long(), token_type_ids, self.manifest["layers"])
+        if hasattr(self, "basis_components"):  # a compressed store: its projection, as the store gives it back
+            hidden = Basis(self.basis_components, self.basis_mean, None).roundtrip(hidden)
         mask = mask.bool().to(hidden.device)
         hidden = hidden * mask[..., None, None]  # padding zeroed, as the store has it
         segments = None if token_type_ids is None else token_type_ids.to(self.device)  # --pooling pair reads them
