@@ -10,7 +10,7 @@ from featcache.errors import TrainConfigError, expected
 from . import metrics as M
 
 TOPS = ("side", "last", "layers")  # --top: what the classifier reads (TrainConfig.top)
-POOLINGS = ("mean", "cls", "pair")  # --pooling: how the side output is pooled for the head
+POOLINGS = ("auto", "mean", "cls", "pair")  # --pooling: how the side output is pooled for the head
 TASK_SAMPLINGS = ("proportional", "uniform")  # --task-sampling: which task each batch of a multi-task run is
 # Options that change where/how a run executes but not its result: a resumed run may differ in them.
 RESUME_FREE = {"out", "device", "preload", "memory_budget", "prefetch", "resume", "compile"}
@@ -55,8 +55,10 @@ class TrainConfig:
     dropout: float = opt(0.1, "Side network hidden and head dropout.")
     attention_dropout: float = opt(0.0, "Side attention dropout; off by default: its random (B, heads, T, T) "
                                         "masks dominate a CPU step.")
-    pooling: str = opt("mean", "How the side output is pooled for the head: mean over the tokens, cls (the first "
-                               "token), or pair (sentence pairs: each text's mean, their difference and product).")
+    pooling: str = opt("auto", "How the side output is pooled for the head: mean over the tokens, cls (the first "
+                               "token), pair (sentence pairs: each text's mean, their difference and product), or "
+                               "auto: pair on a store of sentence pairs whose tokenizer marks the two texts, else "
+                               "mean (RUN/config.json records which).")
     side_heads: int | None = opt(None, "Attention heads of the side blocks (default: the backbone's, as in "
                                        "the paper).")
     top: str = opt("side", "What the classifier reads. side: the pooled side output, up-projected to the backbone "

@@ -114,10 +114,11 @@ def autocast(cfg: TrainConfig, device: torch.device):
 
 def resolved_config(cfg: TrainConfig, manifest: dict[str, Any], metric: str, eval_split: str | None,
                     manifest_keys: tuple[str, ...] = RUN_MANIFEST_KEYS, *, layers: list[int] | None = None,
-                    **extra: Any) -> dict[str, Any]:
+                    pooling: str | None = None, **extra: Any) -> dict[str, Any]:
     """RUN/config.json: the options as run (kept layers filled in), the manifest fields the run depends
     on, and whatever a kind adds (`extra`). `layers`: the kept layers the side network was built with
-    (SideConfig.kept_layers); a caller without one (the probe) records --layers, or every stored block."""
+    (SideConfig.kept_layers); a caller without one (the probe) records --layers, or every stored block.
+    `pooling`: the side network's pooling as built (--pooling auto resolved by the store), where it depends on it."""
     recorded = {k: manifest[k] for k in manifest_keys}
     if "kind" in manifest:  # `lst predict` finds the run's plug-in by it (older stores: by their shape)
         recorded["kind"] = manifest["kind"]
@@ -128,6 +129,8 @@ def resolved_config(cfg: TrainConfig, manifest: dict[str, Any], metric: str, eva
                     layers=list(layers) if layers is not None
                     else cfg.layers if cfg.layers is not None else stored_blocks(manifest["layers"]),
                     store_manifest=recorded)
+    if pooling is not None:
+        resolved["pooling"] = pooling
     resolved.update(extra)
     return resolved
 

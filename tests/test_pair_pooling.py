@@ -1,6 +1,6 @@
 """`--pooling pair` (sidetrain/networks/top.py: pair_features): a sentence pair's two texts pooled apart (by
 their token types), with their difference and product, for the side head and the --top backbone term; refused
-where a store holds no marked pairs, and for stacked trials."""
+where a store holds no marked pairs; stacked trials equal their own runs."""
 
 from __future__ import annotations
 
@@ -97,15 +97,42 @@ def test_a_pair_run_trains_and_equals_the_online_run(pair_store, tmp_path):
     assert mean["history"][-1]["train_loss"] != cached["history"][-1]["train_loss"]
 
 
-def test_pair_pooling_is_refused_on_single_texts_and_for_stacked_trials(tiny_store, pair_store, tmp_path):
+def test_pair_pooling_is_refused_on_single_texts_stacked_or_not(tiny_store, tmp_path):
     with pytest.raises(TrainConfigError, match="--pooling pair only for a store of sentence pairs.*single texts"):
         train(cfg(tiny_store, tmp_path / "single"))
     from featcache import open_store
     from sidetrain.kinds.registry import kind_for
 
-    store = open_store(str(pair_store))
-    with pytest.raises(TrainConfigError, match="--stack 1 with --pooling pair"):
-        kind_for(store.manifest).stack_member(cfg(pair_store, tmp_path / "stack"), store, torch.device("cpu"))
+    store = open_store(str(tiny_store))
+    with pytest.raises(TrainConfigError, match="--pooling pair only for a store of sentence pairs"):
+        kind_for(store.manifest).stack_member(cfg(tiny_store, tmp_path / "stack"), store, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("engine", ["fused", "vmap"])
+@pytest.mark.parametrize("pooling", ["mean", "pair"])
+def test_stacked_pair_members_equal_their_own_runs(pair_store, tmp_path, engine, pooling):
+    """A stacked step passes the batch's token types: each pair-pooled member trains as its own `lst train` run."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from sidetrain.search.stacked import train_stacked
+
+    def losses(run: Path) -> list[float]:
+        return [json.loads(x)["loss"] for x in (run / "train_log.jsonl").read_text().splitlines()]
+
+    settings = [{"seed": 0, "lr": 3e-3}, {"seed": 1, "lr": 1e-2}]
+    cfgs = [cfg(pair_store, tmp_path / f"stk{i}", dropout=0.0, pooling=pooling, **s) for i, s in enumerate(settings)]
+    with torch_threads(1):
+        train_stacked(cfgs, engine=engine)
+        for i, c in enumerate(cfgs):
+            recorded = json.loads((Path(c.out) / "config.json").read_text())  # the stack's batch order included
+            fields = {f.name for f in dataclasses.fields(TrainConfig)}
+            own = train(TrainConfig(**{**{k: v for k, v in recorded.items() if k in fields}, "out": str(tmp_path / f"own{i}")}))
+            assert losses(Path(c.out)) == pytest.approx(losses(tmp_path / f"own{i}"), rel=1e-4)
+            assert json.loads((Path(c.out) / "predictions.json").read_text()) == \
+                json.loads((tmp_path / f"own{i}" / "predictions.json").read_text())
+            assert own["steps"] > 0
 
 
 def test_lst_predict_on_a_pair_run_labels_as_the_cached_evaluation(pair_store, tmp_path):
@@ -123,3 +150,29 @@ def test_lst_predict_on_a_pair_run_labels_as_the_cached_evaluation(pair_store, t
     names = json.loads((run / "config.json").read_text())["store_manifest"]["task"]["label_names"]
     cached = [names[i] for i in json.loads((run / "predictions.json").read_text())["dev"]]
     assert predict_lines(str(run), texts, device="cpu") == cached
+
+
+def test_auto_pooling_is_pair_on_marked_pairs_and_mean_elsewhere(tiny_store, pair_store, tmp_path):
+    """The default --pooling auto: pair on a store of marked sentence pairs, mean on single texts; RUN/config.json
+    records the resolved pooling (what `lst predict` rebuilds), stacked or not."""
+    import json
+
+    from sidetrain import LadderModel
+    from sidetrain.search.stacked import train_stacked
+
+    assert TrainConfig(store="s", out="o").pooling == "auto"
+    pair = train(cfg(pair_store, tmp_path / "auto", pooling="auto"))
+    explicit = train(cfg(pair_store, tmp_path / "pair", pooling="pair"))
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["pooling"] == "pair"
+    assert pair["history"] == [{**h, "seconds": a["seconds"], "data_wait_fraction": a["data_wait_fraction"]}
+                               for h, a in zip(explicit["history"], pair["history"])]
+    single = train(cfg(tiny_store, tmp_path / "single", pooling="auto"))
+    assert json.loads((tmp_path / "single" / "config.json").read_text())["pooling"] == "mean"
+    assert single["steps"] > 0
+    train_stacked([cfg(pair_store, tmp_path / "stk0", pooling="auto", dropout=0.0),
+                   cfg(pair_store, tmp_path / "stk1", pooling="auto", dropout=0.0, seed=1)])
+    assert json.loads((tmp_path / "stk0" / "config.json").read_text())["pooling"] == "pair"
+    dev = [line.split("\t") for line in (pair_store.parent / "dev.tsv").read_text().splitlines()[1:3]]
+    texts = [f"{a}\t{b}" for a, b, _ in dev]
+    assert len(LadderModel.from_pretrained(tmp_path / "auto", device="cpu").predict(texts)) == 2
+    assert len(LadderModel.from_pretrained(tmp_path / "single", device="cpu").predict(["one text"])) == 1

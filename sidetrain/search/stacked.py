@@ -86,7 +86,7 @@ class _VmapStack:
     def state(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: c.reshape(s).clone() for n, s, c in zip(self.names, self.shapes, torch.split(row.detach(), self.sizes))}
 
-    def forward(self, flat, hidden, mask, training, dropout=None, attention_dropout=0.0) -> torch.Tensor:
+    def forward(self, flat, hidden, mask, training, dropout=None, attention_dropout=0.0, segments=None) -> torch.Tensor:
         from torch.func import functional_call
 
         n_m = flat.shape[0]
@@ -96,10 +96,12 @@ class _VmapStack:
         buffers = {n: b[idx] for n, b in self.buffers.items()}
         self.base.train(training)
 
-        def one(p, b, h, m):
-            return functional_call(self.base, (p, b), (h, m))
+        def one(p, b, h, m, seg):
+            return functional_call(self.base, (p, b), (h, m, None, seg))
 
-        return torch.vmap(one, in_dims=(0, 0, None, None), randomness="different")(params, buffers, hidden, mask)
+        segments = None if segments is None else segments.to(mask.device)
+        return torch.vmap(one, in_dims=(0, 0, None, None, None), randomness="different")(params, buffers, hidden, mask,
+                                                                                         segments)
 
 
 class _Rows:
@@ -216,6 +218,7 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
         net = _VmapStack(models)
     for c, m in zip(cfgs, models):
         write_config(Path(c.out), resolved_config(c, manifest, metric, eval_name, layers=m.kept_layers,
+                                                  pooling=getattr(m, "pooling", None),
                                                   stacked_with=k_n, stacked_batches=BATCH_ORDER))
     rows = _Rows(torch.stack([net.row(m) for m in models]).to(device), list(range(k_n)), cfgs, device)
     _track(net, rows)
@@ -246,7 +249,8 @@ def train_stacked(cfgs: list[TrainConfig], store: StoreReader | None = None,
                 if not stepping:
                     break
                 with amp:
-                    logits = net.forward(rows.flat, b.hidden, b.mask, True, rows.dropout, rows.attention_dropout)
+                    logits = net.forward(rows.flat, b.hidden, b.mask, True, rows.dropout, rows.attention_dropout,
+                                         b.token_type_ids)
                 logits = logits.float()
                 if task == "regression":
                     per = ((logits.squeeze(-1) - b.labels.float()) ** 2).mean(1)
@@ -350,7 +354,7 @@ def _predict(net, flat: torch.Tensor, source, split, batch_size: int, task: str,
     out = np.zeros((flat.shape[0], len(split)), dtype=np.float32 if task == "regression" else np.int64)
     for idx, b in zip(batches, iterate(source, batches, device)):
         with amp:
-            logits = net.forward(flat, b.hidden, b.mask, False).float()
+            logits = net.forward(flat, b.hidden, b.mask, False, segments=b.token_type_ids).float()
         out[:, idx] = (logits.squeeze(-1) if task == "regression" else logits.argmax(-1)).cpu().numpy()
     return out
 

@@ -40,7 +40,7 @@ def check_options(cfg: TrainConfig) -> None:
     if cfg.init != "random":
         raise TrainConfigError(expected("--init random for a decoder-only store", f"--init {cfg.init}",
                                         "Pruned side blocks are built for encoder and T5 backbones only."))
-    if cfg.pooling != "mean":  # the TrainConfig default; a causal side network reads the last real token
+    if cfg.pooling not in ("auto", "mean"):  # the TrainConfig default; a causal side network reads the last token
         raise TrainConfigError(expected("the default --pooling for a decoder-only store (the side network reads "
                                         "the last real token, which alone has seen the whole text)",
                                         f"--pooling {cfg.pooling}", "Drop --pooling."))

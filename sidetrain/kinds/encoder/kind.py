@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featcache.errors import TrainConfigError, expected
-
 from ...networks.family import reduction_rule
 from ...networks.ladders import stored_blocks
 from ...recipe import Recipe, backbone_config
@@ -43,10 +41,7 @@ class EncoderTrainKind(TrainKind):
         return EncoderLadderModel(folder, config, device)
 
     def stack_member(self, cfg: TrainConfig, store: StoreReader, device: torch.device) -> LadderSideNetwork:
-        if cfg.pooling == "pair":  # a stacked step feeds members (hidden, mask) alone, not the token types
-            raise TrainConfigError(expected("--stack 1 with --pooling pair (stacked trials read no token types)",
-                                            f"--pooling {cfg.pooling}"))
-        return init_model(cfg, store, device)
+        return init_model(cfg, store, device)  # --pooling pair: a stacked step passes the batch's token types
 
     def fuse_stack(self, members: list[nn.Module]) -> FusedStack | None:
         return FusedStack.fuse(members)

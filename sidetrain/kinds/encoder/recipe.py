@@ -50,7 +50,7 @@ def not_pairs(store: StoreReader, split: str) -> str | None:
 
 def init_model(cfg: TrainConfig, store: StoreReader, device: torch.device) -> LadderSideNetwork:
     """The side network on `device`, its blocks Fisher-pruned from the backbone's with --init pruned."""
-    pairs_check = not_pairs(store, cfg.train_split) if cfg.pooling == "pair" else None
+    pairs_check = not_pairs(store, cfg.train_split) if cfg.pooling in ("pair", "auto") else None
     model = build_model(cfg, store.manifest, pairs_check).to(device)
     if cfg.init == "pruned":  # side blocks = backbone blocks pruned to 1/r by Fisher information (cached)
         from .prune import init_from_backbone
@@ -86,6 +86,6 @@ def encoder_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device, e
         return predict_split(model, batches[name], store.split(name), cfg.batch_size, task, device, amp,
                              inputs=model_inputs)
 
-    resolved = resolved_config(cfg, manifest, metric, eval_name, layers=model.kept_layers)
+    resolved = resolved_config(cfg, manifest, metric, eval_name, layers=model.kept_layers, pooling=model.pooling)
     return Recipe(model, batches, task, metric, num_labels, resolved,
                   lambda forward, b: loss(task, forward(*model_inputs(b)), b.labels, cfg.label_smoothing), predict)

@@ -144,8 +144,10 @@ class FusedStack:
     # ------------------------------------------------------------ forward
 
     def forward(self, flat: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, training: bool,
-                dropout: torch.Tensor | None = None, attention_dropout: torch.Tensor | float = 0.0) -> torch.Tensor:
-        """flat (M, P); hidden (B, T, n_stored, d); mask (B, T) bool -> logits (M, B, C).
+                dropout: torch.Tensor | None = None, attention_dropout: torch.Tensor | float = 0.0,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """flat (M, P); hidden (B, T, n_stored, d); mask (B, T) bool -> logits (M, B, C); `segments` (B, T): the
+        token types --pooling pair pools each text by.
 
         `dropout`: (M,) hidden/head dropout rate per member; `attention_dropout`: one rate for all
         members (a float: SDPA's own dropout) or (M,) rates (attention computed out of SDPA)."""
@@ -183,9 +185,14 @@ class FusedStack:
         s = _layer_norm(s, w["norm_w"][:, None], w["norm_b"][:, None], self.norm_eps)  # (M, B, T, ds)
         if self.pooling == "cls":
             pooled = s[:, :, 0]
+        elif self.pooling == "pair":  # each text's mean, their difference and product (top.pair_features, per member)
+            if segments is None:
+                raise ValueError("--pooling pair needs the batch's token types")
+            segments = segments.to(mask.device)
+            a, c = (_member_mean(s, mask & (segments == 0)), _member_mean(s, mask & (segments != 0)))
+            pooled = torch.cat([a, c, (a - c).abs(), a * c], dim=-1)  # (M, B, 4 ds)
         else:
-            m = mask.unsqueeze(-1).to(s.dtype)
-            pooled = (s * m).sum(2) / m.sum(1).clamp(min=1)  # (M, B, ds)
+            pooled = _member_mean(s, mask)  # (M, B, ds)
         u = torch.tanh(torch.baddbmm(w["up_b"][:, None], pooled, w["up_w"].transpose(1, 2)))
         return torch.baddbmm(w["head_b"][:, None], drop(u) if drop else u, w["head_w"].transpose(1, 2))
 
@@ -219,3 +226,9 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     y = F.layer_norm(x, x.shape[-1:], eps=eps)
     shape = (weight.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
     return torch.addcmul(bias.reshape(shape), y, weight.reshape(shape))
+
+
+def _member_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(M, B, T, w) states, (B, T) bool -> (M, B, w): every member's mean over the masked tokens."""
+    m = mask.unsqueeze(-1).to(states.dtype)
+    return (states * m).sum(2) / m.sum(1).clamp(min=1)
