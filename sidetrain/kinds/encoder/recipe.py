@@ -34,15 +34,26 @@ if TYPE_CHECKING:
 
 
 def build_model(cfg: TrainConfig, manifest: dict[str, Any], not_pairs: str | None = None) -> LadderSideNetwork:
-    """The side network of a run (`not_pairs`: see SideConfig.resolve; a recorded run was checked when it trained)."""
+    """The side network of a run (`not_pairs`: see SideConfig.resolve; a recorded run was checked when it trained,
+    and records its resolved pooling). --pooling auto without the store's check: pairs where the manifest has a
+    pair column."""
+    if cfg.pooling == "auto" and not_pairs is None:
+        not_pairs = single_texts(manifest)
     side = SideConfig.resolve(cfg, int(manifest["task"]["num_labels"]), manifest["layers"], not_pairs=not_pairs)
     return LadderSideNetwork(backbone_config(manifest), side)
 
 
+def single_texts(manifest: dict[str, Any]) -> str | None:
+    """Why a store is not one of sentence pairs, from its manifest alone (None: it has a pair column)."""
+    if not (manifest.get("dataset") or {}).get("columns", {}).get("pair"):
+        return "a store of single texts (extracted without a pair column)"
+    return None
+
+
 def not_pairs(store: StoreReader, split: str) -> str | None:
     """What the store is when it is not one of sentence pairs with marked segments (None when it is)."""
-    if not (store.manifest.get("dataset") or {}).get("columns", {}).get("pair"):
-        return "a store of single texts (extracted without a pair column)"
+    if single_texts(store.manifest):
+        return single_texts(store.manifest)
     if not store.split(split).token_type_ids.any():
         return "a pair store whose tokenizer gives no token types (all 0)"
     return None
