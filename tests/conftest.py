@@ -81,6 +81,21 @@ def assert_user_error(result, *fragments: str) -> None:
         assert f in result.output, result.output
 
 
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
+
+
+def draw(path: Path, colour: str, shape: str) -> Path:
+    """A 24 x 24 PNG of one coloured circle or rectangle on white (the vision-language tests' images)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (24, 24), (255, 255, 255))
+    box = (4, 4, 20, 20)
+    (ImageDraw.Draw(img).ellipse if shape == "circle" else ImageDraw.Draw(img).rectangle)(box, fill=COLOURS[colour])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
 def write_tsv(path: Path, rows: list[tuple], header: tuple = ("text", "label")) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join("\t".join(map(str, r)) for r in [header, *rows]) + "\n", encoding="utf-8")

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import assert_user_error, invoke, torch_threads
-from PIL import Image, ImageDraw
+from conftest import assert_user_error, draw, invoke, torch_threads
 
 from featcache import ExtractConfig, extract, open_store
 from featcache.errors import BackboneError
@@ -25,16 +24,6 @@ from featcache.errors import BackboneError
 ROOT = Path(__file__).resolve().parents[3]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 pytestmark = pytest.mark.usefixtures("one_thread")
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
-
-
-def draw(path: Path, colour: str, shape: str) -> Path:
-    img = Image.new("RGB", (24, 24), (255, 255, 255))
-    box = (4, 4, 20, 20)
-    (ImageDraw.Draw(img).ellipse if shape == "circle" else ImageDraw.Draw(img).rectangle)(box, fill=COLOURS[colour])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

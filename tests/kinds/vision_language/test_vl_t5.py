@@ -11,24 +11,13 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import assert_user_error, invoke
-from PIL import Image, ImageDraw
+from conftest import COLOURS, assert_user_error, draw, invoke
 
 from featcache import ExtractConfig, extract, open_store
 from featcache.errors import DatasetError
 from sidetrain import LadderModel, TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
-
-
-def draw(path: Path, colour: str, shape: str) -> Path:
-    img = Image.new("RGB", (24, 24), (255, 255, 255))
-    (ImageDraw.Draw(img).ellipse if shape == "circle" else ImageDraw.Draw(img).rectangle)((4, 4, 20, 20),
-                                                                                          fill=COLOURS[colour])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
