@@ -349,23 +349,25 @@ def demo(
              f"{VQA_DEMO['epochs']} for vqa.")] = None,
     batch_size: Annotated[int, typer.Option(help=TrainConfig.__dataclass_fields__["batch_size"].metadata["help"])]
     = TrainConfig.batch_size,
-    train_images: Annotated[int, typer.Option(help="--task vqa: easy-VQA training images (of 4,000).")]
-    = VQA_DEMO["train_images"],
-    test_images: Annotated[int, typer.Option(help="--task vqa: easy-VQA test images (of 1,000).")]
-    = VQA_DEMO["test_images"],
+    train_images: Annotated[int | None, typer.Option(
+        help=f"--task vqa and vl: easy-VQA training images (of 4,000). Default: {VQA_DEMO['train_images']} for vqa, "
+             f"{VL_DEMO['train_images']} for vl.")] = None,
+    test_images: Annotated[int | None, typer.Option(
+        help=f"--task vqa and vl: easy-VQA test images (of 1,000). Default: {VQA_DEMO['test_images']} for vqa, "
+             f"{VL_DEMO['test_images']} for vl.")] = None,
 ) -> None:
     """Extract the bundled MiniLM over banking77 (or, with --task vqa, MiniLM + EfficientNet-Lite0 over easy-VQA),
     train a side network from the cache, print results."""
+    sizes = VL_DEMO if task == DemoTask.vl else VQA_DEMO  # each image demo's own default subset
+    train_images = sizes["train_images"] if train_images is None else train_images
+    test_images = sizes["test_images"] if test_images is None else test_images
     if task == DemoTask.vqa:
         _vqa_demo(out, epochs or VQA_DEMO["epochs"], batch_size, train_images, test_images)
         return
     if task == DemoTask.vl:
         from vl_demo import vl_demo
 
-        given = {k: v for k, v in (("train_images", train_images), ("test_images", test_images))
-                 if v != VQA_DEMO[k]}  # the vqa defaults are not vl's
-        vl_demo(out, epochs or VL_DEMO["epochs"], batch_size, given.get("train_images", VL_DEMO["train_images"]),
-                given.get("test_images", VL_DEMO["test_images"]), _print_results)
+        vl_demo(out, epochs or VL_DEMO["epochs"], batch_size, train_images, test_images, _print_results)
         return
     from featcache import extract as run_extract
     from featcache.bundled import bolt_dataset_path, minilm_path

@@ -6,7 +6,6 @@ the backbone live (inference needs it; training never does) beside the side netw
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -68,13 +67,7 @@ def predict_lines(run: str, texts: list[str], generate: bool = False, device: st
     if num_beams < 1 or (num_beams > 1 and not generate):
         raise LstError(expected("--num-beams of at least 1, with --generate", f"--num-beams {num_beams}"
                                 f"{'' if generate else ' without --generate'}"))
-    model = LadderModel.from_pretrained(run, device=device)
-    if num_beams == 1:
-        return model.predict_lines(texts, generate)
-    if "num_beams" not in inspect.signature(model.predict_lines).parameters:
-        raise LstError(expected("--num-beams only for T5 and VL-T5 runs (beam search over the side decoder)",
-                                f"'{run}' (a {kind.name} run)", "Drop --num-beams (greedy)."))
-    return model.predict_lines(texts, generate, num_beams)
+    return LadderModel.from_pretrained(run, device=device).predict_lines(texts, generate, num_beams)
 
 
 def read_examples(run: str, paths: list[str], texts: list[str], images: list[str]) -> list[str]:

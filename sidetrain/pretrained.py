@@ -65,6 +65,7 @@ class LadderModel(nn.Module):
     pipeline_tasks: tuple[str, ...] = ()  # every task `pipeline(task=...)` accepts for the kind
     input_modalities: tuple[str, ...] = ("text",)  # what transformers' pipelines read off a model
     output_modalities: tuple[str, ...] = ("text",)
+    beam_search: bool = False  # generate(num_beams=) and `lst predict --num-beams` apply
 
     def __init__(self, folder: Path, config: dict[str, Any]) -> None:
         super().__init__()
@@ -199,12 +200,19 @@ class LadderModel(nn.Module):
             return [f"{x:.4f}" for x in scores[:, 0]]
         return [self.label_names[i] for i in scores.argmax(-1)]
 
-    def predict_lines(self, lines: list[str], generate: bool = False) -> list[str]:
+    def predict_lines(self, lines: list[str], generate: bool = False, num_beams: int = 1) -> list[str]:
         """`lst predict`: one output per line as `sidetrain.predict` reads them (a tab splits a pair; a
-        vision-language line is 'image path<TAB>question')."""
+        vision-language line is 'image path<TAB>question'). Kinds that generate override it."""
+        self.check_beams(num_beams)
         if generate:
             self.generate()  # refuses in one line for kinds that do not generate
         return self.predict(lines)
+
+    def check_beams(self, num_beams: int) -> None:
+        """Beam search (`num_beams` > 1) only where the model has one (`beam_search`): one line otherwise."""
+        if num_beams > 1 and not self.beam_search:
+            raise LstError(expected("--num-beams only for T5 and VL-T5 runs (beam search over the side decoder)",
+                                    f"a {self.kind} run", "Drop --num-beams (greedy)."))
 
     def can_generate(self) -> bool:
         return False

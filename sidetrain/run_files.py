@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from featcache.errors import LstError, SweepError, TrainConfigError, expected
@@ -195,8 +195,6 @@ def write_bases(out: Path, store) -> None:
 
 def read_bases(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{part ('' for the root part): (components, mean)} from RUN/bases.safetensors; a one-line error when absent."""
-    from safetensors.torch import load_file
-
     path = Path(folder) / BASES
     if not path.is_file():
         raise LstError(expected(f"{BASES} in a run trained on a compressed store (the basis live states are projected "

@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import Seq2SeqLMOutput
 
 from featcache.text.splits import pad_batch
 from featcache.text.t5 import Seq2SeqBackbone, shift_right
 
 from ..networks.t5 import T5LadderSideNetwork, sequence_scores
+from ..recipe import autocast
 
 
 @dataclass
@@ -93,11 +96,6 @@ def teacher_forced(ladder, enc: Encoded, labels: torch.Tensor | None, decoder_in
     """A T5 LadderModel's teacher-forced forward after its encoders (`ladder`: .t5, .side, .s, .options and
     side_inputs): `labels` (B, U), -100 at padding (the decoder input is them shifted right), or
     `decoder_input_ids` themselves -> Seq2SeqLMOutput (logits (B, U, vocab), the mean cross-entropy with labels)."""
-    import torch.nn.functional as F
-    from transformers.modeling_outputs import Seq2SeqLMOutput
-
-    from ..recipe import autocast
-
     s, t5 = ladder.s, ladder.t5
     if decoder_input_ids is None:
         targets = [row[keep].tolist() for row, keep in zip(labels.cpu(), (labels != -100).cpu())]

@@ -33,6 +33,7 @@ from ..recipe import (
     resolved_config,
     select_metric,
 )
+from ..text_metrics import generation_scores
 from .data import CachedSeq2Seq, OnlineSeq2Seq, Seq2SeqBatch, open_decoder
 from .generation_eval import generate_split, reference_groups
 
@@ -174,8 +175,6 @@ def generation_recipe(cfg: TrainConfig, store: StoreReader, device: torch.device
                       loss, group_key) -> Recipe:
     """Free-text targets: the same teacher-forced loss; every evaluation split scored by generating (greedy, or
     beam search with --eval-beams)."""
-    from ..text_metrics import generation_scores
-
     s = store.manifest["seq2seq"]
     groups = {n: reference_groups(store.split(n), open_decoder(store, n), backbone.tokenizer,
                                   group_key(n) if group_key else None, s["eos_token_id"])

@@ -195,5 +195,6 @@ class DecoderLMLadderModel(LadderModel):
             return self.generate_texts(list(texts), max_new_tokens, batch_size)
         return super().predict(texts, batch_size)
 
-    def predict_lines(self, lines: list[str], generate: bool = False) -> list[str]:
+    def predict_lines(self, lines: list[str], generate: bool = False, num_beams: int = 1) -> list[str]:
+        self.check_beams(num_beams)
         return self.predict(lines, generate=generate)

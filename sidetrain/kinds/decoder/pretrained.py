@@ -45,11 +45,6 @@ class DecoderLadderModel(LadderModel):
     def frozen_parts(self) -> list[Any]:
         return [self.text]
 
-    def predict_lines(self, lines: list[str], generate: bool = False) -> list[str]:
-        if generate:
-            self.generate()
-        return self.predict(lines)
-
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise LstError(expected("a decoder run that generates text (trained through the LM head: a store extracted "
                                 "with --task generate or --label-text) for --generate",

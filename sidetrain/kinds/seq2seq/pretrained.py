@@ -48,6 +48,7 @@ class Seq2SeqLadderModel(LadderModel):
     (logits over the vocabulary, teacher-forced); `generate(input_ids, ...)` greedy; `predict(texts)` -> the best
     candidate label (or, with generate=True, the generated text)."""
 
+    beam_search = True  # sidetrain/t5/decoding.py
     pipeline_task = "text2text-generation"
     pipeline_tasks = ("text2text-generation", "text-classification")
 

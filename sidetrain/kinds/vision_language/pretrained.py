@@ -33,9 +33,8 @@ def split_rows(rows: list, per_row: int = 1) -> tuple[list, list[str]]:
             row = (parts[0] if per_row == 1 else parts[:per_row], *parts[per_row:])
         if isinstance(row, dict):
             row = (row.get("image") if per_row == 1 else row.get("images"), row.get("question"))
-        shown = row if per_row == 1 else (list(row[0]) if len(row) and isinstance(row[0], (list, tuple)) else None,
-                                          *row[1:])
-        if len(row) != 2 or row[1] is None or (per_row > 1 and (shown[0] is None or len(shown[0]) != per_row)):
+        several = len(row) > 0 and isinstance(row[0], (list, tuple)) and len(row[0]) == per_row
+        if len(row) != 2 or row[1] is None or (per_row > 1 and not several):
             what = "(image, question) rows" if per_row == 1 else f"rows of {per_row} images and a question"
             raise LstError(expected(what, f"{row!r} at position {i}"))
         images += [row[0]] if per_row == 1 else list(row[0])

@@ -38,6 +38,7 @@ class VisionT5LadderModel(LadderModel):
     forced logits over the vocabulary); `generate(input_ids, pixel_values, ...)`; `predict(rows)` -> the best
     candidate answer (or, with generate=True, the generated text)."""
 
+    beam_search = True  # sidetrain/t5/decoding.py
     pipeline_task = "visual-question-answering"
     pipeline_tasks = ("visual-question-answering",)
     input_modalities = ("image", "text")

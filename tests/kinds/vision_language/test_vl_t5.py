@@ -177,6 +177,9 @@ def test_two_images_per_row_over_an_encoder_text_backbone(tiny_bert, tiny_vit, s
     result = invoke("predict", str(tmp_path / "cached"), "--text", "x", "--image", str(shapes["pics"] / "red_circle.png"),
                     "--image", str(shapes["pics"] / "red_circle.png"), "--generate", "--device", "cpu")
     assert_user_error(result, "generate")
+    assert_user_error(invoke("predict", str(tmp_path / "cached"), "--text", "x", "--image", str(shapes["pics"] /
+                             "red_circle.png"), "--image", str(shapes["pics"] / "red_circle.png"), "--generate",
+                             "--num-beams", "2", "--device", "cpu"), "--num-beams only for T5 and VL-T5 runs")
 
 
 def test_a_row_naming_fewer_images_is_one_line(tiny_t5, tiny_vit, shapes, tmp_path):
